@@ -1,0 +1,1 @@
+"""Hand-scheduled TVM kernels (TVMScript/TIR), one module per op and target."""

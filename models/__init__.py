@@ -1,0 +1,60 @@
+"""The model zoo: one module per family, registered here by name with its configurations and loader."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from edgekit.checkpoint import load_strict, read_state_dict
+from edgekit.errors import UnknownNameError
+from edgekit.streaming import StreamingModel
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its class, named configurations, and how to read a config off a state dict."""
+
+    name: str
+    cls: type[StreamingModel]
+    configs: dict[str, dict]
+    summary: str
+    infer_config: Callable[[dict[str, torch.Tensor]], dict]
+    check: Callable[[StreamingModel], None] = lambda model: None
+
+
+def _families() -> dict[str, Family]:
+    from edgekit.models import lmuformer
+
+    return {f.name: f for f in [
+        Family("lmuformer", lmuformer.LMUFormer, lmuformer.CONFIGS,
+               "LMUFormer (public lmu_rnn_conv1d): conv patch embedding + LMU memory; keyword spotting",
+               lmuformer.infer_config, lmuformer.check_buffers),
+    ]}
+
+
+FAMILIES = _families()
+
+
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise UnknownNameError(f"unknown model family {name!r}", f"choose one of: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def build(name: str, config: str | None = None, checkpoint: Path | None = None, seed: int = 0) -> StreamingModel:
+    """A model in eval mode: from a checkpoint (config read off its shapes), or a named config with seeded
+    random weights (same shapes, for trying the toolchain without a trained model)."""
+    fam = family(name)
+    if checkpoint is not None:
+        sd = read_state_dict(checkpoint)
+        model = fam.cls(**fam.infer_config(sd))
+        load_strict(model, sd, str(checkpoint))
+        fam.check(model)
+        return model.eval()
+    config = config or next(iter(fam.configs))
+    if config not in fam.configs:
+        raise UnknownNameError(f"unknown config {config!r} for {name}", f"choose one of: {', '.join(fam.configs)}")
+    torch.manual_seed(seed)
+    return fam.cls(**fam.configs[config]).eval()

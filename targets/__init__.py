@@ -1,0 +1,1 @@
+"""Target descriptions, one small module per board."""

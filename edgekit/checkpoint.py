@@ -1,21 +1,12 @@
 """Reading PyTorch checkpoints into a model: the one place that knows about wrappers and key prefixes."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from edgekit.errors import CheckpointError
-
-
-def sha256(path: Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -105,13 +105,34 @@ class StreamingModel(nn.Module):
         """One frame in; the output of frame t - delay out (meaningless for the first `delay` calls)."""
         return self.advance(x_t, state, drained=0)
 
+    def advance_chunk(self, x: torch.Tensor, state: State) -> tuple[Outputs, State] | None:
+        """K frames [B, K, F] through the family's maths at once, for a causal family with a parallel chunk
+        form (a scan); None, the default, makes `step_chunk` unroll `step` instead."""
+        return None
+
     def step_chunk(self, x: torch.Tensor, state: State) -> tuple[Outputs, State]:
-        """K frames [B, K, F] in one call; outputs [B, K, ...]. Unrolled so the export has fixed shapes."""
+        """K frames [B, K, F] in one call; outputs [B, K, ...]. Fixed shapes for export: the family's parallel
+        chunk form where it has one, else the step unrolled."""
+        chunk = self.advance_chunk(x, dict(state)) if self.delay == 0 else None
+        if chunk is not None:
+            return self._chunk_means(*chunk)
         outs = []
         for k in range(x.shape[1]):
             y, state = self.step(x[:, k], state)
             outs.append(y)
         return _stack(outs), state
+
+    def _chunk_means(self, y: Outputs, state: State) -> tuple[Outputs, State]:
+        """Running means after a causal chunk, in closed form: every frame is valid and `frames` stays 0."""
+        for name, src in self.running_means.items():
+            ones = [1] * (y[src].dim() - 2)
+            n = state["count"].view(-1, 1, *ones)
+            k = torch.arange(1, y[src].shape[1] + 1, dtype=n.dtype).view(1, -1, *ones)
+            y[name] = (state[f"mean_{name}"].unsqueeze(1) * n + torch.cumsum(y[src], dim=1)) / (n + k)
+            state[f"mean_{name}"] = y[name][:, -1]
+        if self.running_means:
+            state["count"] = state["count"] + next(iter(y.values())).shape[1]
+        return y, state
 
     def flush(self, state: State) -> tuple[Outputs, State]:
         """Emit the last `delay` frames of a finished stream, as if the stream were zero-padded offline."""

@@ -1,0 +1,78 @@
+"""Running a bundle: a streaming session over the compiled library that keeps the state on the device between
+calls. Needs numpy and the TVM runtime only (no torch, no compiler), so it is what a board runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.artifact import Bundle, load
+from edgekit.errors import BundleError, InputShapeError
+
+
+class Session:
+    """Feed frames, get outputs of frame t - delay; `flush` ends the stream. State never leaves the device."""
+
+    def __init__(self, bundle: Bundle | Path, device: str = "cpu"):
+        import tvm
+        from tvm import relax
+
+        self.bundle = bundle if isinstance(bundle, Bundle) else load(bundle)
+        m = self.bundle.manifest
+        if m["target"]["runs"] == "cuda":
+            device = "cuda"
+        self._tvm = tvm
+        self.device = tvm.device(device)
+        if not self.device.exist:
+            raise BundleError(f"bundle {self.bundle.path} needs a {device} device and this machine has none",
+                              "run it where an NVIDIA GPU and driver are present")
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.bundle.library)), self.device)
+        self.funcs = {name: self.vm[name] for name in m["entries"]}
+        self.input_size = m["input"]["shape"][-1]
+        self.batch = m["batch"]
+        self.outputs = [o["name"] for o in m["outputs"]]
+        self.state_specs = m["state"]
+        self.delay = m["delay"]
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = [self._tvm.runtime.tensor(np.zeros(s["shape"], dtype=s["dtype"]), self.device)
+                      for s in self.state_specs]
+        self.frames_in = 0
+
+    def _call(self, entry: str, *args) -> dict[str, np.ndarray]:
+        result = self.funcs[entry](*args, *self.state)
+        n = len(self.outputs)
+        self.state = [result[n + i] for i in range(len(self.state_specs))]
+        return {name: result[i].numpy() for i, name in enumerate(self.outputs)}
+
+    def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """x [batch, K, features] with K a built chunk size; outputs [batch, K, ...] for frames t-K-delay+1..t-delay."""
+        x = np.asarray(x)
+        if x.ndim != 3 or x.shape[0] != self.batch or x.shape[2] != self.input_size:
+            raise InputShapeError(f"input of shape {x.shape} does not fit this bundle",
+                                  f"pass frames as [batch={self.batch}, K, features={self.input_size}]")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise InputShapeError(f"input dtype {x.dtype} is not floating point", "pass float32 frames")
+        entry = self.bundle.entry_for(x.shape[1])
+        self.frames_in += x.shape[1]
+        return self._call(entry, self._tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), self.device))
+
+    def flush(self) -> dict[str, np.ndarray]:
+        """The last `delay` outputs of the stream, as if it were zero-padded offline."""
+        return self._call("flush") if self.delay else {n: np.zeros((self.batch, 0)) for n in self.outputs}
+
+    def feed(self, x: np.ndarray, chunk: int = 1) -> dict[str, np.ndarray]:
+        """Frames [batch, T, features] through whole chunks, the remainder frame by frame; outputs concatenated."""
+        whole = (x.shape[1] // chunk) * chunk
+        starts = [(t, chunk) for t in range(0, whole, chunk)] + [(t, 1) for t in range(whole, x.shape[1])]
+        return _concat([self.step(x[:, t:t + k]) for t, k in starts])
+
+    def run(self, x: np.ndarray, chunk: int = 1) -> dict[str, np.ndarray]:
+        """A whole stream [batch, T, features] from a fresh state, flushed, aligned to the frames (like `forward`)."""
+        self.reset()
+        return {k: v[:, self.delay:] for k, v in _concat([self.feed(x, chunk), self.flush()]).items()}
+
+
+def _concat(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in pieces], axis=1) for k in pieces[0]}

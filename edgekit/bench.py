@@ -77,12 +77,16 @@ def _tvm_engine(bundle, frames: int):
 def _tvm_vm_only(bundle, frames: int, calls: int) -> dict:
     """The compiled function alone, timed inside TVM (no Python per call): what compute costs."""
     import tvm
+    from tvm import relax
 
-    s = Session(bundle)
+    m = bundle.manifest
+    dev = tvm.cuda() if m["target"]["runs"] == "cuda" else tvm.cpu()
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(bundle.library)), dev)
     entry = bundle.entry_for(frames)
-    x = tvm.runtime.tensor(np.zeros((s.batch, frames, s.input_size), np.float32), s.device)
-    s.vm.set_input(entry, x, *s.state)
-    te = s.vm.time_evaluator("invoke_stateful", s.device, number=max(1, calls // 5), repeat=5)(entry)
+    args = [np.zeros((m["batch"], frames, m["input"]["shape"][-1]), np.float32),
+            *[np.zeros(s["shape"], s["dtype"]) for s in m["state"]]]
+    vm.set_input(entry, *[tvm.runtime.tensor(a, dev) for a in args])
+    te = vm.time_evaluator("invoke_stateful", dev, number=max(1, calls // 5), repeat=5)(entry)
     per_frame = te.mean / frames
     return {"frames_per_call": frames, "calls": calls, "mean_us": per_frame * 1e6, "min_us": te.min / frames * 1e6,
             "frames_per_second": 1.0 / per_frame, "real_time_factor": per_frame / HOP_SECONDS}
@@ -107,7 +111,7 @@ def bench(bundle_path: Path, calls: int = 200, warmup: int = 20, engines: tuple[
             results.append({"engine": engine, **summarize(time_calls(ENGINES[engine](bundle, frames), xs, warmup),
                                                           frames)})
         if "tvm" in engines:
-            results.append({"engine": "tvm (compute only)", **_tvm_vm_only(bundle, frames, n)})
+            results.append({"engine": "tvm-compute", **_tvm_vm_only(bundle, frames, n)})
     report = {"bundle": str(bundle.path), "target": m["target"]["name"], "model": m["model"]["family"],
               "hop_ms": HOP_SECONDS * 1e3, "batch": m["batch"], "results": results,
               "note": "per-frame latency = call latency / frames per call; real-time factor = p50 per frame / hop"}

@@ -6,6 +6,7 @@ import importlib.metadata as md
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -47,7 +48,9 @@ def import_entries(onnx_paths: dict[str, Path]):
         if missing := unsupported_ops(graph):
             raise CompileError(f"TVM's ONNX importer does not support op(s) {', '.join(missing)} in {entry}",
                                "rewrite that part of the model with supported ops, or export a smaller step")
-        mod = from_onnx(graph, keep_params_in_input=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Renaming name")  # "state.x" -> "state_x": expected
+            mod = from_onnx(graph, keep_params_in_input=False)
         mapping = {gv.name_hint: bb.add_func(f.with_attr("global_symbol", f"{entry}_{gv.name_hint}"),
                                              f"{entry}_{gv.name_hint}")
                    for gv, f in mod.functions.items() if gv.name_hint != "main"}
@@ -91,7 +94,10 @@ def compile(model: str, target: str, out: Path, config: str | None = None, check
         progress(f"importing into TVM Relax and building for {tgt.name}")
         import tvm
 
-        executable = tvm.compile(import_entries(onnx_paths), target=tgt.tvm_target())
+        from edgekit.pipeline import pipeline
+
+        tvm_target = tgt.tvm_target()
+        executable = tvm.compile(import_entries(onnx_paths), target=tvm_target, relax_pipeline=pipeline(tvm_target))
         executable.export_library(str(stage / LIBRARY), cc=tgt.cc)
         torch.save(net.state_dict(), stage / "weights.pt")
         manifest = {
@@ -101,7 +107,7 @@ def compile(model: str, target: str, out: Path, config: str | None = None, check
             "model": {"family": net.family, "config": net.config(), "config_name": None if checkpoint else config,
                       "checkpoint": {"path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint)}
                       if checkpoint else None, "weights": "weights.pt"},
-            "target": {"name": tgt.name, "tvm": str(tgt.tvm_target()), "arch": tgt.arch, "runs": tgt.runs},
+            "target": {"name": tgt.name, "tvm": str(tvm_target), "arch": tgt.arch, "runs": tgt.runs},
             "precision": "float32",
             "quantization": None,
             "batch": batch,

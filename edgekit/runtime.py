@@ -7,27 +7,18 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.artifact import Bundle, load
-from edgekit.errors import BundleError, InputShapeError
+from edgekit.errors import InputShapeError
+from edgekit.tvm_runtime import load_vm
 
 
 class Session:
     """Feed frames, get outputs of frame t - delay; `flush` ends the stream. State never leaves the device."""
 
-    def __init__(self, bundle: Bundle | Path, device: str = "cpu"):
-        import tvm
-        from tvm import relax
-
+    def __init__(self, bundle: Bundle | Path):
         self.bundle = bundle if isinstance(bundle, Bundle) else load(bundle)
         m = self.bundle.manifest
-        if m["target"]["runs"] == "cuda":
-            device = "cuda"
-        self._tvm = tvm
-        self.device = tvm.device(device)
-        if not self.device.exist:
-            raise BundleError(f"bundle {self.bundle.path} needs a {device} device and this machine has none",
-                              "run it where an NVIDIA GPU and driver are present")
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(self.bundle.library)), self.device)
-        self.funcs = {name: self.vm[name] for name in m["entries"]}
+        self.vm = load_vm(self.bundle.library, "cuda" if m["target"]["runs"] == "cuda" else "cpu")
+        self.funcs = {name: self.vm.raw(name) for name in m["entries"]}
         self.input_size = m["input"]["shape"][-1]
         self.batch = m["batch"]
         self.outputs = [o["name"] for o in m["outputs"]]
@@ -36,15 +27,13 @@ class Session:
         self.reset()
 
     def reset(self) -> None:
-        self.state = [self._tvm.runtime.tensor(np.zeros(s["shape"], dtype=s["dtype"]), self.device)
-                      for s in self.state_specs]
-        self.frames_in = 0
+        self.state = [self.vm.tensor(np.zeros(s["shape"], dtype=s["dtype"])) for s in self.state_specs]
 
     def _call(self, entry: str, *args) -> dict[str, np.ndarray]:
         result = self.funcs[entry](*args, *self.state)
         n = len(self.outputs)
-        self.state = [result[n + i] for i in range(len(self.state_specs))]
-        return {name: result[i].numpy() for i, name in enumerate(self.outputs)}
+        self.state = result[n:]
+        return {name: self.vm.numpy(result[i]) for i, name in enumerate(self.outputs)}
 
     def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """x [batch, K, features] with K a built chunk size; outputs [batch, K, ...] for frames t-K-delay+1..t-delay."""
@@ -54,9 +43,7 @@ class Session:
                                   f"pass frames as [batch={self.batch}, K, features={self.input_size}]")
         if not np.issubdtype(x.dtype, np.floating):
             raise InputShapeError(f"input dtype {x.dtype} is not floating point", "pass float32 frames")
-        entry = self.bundle.entry_for(x.shape[1])
-        self.frames_in += x.shape[1]
-        return self._call(entry, self._tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), self.device))
+        return self._call(self.bundle.entry_for(x.shape[1]), self.vm.tensor(x.astype(np.float32, copy=False)))
 
     def flush(self) -> dict[str, np.ndarray]:
         """The last `delay` outputs of the stream, as if it were zero-padded offline."""

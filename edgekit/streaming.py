@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 State = dict[str, torch.Tensor]
@@ -115,23 +116,23 @@ class StreamingModel(nn.Module):
         chunk form where it has one, else the step unrolled."""
         chunk = self.advance_chunk(x, dict(state)) if self.delay == 0 else None
         if chunk is not None:
-            return self._chunk_means(*chunk)
+            return self._chunk_means(x.shape[1], *chunk)
         outs = []
         for k in range(x.shape[1]):
-            y, state = self.step(x[:, k], state)
+            y, state = self.step(x[:, k:k + 1].squeeze(1), state)  # a slice, not a Gather, in ONNX
             outs.append(y)
         return _stack(outs), state
 
-    def _chunk_means(self, y: Outputs, state: State) -> tuple[Outputs, State]:
+    def _chunk_means(self, frames: int, y: Outputs, state: State) -> tuple[Outputs, State]:
         """Running means after a causal chunk, in closed form: every frame is valid and `frames` stays 0."""
         for name, src in self.running_means.items():
             ones = [1] * (y[src].dim() - 2)
             n = state["count"].view(-1, 1, *ones)
-            k = torch.arange(1, y[src].shape[1] + 1, dtype=n.dtype).view(1, -1, *ones)
+            k = torch.arange(1, frames + 1, dtype=n.dtype).view(1, -1, *ones)
             y[name] = (state[f"mean_{name}"].unsqueeze(1) * n + torch.cumsum(y[src], dim=1)) / (n + k)
             state[f"mean_{name}"] = y[name][:, -1]
         if self.running_means:
-            state["count"] = state["count"] + next(iter(y.values())).shape[1]
+            state["count"] = state["count"] + frames
         return y, state
 
     def flush(self, state: State) -> tuple[Outputs, State]:
@@ -203,6 +204,11 @@ class CenteredConvStream:
         window = torch.cat([state[self.name], x_t.unsqueeze(-1)], dim=-1)
         state[self.name] = window[:, :, 1:]
         return window
+
+    @staticmethod
+    def apply(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution's one output frame [B, out] for a window [B, C, k]: a matrix-vector product."""
+        return F.linear(window.flatten(1), weight.flatten(1), bias)
 
 
 def started(counter: torch.Tensor, lag: int) -> torch.Tensor:

@@ -59,16 +59,27 @@ class VM:
         self._copy = tvm_ffi.get_global_func("runtime.TVMTensorCopyFromTo")
 
     def __getitem__(self, name: str) -> Callable[..., list[np.ndarray]]:
-        func = self._vm[name]
-
-        def call(*arrays: np.ndarray) -> list[np.ndarray]:
-            out = func(*(self._to(tvm_ffi.from_dlpack(np.asarray(a, order="C")), self.device) for a in arrays))
-            return [np.from_dlpack(self._to(t, self._cpu)) for t in _flatten(out)]
-
-        return call
+        func = self.raw(name)
+        return lambda *arrays: [self.numpy(t) for t in func(*[self.tensor(a) for a in arrays])]
 
     def fn(self, name: str) -> Callable[..., list[np.ndarray]]:
         return self[name]
+
+    def raw(self, name: str) -> Callable[..., list[tvm_ffi.Tensor]]:
+        """The function on device tensors, outputs left on the device (for state carried between calls)."""
+        func = self._vm[name]
+        return lambda *tensors: _flatten(func(*tensors))
+
+    def tensor(self, array: np.ndarray) -> tvm_ffi.Tensor:
+        """A copy on the device in TVM's own (64-byte aligned) memory: compiled kernels may assume that
+        alignment, which numpy's buffers do not guarantee."""
+        src = tvm_ffi.from_dlpack(np.ascontiguousarray(array))
+        dst = self._alloc(src.shape, src.dtype, self.device, None)
+        self._copy(src, dst)
+        return dst
+
+    def numpy(self, tensor: tvm_ffi.Tensor) -> np.ndarray:
+        return np.from_dlpack(self._to(tensor, self._cpu))
 
     def _to(self, tensor: tvm_ffi.Tensor, device: tvm_ffi.Device) -> tvm_ffi.Tensor:
         if tensor.device.dlpack_device_type() == device.dlpack_device_type():

@@ -26,11 +26,19 @@ class Family:
 
 def _families() -> dict[str, Family]:
     from edgekit.models import lmuformer
+    from edgekit.models import slmuformer
+    from edgekit.models import aaren
 
     return {f.name: f for f in [
         Family("lmuformer", lmuformer.LMUFormer, lmuformer.CONFIGS,
                "LMUFormer (public lmu_rnn_conv1d): conv patch embedding + LMU memory; keyword spotting",
                lmuformer.infer_config, lmuformer.check_buffers),
+        Family("slmuformer", slmuformer.SLMUFormer, slmuformer.CONFIGS,
+               "Spiking LMUFormer (public slmu_rnn_ms_conv1d): spiking conv embedding + spiking LMU; keyword spotting",
+               slmuformer.infer_config, lmuformer.check_buffers),
+        Family("aaren", aaren.Aaren, aaren.CONFIGS,
+               "Aaren (attention as an RNN): learned-query softmax attention as a scan; O(1) state per layer",
+               aaren.infer_config),
     ]}
 
 

@@ -199,11 +199,11 @@ class LMUFormer(StreamingModel):
         for i, conv in enumerate(self.convs):
             window = conv.push(h, state, ended=i < drained, valid=started(frames, i))
             if i == last:
-                h = window[:, :, conv.lag] + F.conv1d(window, self.patch_embed.rpe_conv.weight).squeeze(-1)
+                h = window[:, :, conv.lag:conv.lag + 1].squeeze(-1) + conv.apply(window, self.patch_embed.rpe_conv.weight)
             else:
                 layer = self.patch_embed.conv_layers[i]
                 scale, shift = bn_affine(layer[3])
-                h = F.relu(F.conv1d(window, layer[0].weight).squeeze(-1)) * scale + shift
+                h = F.relu(conv.apply(window, layer[0].weight)) * scale + shift
         x = h
         valid = started(frames, self.delay)
         for j, blk in enumerate(self.block):

@@ -1,0 +1,179 @@
+"""`edgekit`: a thin click layer over the pipeline stages; errors print as one clear message, never a traceback."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from edgekit.errors import EdgekitError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Group(click.Group):
+    """Turns edgekit's own errors into a red message and exit code 2, so users never see a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgekitError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            sys.exit(2)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgekit")
+def main() -> None:
+    """Compile streaming recurrent models from PyTorch to validated edge artifacts.
+
+    \b
+    A typical session:
+      edgekit models                                        # what can be compiled
+      edgekit compile lmuformer --config scv2 -o out/lmu    # checkpoint or config -> bundle
+      edgekit validate out/lmu --frames 100000              # stream it against PyTorch
+      edgekit bench out/lmu                                 # PyTorch vs ONNX Runtime vs TVM
+    """
+
+
+@main.command()
+def models() -> None:
+    """List the model families and their named configurations."""
+    from edgekit.models import FAMILIES
+
+    table = Table(title="model families")
+    for col in ("family", "configs", "description"):
+        table.add_column(col)
+    for f in FAMILIES.values():
+        configs = "\n".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items()) for name, cfg in f.configs.items())
+        table.add_row(f.name, configs, f.summary)
+    console.print(table)
+
+
+@main.command()
+def targets() -> None:
+    """List the targets, what each needs, and whether its artifacts run on this machine."""
+    from edgekit.targets import targets as all_targets
+
+    table = Table(title="targets")
+    for col in ("target", "aliases", "runs", "build tools", "description"):
+        table.add_column(col)
+    for t in all_targets().values():
+        missing = t.missing_tools()
+        tools = ", ".join((t.cc, *t.needs)) + (f"\n[red]missing: {', '.join(missing)}[/]" if missing else " [green]ok[/]")
+        runs = "here" if t.runs_here() else t.runs
+        table.add_row(t.name, ", ".join(t.aliases), runs, tools, t.summary)
+    console.print(table)
+
+
+@main.command(name="compile")
+@click.argument("model")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="trained weights (.pt/.pth); config read off it")
+@click.option("--config", help="named configuration with seeded random weights (see `edgekit models`)")
+@click.option("--target", "-t", default="host", show_default=True, help="where the artifact runs (`edgekit targets`)")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="bundle directory to create")
+@click.option("--chunk", "chunks", type=int, multiple=True, default=(1, 16), show_default=True,
+              help="frames per call to build entry points for (1 is always built)")
+@click.option("--force", is_flag=True, help="replace an existing bundle at --out")
+def compile_cmd(model: str, checkpoint: Path | None, config: str | None, target: str, out: Path,
+                chunks: tuple[int, ...], force: bool) -> None:
+    """Compile MODEL (a family from `edgekit models`) into a bundle for --target.
+
+    The bundle holds the built library, the ONNX graphs it came from, the weights and a manifest with
+    checksums. A failed compile leaves nothing behind.
+    """
+    from edgekit.compile import compile
+
+    if checkpoint and config:
+        raise click.UsageError("pass --checkpoint or --config, not both (a checkpoint carries its own config)")
+    with console.status("compiling") as status:
+        bundle = compile(model, target, out, config=config, checkpoint=checkpoint, chunks=tuple({1, *chunks}),
+                         force=force, progress=lambda msg: status.update(msg))
+    m = bundle.manifest
+    size = sum((bundle.path / f).stat().st_size for f in m["files"])
+    console.print(f"[green]built[/] {bundle.path}: {m['model']['family']} for {m['target']['name']} in "
+                  f"{m['compile_seconds']:.1f} s, {size / 2**20:.1f} MiB, state {m['state_bytes']} bytes, "
+                  f"delay {m['delay']} frames, entries {', '.join(m['entries'])}")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, transient=True)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--frames", "-n", type=int, default=10_000, show_default=True, help="stream length in frames")
+@click.option("--chunk", type=int, default=1, show_default=True, help="frames per call (a size the bundle was built for)")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the random input stream")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="max abs error allowed per output")
+@click.option("--rtol", type=float, default=1e-3, show_default=True, help="or max error relative to the output's range")
+def validate(bundle: Path, frames: int, chunk: int, seed: int, atol: float, rtol: float) -> None:
+    """Stream BUNDLE over --frames random frames against the float64 PyTorch reference.
+
+    Reports max abs and relative error per output, error by stream decile (drift), state bytes and
+    resident memory at T/10 and T. Exits 1 if a check fails. The report is saved as validation.json.
+    """
+    from edgekit.validate import validate as run
+
+    with _progress() as bar:
+        task = bar.add_task("streaming", total=frames)
+        report = run(bundle, frames=frames, chunk=chunk, seed=seed, atol=atol, rtol=rtol,
+                     progress=lambda done, total: bar.update(task, completed=done))
+    table = Table(title=f"validation of {bundle} ({report['frames']} frames, chunk {chunk}, {report['seconds']} s)")
+    for col in ("output", "max abs error", "max rel error", "error by decile (first .. last)"):
+        table.add_column(col)
+    for name, o in report["outputs"].items():
+        d = o["error_by_decile"]
+        table.add_row(name, f"{o['max_abs_error']:.3g}", f"{o['max_rel_error']:.3g}", " ".join(f"{e:.1e}" for e in d))
+    console.print(table)
+    r = report["rss_bytes"]
+    mib = lambda b: f"{b / 2**20:.1f} MiB" if b is not None else "n/a"  # noqa: E731
+    console.print(f"state {report['state_bytes']} bytes; RSS at T/10 {mib(r['at_T/10'])}, at T {mib(r['at_T'])} "
+                  f"(growth {r['growth'] / 2**20:+.2f} MiB), peak {mib(r['peak'])}")
+    for check, ok in report["checks"].items():
+        console.print(f"  {'[green]pass[/]' if ok else '[red]FAIL[/]'} {check}")
+    console.print(f"report: {Path(report['bundle']) / 'validation.json'}")
+    sys.exit(0 if report["passed"] else 1)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--calls", type=int, default=300, show_default=True, help="timed frames per engine and chunk size")
+@click.option("--warmup", type=int, default=30, show_default=True, help="untimed calls first")
+@click.option("--engine", "engines", multiple=True, type=click.Choice(["pytorch", "onnxruntime", "tvm"]),
+              default=("pytorch", "onnxruntime", "tvm"), show_default=True)
+def bench(bundle: Path, calls: int, warmup: int, engines: tuple[str, ...]) -> None:
+    """Per-frame latency of BUNDLE's step in PyTorch, ONNX Runtime and TVM, same inputs, after warm-up.
+
+    `tvm-compute` times the compiled function inside TVM without the Python call: the gap between it
+    and `tvm` is call overhead. Saved as bench.json in the bundle.
+    """
+    from edgekit.bench import bench as run
+
+    with console.status("benchmarking") as status:
+        report = run(bundle, calls=calls, warmup=warmup, engines=engines, progress=lambda m: status.update(m))
+    table = Table(title=f"{report['model']} on {report['target']}: latency per frame (hop {report['hop_ms']:g} ms)")
+    for col in ("engine", "chunk", "p50 us", "p90 us", "p99 us", "max us", "frames/s", "RTF"):
+        table.add_column(col, justify="right" if col != "engine" else "left")
+    for r in report["results"]:
+        fmt = lambda k: f"{r[k]:.1f}" if k in r else "-"  # noqa: E731
+        table.add_row(r["engine"], str(r["frames_per_call"]), fmt("p50_us") if "p50_us" in r else fmt("mean_us"),
+                      fmt("p90_us"), fmt("p99_us"), fmt("max_us"), f"{r['frames_per_second']:.0f}",
+                      f"{r['real_time_factor']:.4f}")
+    console.print(table)
+    console.print(f"report: {Path(report['bundle']) / 'bench.json'}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+def info(bundle: Path) -> None:
+    """Verify BUNDLE's checksums and print its manifest."""
+    from edgekit.artifact import load
+
+    console.print_json(json.dumps(load(bundle, check_machine=False).manifest))

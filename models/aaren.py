@@ -1,0 +1,210 @@
+"""Aaren ("Attention as an RNN", Feng et al. 2024, arXiv 2405.13956) for per-frame classification.
+
+Each layer attends with a learned, input-independent query per head over every prefix of its input. That
+softmax is an associative scan over (m, u, w) = (running max score, sum of e^{s-m}, sum of v e^{s-m}), so one
+operator serves three forms that must agree: the parallel reference (a log-depth scan over time), the step
+(the O(1)-memory recurrence: the carried state combined with one token) and the chunked step (a scan over
+the chunk combined with the carried state). `SoftmaxKVCache` runs the same weights as ordinary softmax
+attention over a growing KV cache: the baseline Aaren's constant memory is measured against.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgekit.errors import CheckpointError
+from edgekit.streaming import State, StreamingModel
+
+CONFIGS = {
+    "small": dict(input_size=16, d_model=64, layers=2, heads=4, ffn=128, num_classes=10),
+    "base": dict(input_size=16, d_model=128, layers=4, heads=8, ffn=256, num_classes=10),
+}
+
+# Stands in for m = -inf, which ONNX/TVM handle poorly: e^{NEG - s} is exactly 0 for any real score, and
+# NEG - NEG is 0 where -inf - -inf would be NaN.
+NEG = -1e30
+
+Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # m [..., H], u [..., H], w [..., H, D]
+
+
+def combine(a: Triple, b: Triple) -> Triple:
+    """(m, u, w) of token set A followed by token set B. A side with u == 0 is empty whatever its m holds
+    (0 from a zero-initialised state, -inf, NEG): its m is replaced by NEG, so it neither sets the max nor
+    makes NaN, and the first real token gets weight e^0 = 1 exactly."""
+    (ma, ua, wa), (mb, ub, wb) = a, b
+    ma, mb = torch.where(ua > 0, ma, NEG), torch.where(ub > 0, mb, NEG)
+    m = torch.maximum(ma, mb)
+    ea, eb = torch.exp(ma - m), torch.exp(mb - m)
+    return m, ua * ea + ub * eb, wa * ea.unsqueeze(-1) + wb * eb.unsqueeze(-1)
+
+
+def scan(s: torch.Tensor, v: torch.Tensor) -> Triple:
+    """Inclusive prefix combine over dim 1 of leaves (s, 1, v): Hillis-Steele doubling, ceil(log2 T)
+    sequential steps of whole-sequence tensor ops (no loop over time, no cummax: exportable, any T)."""
+    m, u, w = s, torch.ones_like(s), v
+    d = 1
+    while d < s.shape[1]:
+        mc, uc, wc = combine((m[:, :-d], u[:, :-d], w[:, :-d]), (m[:, d:], u[:, d:], w[:, d:]))
+        m, u, w = (torch.cat([old[:, :d], new], dim=1) for old, new in ((m, mc), (u, uc), (w, wc)))
+        d *= 2
+    return m, u, w
+
+
+def accumulator(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 weights (u counts tokens: fp16 overflows past 65,504), fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class AarenAttention(nn.Module):
+    """Multi-head Aaren: a learned query per head, keys and values projected from the input, output projection."""
+
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.heads, self.d_head = heads, d_model // heads
+        self.query = nn.Parameter(torch.randn(heads, self.d_head))
+        self.key = nn.Linear(d_model, d_model)
+        self.value = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def keys_values(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys and values [B, K, H, D] of normed inputs [B, K, d_model], in the weights' dtype."""
+        shape = (*h.shape[:-1], self.heads, self.d_head)
+        return self.key(h).view(shape), self.value(h).view(shape)
+
+    def scores(self, k: torch.Tensor) -> torch.Tensor:
+        """s = q . k / sqrt(D) per head, in the accumulator dtype."""
+        acc = accumulator(k.dtype)
+        s = k.to(acc).unsqueeze(-2) @ self.query.to(acc).unsqueeze(-1)  # [..., H, 1, D] @ [H, D, 1]
+        return s[..., 0, 0] / math.sqrt(self.d_head)
+
+    def mix(self, h: torch.Tensor, carry: Triple | None) -> tuple[torch.Tensor, Triple]:
+        """Attention outputs [B, K, H*D] over every prefix of h (after the tokens `carry` summarises), and the
+        triple after the last token. With K = 1 this is the recurrence m_k = max(m_{k-1}, s_k) etc."""
+        k, v = self.keys_values(h)
+        m, u, w = scan(self.scores(k), v.to(accumulator(v.dtype)))
+        if carry is not None:
+            m, u, w = combine(tuple(c.to(m.dtype).unsqueeze(1) for c in carry), (m, u, w))
+        return (w / u.unsqueeze(-1)).flatten(-2).to(h.dtype), (m[:, -1], u[:, -1], w[:, -1])
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + Aaren(norm(x)), then x + FFN(norm(x))."""
+
+    def __init__(self, d_model: int, heads: int, ffn: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attn = AarenAttention(d_model, heads)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(nn.Linear(d_model, ffn), nn.GELU(), nn.Linear(ffn, d_model))
+
+
+# (layer index, attention module, normed input [B, K, d_model]) -> per-head outputs [B, K, d_model]
+Attend = Callable[[int, AarenAttention, torch.Tensor], torch.Tensor]
+
+
+class Aaren(StreamingModel):
+    """Aaren encoder with a per-frame classification head; outputs `logits` and `mean_logits`.
+
+    State per layer j: m{j}, c{j} [H] and a{j} [H, D], in fp32 (fp64 for a fp64 model). The all-zero state
+    is the empty one (c == 0), so the base `init_state` and a runtime that zero-fills the state both start it.
+    """
+
+    family = "aaren"
+
+    def __init__(self, input_size: int = 16, d_model: int = 64, layers: int = 2, heads: int = 4, ffn: int = 128,
+                 num_classes: int = 10):
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model {d_model} is not a multiple of heads {heads}")
+        self._config = dict(input_size=input_size, d_model=d_model, layers=layers, heads=heads, ffn=ffn,
+                            num_classes=num_classes)
+        self.input_size = input_size
+        self.embed = nn.Linear(input_size, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, heads, ffn) for _ in range(layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes)
+        self.output_sizes = {"logits": (num_classes,)}
+        self.running_means = {"mean_logits": "logits"}
+
+    def config(self) -> dict:
+        return dict(self._config)
+
+    def network(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """Logits [B, K, classes] of frames [B, K, F], with the token mixing of each layer supplied by `attend`."""
+        x = self.embed(x)
+        for j, blk in enumerate(self.blocks):
+            x = x + blk.attn.out(attend(j, blk.attn, blk.norm1(x)))
+            x = x + blk.ffn(blk.norm2(x))
+        return self.head(self.norm(x))
+
+    def forward_frames(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.network(x, lambda j, attn, h: attn.mix(h, None)[0])}
+
+    def frame_state_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        shapes = {}
+        for j, blk in enumerate(self.blocks):
+            h, d = blk.attn.heads, blk.attn.d_head
+            shapes.update({f"m{j}": ((h,), "float32"), f"c{j}": ((h,), "float32"), f"a{j}": ((h, d), "float32")})
+        return shapes
+
+    def advance_chunk(self, x: torch.Tensor, state: State) -> tuple[dict[str, torch.Tensor], State]:
+        """K frames folded into the state: per layer, a scan over the chunk combined with the carried triple."""
+        def attend(j: int, attn: AarenAttention, h: torch.Tensor) -> torch.Tensor:
+            o, (state[f"m{j}"], state[f"c{j}"], state[f"a{j}"]) = attn.mix(
+                h, (state[f"m{j}"], state[f"c{j}"], state[f"a{j}"]))
+            return o
+
+        return {"logits": self.network(x, attend)}, state
+
+    def advance_frame(self, x_t: torch.Tensor, state: State, drained: int, frames: torch.Tensor
+                      ) -> tuple[dict[str, torch.Tensor], State]:
+        y, state = self.advance_chunk(x_t.unsqueeze(1), state)
+        return {"logits": y["logits"][:, 0]}, state
+
+
+class SoftmaxKVCache:
+    """The same network and weights with ordinary softmax attention of each fixed query over all keys so far,
+    kept in a growing KV cache (capacity doubles when full): the O(T)-memory baseline for Aaren's O(1) state."""
+
+    def __init__(self, model: Aaren, batch: int = 1, capacity: int = 256):
+        self.model, self.length = model, 0
+        dtype = model.embed.weight.dtype
+        self.keys = [torch.zeros(batch, capacity, b.attn.heads, b.attn.d_head, dtype=dtype) for b in model.blocks]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+
+    def cache_bytes(self) -> int:
+        """Bytes of keys and values held for the tokens seen so far."""
+        return sum(2 * k[:, :self.length].numel() * k.element_size() for k in self.keys)
+
+    def _attend(self, j: int, attn: AarenAttention, h: torch.Tensor) -> torch.Tensor:
+        k, v = attn.keys_values(h)
+        if self.length == self.keys[j].shape[1]:
+            self.keys[j] = torch.cat([self.keys[j], torch.zeros_like(self.keys[j])], dim=1)
+            self.values[j] = torch.cat([self.values[j], torch.zeros_like(self.values[j])], dim=1)
+        self.keys[j][:, self.length], self.values[j][:, self.length] = k[:, 0], v[:, 0]
+        keys, values = self.keys[j][:, :self.length + 1], self.values[j][:, :self.length + 1]
+        p = F.softmax(attn.scores(keys), dim=1)  # [B, t, H]
+        o = torch.einsum("bth,bthd->bhd", p, values.to(p.dtype))
+        return o.flatten(-2).unsqueeze(1).to(h.dtype)
+
+    @torch.no_grad()
+    def step(self, x_t: torch.Tensor) -> torch.Tensor:
+        """Logits [B, classes] of one frame [B, F]; the cache grows by one token per layer."""
+        logits = self.model.network(x_t.unsqueeze(1), self._attend)[:, 0]
+        self.length += 1
+        return logits
+
+
+def infer_config(sd: dict[str, torch.Tensor]) -> dict:
+    """Read the configuration off a state dict's shapes."""
+    try:
+        embed, query = sd["embed.weight"], sd["blocks.0.attn.query"]
+        return dict(input_size=embed.shape[1], d_model=embed.shape[0],
+                    layers=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}), heads=query.shape[0],
+                    ffn=sd["blocks.0.ffn.0.weight"].shape[0], num_classes=sd["head.weight"].shape[0])
+    except KeyError as e:
+        raise CheckpointError(f"not an Aaren state dict: key {e} is missing") from None

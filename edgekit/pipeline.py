@@ -6,7 +6,7 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-from edgekit.kernels.cpu_gemv import OuterReductionGEMV
+from edgekit.kernels.cpu_gemv import PackedGEMVSchedule, PackGEMVWeights
 from tvm.s_tir import dlight
 
 
@@ -14,12 +14,14 @@ def passes(target: tvm.target.Target) -> list:
     """Every pass a build runs, in order, for this target."""
     return [
         *cpu.library_dispatch_passes(target),
+        relax.transform.FoldConstant(),
+        PackGEMVWeights,
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
-        dlight.ApplyDefaultSchedule(OuterReductionGEMV()),
+        dlight.ApplyDefaultSchedule(PackedGEMVSchedule()),
         *cpu.dataflow_lower_passes(target),
         *cpu.finalize_passes(target),
     ]

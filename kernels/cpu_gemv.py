@@ -1,38 +1,68 @@
-"""CPU schedule for the matrix-vector products that dominate a streaming step at batch 1.
+"""CPU kernel for the matrix-vector products with constant weights that dominate a streaming step at batch 1.
 
-After constant folding, an ONNX Gemm becomes y[i, j] = sum_k x[i, k] * W[k, j] with W stored [K, N].
-TVM's default CPU lowering walks k innermost, striding through W column by column (about 1 GFLOP/s here).
-This schedule keeps 16 outputs in registers and streams W row by row: loops (i, j_outer, k, j_inner),
-j_inner unrolled so LLVM emits vector FMAs over contiguous weights.
+A step at batch 1 reads every weight once per frame, so it is bound by how fast weights stream from memory.
+TVM's default lowering of y = x @ W (W [K, N] after constant folding) walks k innermost, striding through W
+column by column (about 1 GFLOP/s here). Instead:
+- `PackGEMVWeights` (a Relax pass) rewrites `matmul(x, constant W)` into a `packed_gemv` kernel that reads W
+  repacked at compile time as P[N/16, K, 16]: panels of 16 output columns, each stored row after row;
+- `PackedGEMVSchedule` (a dlight rule, applied after fusion with the epilogue) orders the loops
+  (panel, i, k, lane) with the 16 lanes unrolled: 16 accumulators in registers, weights read front to back.
 """
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+import numpy as np
+import tvm
+from tvm import relax, s_tir, te, tirx
 from tvm.s_tir import dlight
 
 LANES = 16
-REDUCE = 2  # tirx.IterVar.CommReduce
+KERNEL = "packed_gemv"
 
 
-class OuterReductionGEMV(dlight.ScheduleRule):
-    """Reorders every single-reduction matmul block whose output width is a multiple of LANES."""
+def _packed_gemv(x: te.Tensor, panels: te.Tensor) -> te.Tensor:
+    (m, k), (p, _, lanes) = x.shape, panels.shape
+    r = te.reduce_axis((0, k), name="k")
+    return te.compute((m, p * lanes), lambda i, j: te.sum(x[i, r] * panels[j // lanes, r, j % lanes], axis=r),
+                      name=KERNEL)
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if call.op != tvm.ir.Op.get("relax.matmul") or not isinstance(call.args[1], tvm.ir.expr.Constant):
+            return call
+        x, w = call.args[0], call.args[1].value.numpy()
+        shape = x.ty.shape
+        if w.ndim != 2 or w.shape[1] % LANES or shape is None or len(shape) != 2 or str(x.ty.dtype) != str(w.dtype):
+            return call
+        k, n = w.shape
+        panels = np.ascontiguousarray(w.reshape(k, n // LANES, LANES).transpose(1, 0, 2))
+        return self.builder_.call_te(_packed_gemv, x, relax.const(panels), primfunc_name_hint=KERNEL)
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackGEMVWeights")
+def PackGEMVWeights(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (a pass, named like TVM's)
+    """Rewrite 2-D `matmul(x, constant W)` with N a multiple of 16 into the packed-panel kernel."""
+    rewriter = _Rewriter(mod)
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
+
+
+class PackedGEMVSchedule(dlight.ScheduleRule):
+    """Loops (panel, i, k, lane) for every packed_gemv block, lanes unrolled into register accumulators."""
 
     def apply(self, func: tirx.PrimFunc, target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc):
             return None
         sch = s_tir.Schedule(func)
-        scheduled = False
-        for block in sch.get_child_blocks(sch.get_sblock("root")):
-            stmt = sch.get(block)
-            kinds = [iv.iter_type for iv in stmt.iter_vars]
-            if not stmt.name_hint.startswith("matmul") or kinds.count(REDUCE) != 1 or kinds[-1] != REDUCE:
-                continue
-            *spatial, k = sch.get_loops(block)
-            if len(spatial) != len(kinds) - 1 or int(sch.get(spatial[-1]).extent) % LANES:
-                continue
-            j_outer, j_inner = sch.split(spatial[-1], [None, LANES])
-            sch.reorder(*spatial[:-1], j_outer, k, j_inner)
+        blocks = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint == KERNEL]
+        for block in blocks:
+            i, j, k = sch.get_loops(block)
+            panel, lane = sch.split(j, [None, LANES])
+            sch.reorder(panel, i, k, lane)  # a panel stays in cache across the frames of a chunk
             sch.decompose_reduction(block, k)
-            sch.unroll(j_inner)
-            scheduled = True
-        return sch if scheduled else None
+            sch.unroll(lane)
+        return sch if blocks else None

@@ -72,9 +72,12 @@ class StreamingModel(nn.Module):
         return {**y, **{name: torch.cumsum(y[src], dim=1) / count for name, src in self.running_means.items()}}
 
     def state_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        means = {f"mean_{name}": (self.output_sizes[src], "float32") for name, src in self.running_means.items()}
-        return {"frames": ((1,), "float32"), **self.frame_state_shapes(), **means,
-                **({"count": ((1,), "float32")} if means else {})}
+        """The family's state plus the frame counter and, per running mean, a compensated (Kahan) sum:
+        a plain float32 mean drifts by about eps * sqrt(frames); the compensated one does not."""
+        sums = {f"{part}.{name}": (self.output_sizes[src], "float32")
+                for name, src in self.running_means.items() for part in ("sum", "carry")}
+        return {"frames": ((1,), "float32"), **self.frame_state_shapes(), **sums,
+                **({"count": ((1,), "float32")} if sums else {})}
 
     def state_spec(self, batch: int = 1) -> list[TensorSpec]:
         return [TensorSpec(name, (batch, *shape), dtype) for name, (shape, dtype) in self.state_shapes().items()]
@@ -93,12 +96,10 @@ class StreamingModel(nn.Module):
         frames = state["frames"]
         y, state = self.advance_frame(x_t, dict(state), drained, frames)
         valid = started(frames, self.delay)
-        for name, src in self.running_means.items():
-            count = state["count"] + valid
-            mean = state[f"mean_{name}"]
-            y[name] = state[f"mean_{name}"] = mean + valid * (y[src] - mean) / torch.clamp(count, min=1.0)
         if self.running_means:
             state["count"] = state["count"] + valid
+        for name, src in self.running_means.items():
+            y[name] = _kahan_add(state, name, y[src] * valid) / torch.clamp(state["count"], min=1.0)
         state["frames"] = torch.clamp(frames + 1, max=float(self.delay))
         return y, state
 
@@ -124,15 +125,18 @@ class StreamingModel(nn.Module):
         return _stack(outs), state
 
     def _chunk_means(self, frames: int, y: Outputs, state: State) -> tuple[Outputs, State]:
-        """Running means after a causal chunk, in closed form: every frame is valid and `frames` stays 0."""
+        """Running means after a causal chunk: every frame is valid and `frames` stays 0."""
+        if not self.running_means:
+            return y, state
+        ones = [1] * (next(iter(y.values())).dim() - 2)
+        n = state["count"].view(-1, 1, *ones)
+        k = torch.arange(1, frames + 1, dtype=n.dtype).view(1, -1, *ones)
         for name, src in self.running_means.items():
-            ones = [1] * (y[src].dim() - 2)
-            n = state["count"].view(-1, 1, *ones)
-            k = torch.arange(1, frames + 1, dtype=n.dtype).view(1, -1, *ones)
-            y[name] = (state[f"mean_{name}"].unsqueeze(1) * n + torch.cumsum(y[src], dim=1)) / (n + k)
-            state[f"mean_{name}"] = y[name][:, -1]
-        if self.running_means:
-            state["count"] = state["count"] + frames
+            partial = torch.cumsum(y[src], dim=1)
+            before = (state[f"sum.{name}"] - state[f"carry.{name}"]).unsqueeze(1)
+            y[name] = (before + partial) / (n + k)
+            _kahan_add(state, name, partial[:, -1])
+        state["count"] = state["count"] + frames
         return y, state
 
     def flush(self, state: State) -> tuple[Outputs, State]:
@@ -154,6 +158,16 @@ class StreamingModel(nn.Module):
         if self.delay:
             outs.append(self.flush(state)[0])
         return {k: torch.cat([o[k] for o in outs], dim=1)[:, self.delay:] for k in outs[0]}
+
+
+def _kahan_add(state: State, name: str, value: torch.Tensor) -> torch.Tensor:
+    """Add value to the running sum `sum.<name>`, keeping the lost low-order part in `carry.<name>`."""
+    total, carry = state[f"sum.{name}"], state[f"carry.{name}"]
+    v = value - carry
+    t = total + v
+    state[f"carry.{name}"] = (t - total) - v
+    state[f"sum.{name}"] = t
+    return t
 
 
 def _stack(outs: list[Outputs]) -> Outputs:

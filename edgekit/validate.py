@@ -1,10 +1,17 @@
 """Validate stage: stream a bundle over T frames and compare every output frame with the PyTorch parallel
-reference, computed in float64 window by window so that memory stays flat however long the stream is."""
+reference, computed in float64 piece by piece so that memory stays flat however long the stream is.
+
+Real-valued outputs are judged by their error; spike outputs (`spikes.<layer>`) by the fraction of spikes that
+agree, since a compiled artifact may flip a spike whose membrane sits within rounding of the threshold; and the
+running-mean outputs by whether their arg-max (the prediction) agrees.
+"""
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +22,8 @@ from edgekit.errors import EdgekitError
 from edgekit.runtime import Session
 
 WINDOW = 4096  # frames of reference computed per forward call
+WHOLE_SEQUENCE_LIMIT = WINDOW * 16  # a reference without a finite horizon and with a delay is computed in one piece
+DECILES = 10
 
 
 class FrameSource:
@@ -24,11 +33,12 @@ class FrameSource:
         self.features, self.seed, self.block = features, seed, block
 
     def frames(self, start: int, stop: int, batch: int = 1) -> np.ndarray:
-        blocks = range(start // self.block, (stop - 1) // self.block + 1) if stop > start else []
+        if stop <= start:
+            return np.zeros((batch, 0, self.features), np.float32)
+        blocks = range(start // self.block, (stop - 1) // self.block + 1)
         data = np.concatenate([np.random.default_rng([self.seed, b]).standard_normal(
-            (batch, self.block, self.features), dtype=np.float32) for b in blocks], axis=1) if blocks else \
-            np.zeros((batch, 0, self.features), np.float32)
-        first = (start // self.block) * self.block
+            (batch, self.block, self.features), dtype=np.float32) for b in blocks], axis=1)
+        first = blocks[0] * self.block
         return data[:, start - first:stop - first]
 
 
@@ -45,31 +55,49 @@ def reference_model(bundle: Bundle):
 
 
 class Reference:
-    """Per-frame reference outputs for any frame range, computed in float64 with enough past context.
+    """Per-frame float64 reference outputs of one segment [offset, offset + length) of the stream, in order.
 
-    Models with a finite horizon are recomputed over [start - horizon, stop + delay); running means are then
-    accumulated here across ranges, so they cover the whole stream exactly as the step's running means do.
+    A model with a finite horizon is recomputed by `forward` over [start - horizon, stop + delay); a causal model
+    without one carries its float64 state through `step_chunk` (its parallel chunk form where it has one); any
+    other model is computed by `forward` over the whole segment. Running means are accumulated here.
     """
 
-    def __init__(self, bundle: Bundle, source: FrameSource, total: int):
-        self.net, self.source, self.total = reference_model(bundle), source, total
-        self.delay, self.horizon = bundle.manifest["delay"], bundle.manifest["horizon"]
-        self.running_means = bundle.manifest["running_means"]
-        self.sums: dict[str, np.ndarray] = {}
-        self.count = 0
-        if self.horizon is None and total > WINDOW * 16:
-            raise EdgekitError(f"the {self.net.family} reference has no finite horizon; {total} frames would be "
-                               "recomputed in one piece", f"validate with --frames {WINDOW * 16} or fewer")
+    def __init__(self, net, source: FrameSource, offset: int, length: int, running_means: dict[str, str]):
+        self.net, self.source, self.offset, self.length = net, source, offset, length
+        self.running_means, self.sums, self.count = running_means, {}, 0
+        self.state = net.init_state(1) if net.horizon is None and net.delay == 0 else None
+        self.whole = None
+        if net.horizon is None and net.delay:
+            if length > WHOLE_SEQUENCE_LIMIT:
+                raise EdgekitError(f"the {net.family} reference has no finite horizon and a delay: {length} frames "
+                                   "would be recomputed in one piece",
+                                   f"validate with --frames {WHOLE_SEQUENCE_LIMIT} or fewer, or with --utterance")
+            self.whole = self._forward(0, length)
 
-    def outputs(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Reference outputs for frames [start, stop); calls must come in order, without gaps."""
+    def _x(self, start: int, stop: int):
         import torch
 
-        lo = 0 if self.horizon is None else max(0, start - self.horizon)
-        hi = min(self.total, stop + self.delay)
-        x = torch.from_numpy(self.source.frames(lo, hi)).double()
+        return torch.from_numpy(self.source.frames(self.offset + start, self.offset + stop)).double()
+
+    def _forward(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        import torch
+
         with torch.no_grad():
-            y = {k: v.numpy()[:, start - lo:stop - lo] for k, v in self.net.forward_frames(x).items()}
+            return {k: v.numpy() for k, v in self.net.forward_frames(self._x(start, stop)).items()}
+
+    def outputs(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Reference outputs for segment frames [start, stop); calls come in order, without gaps."""
+        import torch
+
+        if self.whole is not None:
+            y = {k: v[:, start:stop] for k, v in self.whole.items()}
+        elif self.state is not None:
+            with torch.no_grad():
+                out, self.state = self.net.step_chunk(self._x(start, stop), self.state)
+            y = {k: v.numpy() for k, v in out.items() if k not in self.running_means}
+        else:
+            lo, hi = max(0, start - self.net.horizon), min(self.length, stop + self.net.delay)
+            y = {k: v[:, start - lo:stop - lo] for k, v in self._forward(lo, hi).items()}
         for name, src in self.running_means.items():
             csum = self.sums.get(src, 0) + np.cumsum(y[src], axis=1)
             counts = np.arange(self.count + 1, self.count + stop - start + 1).reshape(1, -1, *[1] * (y[src].ndim - 2))
@@ -79,77 +107,139 @@ class Reference:
         return y
 
 
+@dataclass
+class Tally:
+    """What the comparison has seen so far, output by output."""
+
+    frames: int
+    error: dict[str, np.ndarray] = field(default_factory=dict)  # max abs error per decile of the stream
+    peak: dict[str, float] = field(default_factory=dict)
+    spikes: dict[str, np.ndarray] = field(default_factory=dict)  # [agree, total, zeros artifact, zeros reference]
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)  # [agree per frame, frames, agree at end, ends]
+
+    def add(self, got: dict[str, np.ndarray], want: dict[str, np.ndarray], first: int, means: list[str]) -> None:
+        frames = np.arange(first, first + next(iter(got.values())).shape[1])
+        for name, g in got.items():
+            w = want[name]
+            if name.startswith("spikes."):
+                s = self.spikes.setdefault(name, np.zeros(4, np.int64))
+                s += [(g == w).sum(), g.size, (g == 0).sum(), (w == 0).sum()]
+                continue
+            e = self.error.setdefault(name, np.zeros(DECILES))
+            diff = np.abs(g.astype(np.float64) - w).max(axis=tuple(i for i in range(w.ndim) if i != 1))
+            np.maximum.at(e, (frames * DECILES) // self.frames, diff)
+            self.peak[name] = max(self.peak.get(name, 0.0), float(np.abs(w).max()))
+            if name in means:
+                p = self.predictions.setdefault(name, np.zeros(4, np.int64))
+                p[:2] += [(g.argmax(-1) == w.argmax(-1)).sum(), g.shape[0] * g.shape[1]]
+
+    def end_of_segment(self, got: dict[str, np.ndarray], want: dict[str, np.ndarray], means: list[str]) -> None:
+        for name in means:
+            self.predictions[name][2:] += [(got[name][:, -1].argmax(-1) == want[name][:, -1].argmax(-1)).sum(),
+                                           got[name].shape[0]]
+
+
 def rss_bytes() -> int:
+    """Resident memory now, after handing freed heap back to the system (the reference's float64 windows come
+    and go; without the trim, allocator caching would hide or fake growth of the stream itself)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def validate(bundle_path: Path, frames: int = 10_000, chunk: int = 1, seed: int = 0, atol: float = 1e-4,
-             rtol: float = 1e-3, progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
+             rtol: float = 1e-3, utterance: int | None = None, spike_agreement: float = 0.999,
+             prediction_agreement: float = 0.999, progress: Callable[[int, int], None] = lambda done, total: None
+             ) -> dict:
     """Stream the bundle over `frames` frames against the float64 reference; return (and save) the report.
 
-    Pass criteria: every output's max abs error <= atol, or its error relative to the reference's magnitude
-    <= rtol; and resident memory at T within 5 MiB of that at T/10 (the stream keeps constant memory)."""
-    if frames < 1:
-        raise EdgekitError(f"--frames must be positive, got {frames}")
+    utterance=N splits the stream into independent utterances of N frames, each from a fresh state and flushed
+    (as a keyword spotter sees them); otherwise it is one stream. Pass criteria: real-valued outputs within
+    atol or within rtol of the reference's magnitude (for spiking models, where one flipped spike moves the
+    logits, the prediction criterion replaces this); each spike layer's agreement >= spike_agreement; the
+    running-mean predictions' agreement >= prediction_agreement; resident memory at T within 5 MiB of T/10.
+    """
+    if frames < 1 or (utterance is not None and utterance < 1):
+        raise EdgekitError("--frames and --utterance must be positive")
     bundle = load(bundle_path)
     session = Session(bundle)
+    net = reference_model(bundle)
     source = FrameSource(session.input_size, seed)
-    ref = Reference(bundle, source, frames)
-    delay, batch = session.delay, session.batch
-    buckets = 10
-    err = {o: np.zeros(buckets) for o in session.outputs}
-    ref_peak = {o: 0.0 for o in session.outputs}
-    rss, t0 = {}, time.perf_counter()
+    means = list(bundle.manifest["running_means"])
+    tally, rss, t0 = Tally(frames), {}, time.perf_counter()
+    length = utterance or frames
+    marks = {max(1, frames // 10), frames}
+    done = 0
+    for offset in range(0, frames, length):
+        seg = min(length, frames - offset)
+        ref = Reference(net, source, offset, seg, bundle.manifest["running_means"])
+        session.reset()
+        next_frame, last = -session.delay, ({}, {})
 
-    def compare(got: dict[str, np.ndarray], start: int) -> None:
-        stop = start + next(iter(got.values())).shape[1]
-        want = ref.outputs(start, stop)
-        for o in session.outputs:
-            diff = np.abs(got[o].astype(np.float64) - want[o]).max(axis=tuple(i for i in range(want[o].ndim) if i != 1))
-            bucket = (np.arange(start, stop) * buckets) // frames
-            np.maximum.at(err[o], bucket, diff)
-            ref_peak[o] = max(ref_peak[o], float(np.abs(want[o]).max()))
+        def compare(got: dict[str, np.ndarray]) -> None:
+            nonlocal next_frame, last
+            n, keep = next(iter(got.values())).shape[1], max(0, -next_frame)  # the first `delay` calls emit nothing
+            if n > keep:
+                got = {o: v[:, keep:] for o, v in got.items()}
+                want = ref.outputs(next_frame + keep, next_frame + n)
+                tally.add(got, want, offset + next_frame + keep, means)
+                last = (got, want)
+            next_frame += n
 
-    def compare_emitted(got: dict[str, np.ndarray]) -> None:
-        nonlocal next_frame
-        n, keep = next(iter(got.values())).shape[1], max(0, -next_frame)  # the first `delay` calls emit nothing
-        if n > keep:
-            compare({o: v[:, keep:] for o, v in got.items()}, next_frame + keep)
-        next_frame += n
+        window = max(chunk, (WINDOW // chunk) * chunk)
+        for start in range(0, seg, window):
+            stop = min(seg, start + window)
+            compare(session.feed(source.frames(offset + start, offset + stop, session.batch), chunk))
+            for mark in marks:
+                if done + start < mark <= done + stop:
+                    rss[mark] = rss_bytes()
+            progress(done + stop, frames)
+        if session.delay:
+            compare(session.flush())
+        tally.end_of_segment(*last, means)
+        done += seg
+    return _report(bundle, tally, rss, frames, chunk, seed, utterance, time.perf_counter() - t0,
+                   atol, rtol, spike_agreement, prediction_agreement)
 
-    next_frame = -delay
-    window = max(chunk, (WINDOW // chunk) * chunk)
-    for start in range(0, frames, window):
-        stop = min(frames, start + window)
-        compare_emitted(session.feed(source.frames(start, stop, batch), chunk))
-        for mark in (frames // 10, frames):
-            if start < mark <= stop:
-                rss[mark] = rss_bytes()
-        progress(stop, frames)
-    if delay:
-        compare_emitted(session.flush())
-    elapsed = time.perf_counter() - t0
-    outputs = {o: {"max_abs_error": float(err[o].max()), "reference_max_abs": ref_peak[o],
-                   "max_rel_error": float(err[o].max() / max(ref_peak[o], 1e-30)),
-                   "error_by_decile": [float(e) for e in err[o]]} for o in session.outputs}
-    rss_growth = rss[frames] - rss[frames // 10] if frames // 10 in rss else 0
+
+def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, chunk: int, seed: int,
+            utterance: int | None, seconds: float, atol: float, rtol: float, spike_agreement: float,
+            prediction_agreement: float) -> dict:
+    spiking = bool(tally.spikes)
+    outputs = {o: {"max_abs_error": float(e.max()), "reference_max_abs": tally.peak[o],
+                   "max_rel_error": float(e.max() / max(tally.peak[o], 1e-30)),
+                   "error_by_decile": [float(v) for v in e]} for o, e in tally.error.items()}
+    spikes = {o.removeprefix("spikes."): {"agreement": int(a) / int(n), "sparsity_artifact": int(za) / int(n),
+                                          "sparsity_reference": int(zr) / int(n)}
+              for o, (a, n, za, zr) in tally.spikes.items()}
+    predictions = {o: {"agreement_per_frame": int(a) / int(n),
+                       "agreement_per_utterance" if utterance else "agreement_at_end": int(ae) / int(ne)}
+                   for o, (a, n, ae, ne) in tally.predictions.items()}
+    start, end = rss.get(max(1, frames // 10)), rss.get(frames)
+    growth = end - start if start is not None and end is not None else 0
     checks = {
-        **{f"{o}_error": r["max_abs_error"] <= atol or r["max_rel_error"] <= rtol for o, r in outputs.items()},
-        "constant_memory": rss_growth <= 5 * 2**20,
+        **({} if spiking else {f"{o}_error": r["max_abs_error"] <= atol or r["max_rel_error"] <= rtol
+                               for o, r in outputs.items()}),
+        **{f"spikes.{o}_agreement": s["agreement"] >= spike_agreement for o, s in spikes.items()},
+        **({f"{o}_prediction": p["agreement_per_frame"] >= prediction_agreement for o, p in predictions.items()}
+           if spiking else {}),
+        "constant_memory": growth <= 5 * 2**20,
     }
     report = {
         "bundle": str(bundle.path), "target": bundle.target["name"], "frames": frames, "chunk": chunk,
-        "seed": seed, "reference": "PyTorch parallel forward, float64, windowed over the model's horizon",
-        "tolerance": {"atol": atol, "rtol": rtol, "rss_growth_bytes": 5 * 2**20},
-        "outputs": outputs,
+        "seed": seed, "utterance": utterance,
+        "input": "standard normal frames, numpy default_rng([seed, block]) per 4096-frame block",
+        "reference": "PyTorch parallel forward in float64 (windowed over the model's horizon where it has one)",
+        "criteria": {"atol": atol, "rtol": rtol, "real_valued_outputs_judged": not spiking,
+                     "spike_agreement_min": spike_agreement, "prediction_agreement_min": prediction_agreement,
+                     "rss_growth_max_bytes": 5 * 2**20},
+        "outputs": outputs, "spikes": spikes, "predictions": predictions,
         "state_bytes": bundle.manifest["state_bytes"],
-        "rss_bytes": {"at_T/10": rss.get(frames // 10), "at_T": rss.get(frames), "growth": rss_growth,
+        "rss_bytes": {"at_T/10": start, "at_T": end, "growth": growth,
                       "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
-        "seconds": round(elapsed, 2),
+        "seconds": round(seconds, 2),
         "checks": checks,
         "passed": all(checks.values()),
     }
     bundle.record("validation.json", report)
     return report
-

@@ -113,17 +113,25 @@ def _progress() -> Progress:
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the random input stream")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="max abs error allowed per output")
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="or max error relative to the output's range")
-def validate(bundle: Path, frames: int, chunk: int, seed: int, atol: float, rtol: float) -> None:
+@click.option("--utterance", type=int, help="split the stream into independent utterances of this many frames")
+@click.option("--spike-agreement", type=float, default=0.999, show_default=True,
+              help="spiking models: minimum fraction of agreeing spikes per layer")
+@click.option("--prediction-agreement", type=float, default=0.999, show_default=True,
+              help="spiking models: minimum fraction of frames whose running-mean arg-max agrees")
+def validate(bundle: Path, frames: int, chunk: int, seed: int, atol: float, rtol: float, utterance: int | None,
+             spike_agreement: float, prediction_agreement: float) -> None:
     """Stream BUNDLE over --frames random frames against the float64 PyTorch reference.
 
-    Reports max abs and relative error per output, error by stream decile (drift), state bytes and
-    resident memory at T/10 and T. Exits 1 if a check fails. The report is saved as validation.json.
+    Reports max abs and relative error per output, error by stream decile (drift), spike agreement and
+    sparsity per layer (spiking models), prediction agreement, state bytes and resident memory at T/10 and
+    T. Exits 1 if a check fails. The report, with the criteria applied, is saved as validation.json.
     """
     from edgekit.validate import validate as run
 
     with _progress() as bar:
         task = bar.add_task("streaming", total=frames)
-        report = run(bundle, frames=frames, chunk=chunk, seed=seed, atol=atol, rtol=rtol,
+        report = run(bundle, frames=frames, chunk=chunk, seed=seed, atol=atol, rtol=rtol, utterance=utterance,
+                     spike_agreement=spike_agreement, prediction_agreement=prediction_agreement,
                      progress=lambda done, total: bar.update(task, completed=done))
     table = Table(title=f"validation of {bundle} ({report['frames']} frames, chunk {chunk}, {report['seconds']} s)")
     for col in ("output", "max abs error", "max rel error", "error by decile (first .. last)"):
@@ -132,6 +140,15 @@ def validate(bundle: Path, frames: int, chunk: int, seed: int, atol: float, rtol
         d = o["error_by_decile"]
         table.add_row(name, f"{o['max_abs_error']:.3g}", f"{o['max_rel_error']:.3g}", " ".join(f"{e:.1e}" for e in d))
     console.print(table)
+    if report["spikes"]:
+        spikes = Table(title="spikes per layer")
+        for col in ("layer", "agreement", "sparsity (artifact)", "sparsity (reference)"):
+            spikes.add_column(col)
+        for name, sp in report["spikes"].items():
+            spikes.add_row(name, f"{sp['agreement']:.6f}", f"{sp['sparsity_artifact']:.4f}", f"{sp['sparsity_reference']:.4f}")
+        console.print(spikes)
+    for name, p in report["predictions"].items():
+        console.print(f"prediction agreement ({name} arg-max): " + ", ".join(f"{k} {v:.4%}" for k, v in p.items()))
     r = report["rss_bytes"]
     mib = lambda b: f"{b / 2**20:.1f} MiB" if b is not None else "n/a"  # noqa: E731
     console.print(f"state {report['state_bytes']} bytes; RSS at T/10 {mib(r['at_T/10'])}, at T {mib(r['at_T'])} "
@@ -177,3 +194,41 @@ def info(bundle: Path) -> None:
     from edgekit.artifact import load
 
     console.print_json(json.dumps(load(bundle, check_machine=False).manifest))
+
+
+@main.command()
+@click.option("--wav", type=click.Path(path_type=Path), help="16 kHz WAV file to stream")
+@click.option("--mic", is_flag=True, help="stream the default microphone instead (needs the sounddevice package)")
+@click.option("--bundle", type=click.Path(path_type=Path), help="a compiled LMUFormer bundle (default: the demo model)")
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="an LMUFormer checkpoint (e.g. a public SCv2 one), compiled for this host on first use")
+@click.option("--labels", help="class names in model order, comma-separated (when the model does not say)")
+@click.option("--hop", type=int, default=14, show_default=True, help="frames between window starts (10 ms each)")
+@click.option("--threshold", type=float, default=0.8, show_default=True, help="keyword probability to detect")
+@click.option("--repeat", type=int, default=1, show_default=True, help="play the WAV this many times (a long stream)")
+def stream(wav: Path | None, mic: bool, bundle: Path | None, checkpoint: Path | None, labels: str | None, hop: int,
+           threshold: float, repeat: int) -> None:
+    """Spot keywords in a WAV file (or the microphone) with a compiled LMUFormer, printing each detection
+    as it happens, then the real-time factor and resident memory.
+
+    With no model option it uses the demo keyword spotter shipped with edgekit (yes, no, up, down, left,
+    right, on, off, stop, go), compiled for this host on first use and cached under ~/.cache/edgekit
+    ($EDGEKIT_CACHE).
+    """
+    from edgekit.stream import detect, mic_blocks, open_model, wav_blocks
+
+    if bool(wav) == mic:
+        raise click.UsageError("pass --wav FILE or --mic")
+    with console.status("loading the model") as status:
+        b, spec = open_model(bundle, checkpoint, labels.split(",") if labels else None, lambda m: status.update(m))
+    source = wav_blocks(wav, repeat) if wav else mic_blocks()
+    console.print(f"streaming {wav or 'the microphone'} through {b.path} ({b.manifest['target']['name']}), "
+                  f"{spec.clip_frames}-frame windows every {hop} frames; Ctrl-C stops")
+    show = lambda d: console.print(f"{d.time:9.2f} s  [bold]{d.label}[/]  {d.confidence:.2f}")  # noqa: E731
+    try:
+        report = detect(b, spec, source, hop=hop, threshold=threshold, on_detection=show)
+    except KeyboardInterrupt:
+        return
+    rss = [r for _, r in report.rss]
+    console.print(f"{len(report.detections)} detections in {report.audio_seconds:.1f} s of audio; real-time factor "
+                  f"{report.rtf:.4f}; RSS {rss[0] / 2**20:.1f} -> {rss[-1] / 2**20:.1f} MiB")

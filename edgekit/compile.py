@@ -79,9 +79,7 @@ def compile(model: str, target: str, out: Path, config: str | None = None, check
     out = Path(out)
     tgt = targets.get(target)
     check_destination(out, force)
-    if missing := tgt.missing_tools():
-        raise CompileError(f"target {tgt.name} needs {', '.join(missing)}, which is not installed",
-                           "see `edgekit targets` for what each target needs and how to install it")
+    tgt.check_tools()
     if 1 not in chunks or any(k < 1 for k in chunks):
         raise CompileError(f"chunk sizes must be positive and include 1, got {chunks}", "e.g. --chunk 1 --chunk 16")
     t0 = time.perf_counter()
@@ -92,13 +90,10 @@ def compile(model: str, target: str, out: Path, config: str | None = None, check
         progress("exporting step, chunk and flush to ONNX (checked against ONNX Runtime)")
         onnx_paths = export(net, stage / "onnx", tuple(sorted(set(chunks))), batch)
         progress(f"importing into TVM Relax and building for {tgt.name}")
-        import tvm
-
-        from edgekit.pipeline import pipeline
+        from edgekit.pipeline import build
 
         tvm_target = tgt.tvm_target()
-        executable = tvm.compile(import_entries(onnx_paths), target=tvm_target, relax_pipeline=pipeline(tvm_target))
-        executable.export_library(str(stage / LIBRARY), cc=tgt.cc)
+        cuda = build(import_entries(onnx_paths), tvm_target, stage / LIBRARY, tgt.cc)
         torch.save(net.state_dict(), stage / "weights.pt")
         manifest = {
             "schema": SCHEMA,
@@ -108,6 +103,7 @@ def compile(model: str, target: str, out: Path, config: str | None = None, check
                       "checkpoint": {"path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint)}
                       if checkpoint else None, "weights": "weights.pt"},
             "target": {"name": tgt.name, "tvm": str(tvm_target), "arch": tgt.arch, "runs": tgt.runs},
+            "cuda": cuda,
             "precision": "float32",
             "quantization": None,
             "batch": batch,

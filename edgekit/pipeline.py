@@ -1,17 +1,21 @@
-"""The Relax pass list per kind of target, in one visible place (MLC-LLM style): legalize to TIR, schedule
-with our kernels/ rules, lower the dataflow, plan memory."""
+"""The Relax pass list per kind of target, in one visible place (MLC-LLM style): legalize to TIR, fuse,
+schedule (our kernels/ rules on CPUs, dlight's GPU rules on CUDA), lower the dataflow, plan memory. `build`
+runs it and writes the target's library."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-from edgekit.kernels.cpu_gemv import PackedGEMVSchedule, PackGEMVWeights
+from tvm.relax.backend.cuda import pipeline as cuda
 from tvm.s_tir import dlight
 
+from edgekit import cuda as offline_cuda
+from edgekit.kernels.cpu_gemv import PackedGEMVSchedule, PackGEMVWeights
 
-def passes(target: tvm.target.Target) -> list:
-    """Every pass a build runs, in order, for this target."""
+
+def cpu_passes(target: tvm.target.Target) -> list:
     return [
         *cpu.library_dispatch_passes(target),
         relax.transform.FoldConstant(),
@@ -27,6 +31,38 @@ def passes(target: tvm.target.Target) -> list:
     ]
 
 
+def cuda_passes(target: tvm.target.Target) -> list:
+    """TVM's CUDA default pipeline: every fused kernel gets a dlight GPU schedule, Fallback last, so each one
+    is bound to blocks and threads (a kernel left unbound would run as one GPU thread, or fail to build)."""
+    return [
+        *cuda.library_dispatch_passes(target),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        dlight.ApplyDefaultSchedule(
+            dlight.gpu.Matmul(),
+            dlight.gpu.GEMV(),
+            dlight.gpu.Reduction(),
+            dlight.gpu.GeneralReduction(),
+            dlight.gpu.Fallback(),
+        ),
+        *cuda.dataflow_lower_passes(target),
+        *cuda.finalize_passes(target),
+    ]
+
+
+def passes(target: tvm.target.Target) -> list:
+    """Every pass a build runs, in order, for this target."""
+    kind = target.kind.name
+    if kind == "cuda":
+        return cuda_passes(target)
+    if kind == "llvm":
+        return cpu_passes(target)
+    raise ValueError(f"no edgekit pipeline for TVM target kind {kind!r}")
+
+
 def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     @tvm.transform.module_pass(opt_level=0, name="edgekit_pipeline")
     def run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -34,3 +70,14 @@ def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
             return tvm.transform.Sequential(passes(target))(mod)
 
     return run
+
+
+def build(mod: tvm.IRModule, target: tvm.target.Target, path: Path, cc: str) -> dict | None:
+    """Compile `mod` for `target` and write the library to `path`, linked by `cc`. CUDA kernels are compiled
+    here to a cubin (edgekit.cuda); the returned record of that goes to the manifest (None on CPU targets)."""
+    if target.kind.name != "cuda":
+        tvm.compile(mod, target=target, relax_pipeline=pipeline(target)).export_library(str(path), cc=cc)
+        return None
+    with offline_cuda.kernels_as_source():
+        executable = tvm.compile(mod, target=target, relax_pipeline=pipeline(target))
+    return offline_cuda.export_library(executable, path, str(target.arch), cc)

@@ -65,6 +65,10 @@ class StreamingModel(nn.Module):
         """The constructor arguments that rebuild this model (recorded in the manifest)."""
         raise NotImplementedError
 
+    def init_random(self, seed: int) -> None:
+        """Adjust freshly initialised random weights so the model behaves like a trained one where it matters
+        (used for named configs without a checkpoint); most families need nothing."""
+
     def forward(self, x: torch.Tensor) -> Outputs:
         """The reference: per-frame outputs over the whole sequence, running means included."""
         y = self.forward_frames(x)

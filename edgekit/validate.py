@@ -57,17 +57,18 @@ def reference_model(bundle: Bundle):
 class Reference:
     """Per-frame float64 reference outputs of one segment [offset, offset + length) of the stream, in order.
 
-    A model with a finite horizon is recomputed by `forward` over [start - horizon, stop + delay); a causal model
-    without one carries its float64 state through `step_chunk` (its parallel chunk form where it has one); any
-    other model is computed by `forward` over the whole segment. Running means are accumulated here.
+    A short segment is computed by `forward` in one piece. A longer one, for a model with a finite horizon, by
+    `forward` over [start - horizon, stop + delay) per range; for a causal model without one, by carrying its
+    float64 state through `step_chunk` (its parallel chunk form where it has one); any other model in one piece.
+    Running means are accumulated here.
     """
 
     def __init__(self, net, source: FrameSource, offset: int, length: int, running_means: dict[str, str]):
         self.net, self.source, self.offset, self.length = net, source, offset, length
         self.running_means, self.sums, self.count = running_means, {}, 0
-        self.state = net.init_state(1) if net.horizon is None and net.delay == 0 else None
+        self.state = net.init_state(1) if net.horizon is None and net.delay == 0 and length > WINDOW else None
         self.whole = None
-        if net.horizon is None and net.delay:
+        if length <= WINDOW or (net.horizon is None and net.delay):
             if length > WHOLE_SEQUENCE_LIMIT:
                 raise EdgekitError(f"the {net.family} reference has no finite horizon and a delay: {length} frames "
                                    "would be recomputed in one piece",

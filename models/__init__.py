@@ -25,9 +25,7 @@ class Family:
 
 
 def _families() -> dict[str, Family]:
-    from edgekit.models import lmuformer
-    from edgekit.models import slmuformer
-    from edgekit.models import aaren
+    from edgekit.models import aaren, lmuformer, slmuformer
 
     return {f.name: f for f in [
         Family("lmuformer", lmuformer.LMUFormer, lmuformer.CONFIGS,
@@ -65,4 +63,6 @@ def build(name: str, config: str | None = None, checkpoint: Path | None = None, 
     if config not in fam.configs:
         raise UnknownNameError(f"unknown config {config!r} for {name}", f"choose one of: {', '.join(fam.configs)}")
     torch.manual_seed(seed)
-    return fam.cls(**fam.configs[config]).eval()
+    model = fam.cls(**fam.configs[config]).eval()
+    model.init_random(seed)
+    return model

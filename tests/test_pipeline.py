@@ -148,8 +148,8 @@ def test_an_op_tvm_cannot_import_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["compile", "lmuformr", "--config", "tiny", "-o", "x"], "choose one of: lmuformer"),
-    (["compile", "lmuformer", "--config", "tiny", "-t", "pi", "-o", "x"], "choose one of: host"),
+    (["compile", "lmuformr", "--config", "tiny", "-o", "x"], "choose one of: lmuformer, slmuformer, aaren"),
+    (["compile", "lmuformer", "--config", "tiny", "-t", "pi", "-o", "x"], "choose one of: arm64 (arm)"),
     (["compile", "lmuformer", "--config", "huge", "-o", "x"], "choose one of: scv2, tiny"),
     (["validate", "nowhere"], "is not an edgekit bundle"),
 ])

@@ -9,36 +9,9 @@ from edgekit.errors import CheckpointError
 from edgekit.models import build
 from edgekit.models.slmuformer import LIF, SLMUFormer, lif_step
 
-BN_BEFORE = {"proj_lif": "proj_bn", "proj_lif1": "proj_bn1", "proj_lif2": "proj_bn2", "proj_lif3": "proj_bn3",
-             "prev_lif": "prev_bn", "f_u": "bn_u", "f_m": "bn_m", "f_h": "bn_h", "fc1_lif": "fc1_bn",
-             "fc2_lif": "fc2_bn", "head_lif": "head_bn"}
-
-
-@torch.no_grad()
-def active(model: SLMUFormer, seed: int = 0) -> SLMUFormer:
-    """Set every BN from the statistics of what it sees, so each LIF layer fires (random weights alone are silent)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 32, model.input_size, generator=g)
-    for name, lif in [(n, m) for n, m in model.named_modules() if isinstance(m, LIF)]:
-        parent, _, leaf = name.rpartition(".")
-        bn = model.get_submodule(f"{parent}.{BN_BEFORE[leaf]}" if parent else BN_BEFORE[leaf])
-        seen: list[torch.Tensor] = []
-        hook = lif.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
-        bn.reset_parameters()
-        bn.running_var.fill_(1 - bn.eps)  # identity: the LIF sees the raw activation
-        model.forward_frames(x, parallel=True)
-        hook.remove()
-        a = seen[0].flatten(0, -2)
-        bn.running_mean.copy_(a.mean(0))
-        bn.running_var.copy_(a.var(0) + 1e-3)
-        bn.weight.copy_((0.5 + torch.rand(a.shape[1], generator=g)) * lif.threshold)
-        bn.bias.copy_((0.2 + 0.7 * torch.rand(a.shape[1], generator=g)) * lif.threshold)
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny() -> SLMUFormer:
-    return active(build("slmuformer", "tiny", seed=1)).emit_spikes()
+    return build("slmuformer", "tiny", seed=1).emit_spikes()
 
 
 def _bn(prefix: str) -> list[str]:
@@ -70,7 +43,7 @@ def test_checkpoint_loads_with_or_without_dataparallel_prefix(tmp_path, tiny, pr
     path = tmp_path / "slmu.pth"
     torch.save({"state_dict": {prefix + k: v for k, v in tiny.state_dict().items()}}, path)
     loaded = build("slmuformer", checkpoint=path)
-    assert loaded.config() == {**tiny.config(), "spikes": False}
+    assert loaded.config() == tiny.config()
     x = torch.randn(1, 9, tiny.input_size)
     with torch.no_grad():
         assert torch.equal(loaded(x)["logits"], tiny(x)["logits"])
@@ -167,7 +140,7 @@ def test_layers_are_active_so_spike_equality_means_something(tiny):
 
 
 def test_scv2_stream_gives_identical_spikes_to_forward():
-    model = active(build("slmuformer", "scv2"), seed=2).emit_spikes()
+    model = build("slmuformer", "scv2", seed=2).emit_spikes()
     x = torch.randn(1, 24, 128, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         _assert_same(model(x), model.stream(x, chunk=4))
@@ -187,7 +160,7 @@ def test_flush_pads_each_conv_input_not_the_stream(tiny):
 
 def test_spike_outputs_are_in_the_step_signature_aligned_with_logits():
     model = build("slmuformer", "tiny")
-    assert [s.name for s in model.output_spec()] == ["logits", "mean_logits"]
+    assert [s.name for s in model.emit_spikes(False).output_spec()] == ["logits", "mean_logits"]
     model.emit_spikes()
     names = [s.name for s in model.output_spec()]
     assert names[:2] == ["logits", "spikes.patch_embed.proj_lif"] and len(names) == 13

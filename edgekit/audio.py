@@ -1,0 +1,175 @@
+"""The audio front end of the published LMUFormer keyword-spotting pipeline, in numpy, offline and streaming.
+
+Features are Kaldi's log-mel filterbank as `torchaudio.compliance.kaldi.fbank(wave, htk_compat=True,
+use_energy=False, window_type='hanning', num_mel_bins=128, dither=0.0, frame_shift=10)` computes it on a
+16 kHz waveform scaled to [-1, 1] (25 ms frames every 10 ms, edges snipped, per-frame DC removal, pre-emphasis
+0.97, symmetric Hann window, FFT 512, power spectrum, 128 triangular bins evenly spaced on the mel scale
+1127 ln(1 + f/700) from 20 Hz to Nyquist, log floored at float32 epsilon), then normalised as
+(fbank + 6.845978) / (2 * 5.5654526).
+
+Every frame depends on its own 400 samples only, so the streaming front end reproduces the offline features
+exactly. The public pipeline also removes the waveform mean of each clip; Kaldi's per-frame DC removal makes
+that a no-op (a constant offset cancels inside every frame), which is why streaming needs no running mean.
+All arithmetic is float64 (torchaudio uses float32; the difference is float32 rounding of the log energies).
+"""
+from __future__ import annotations
+
+import wave
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import EdgekitError
+
+SAMPLE_RATE = 16_000
+FRAME_LENGTH = 400  # 25 ms
+FRAME_SHIFT = 160  # 10 ms
+FFT_SIZE = 512  # the frame length rounded up to a power of two
+NUM_MEL_BINS = 128
+PREEMPHASIS = 0.97
+LOW_FREQ = 20.0
+NORM_MEAN, NORM_STD = -6.845978, 5.5654526  # published normalisation of the LMUFormer / AST pipeline
+EPSILON = float(np.finfo(np.float32).eps)  # Kaldi's floor before the log
+
+
+def mel(freq: np.ndarray | float) -> np.ndarray:
+    """Kaldi's mel scale."""
+    return 1127.0 * np.log1p(np.asarray(freq, dtype=np.float64) / 700.0)
+
+
+@cache
+def mel_banks(num_bins: int = NUM_MEL_BINS, fft_size: int = FFT_SIZE, sample_rate: int = SAMPLE_RATE,
+              low_freq: float = LOW_FREQ) -> np.ndarray:
+    """Triangular filters [fft_size // 2 + 1, num_bins], linear in mel, up to Nyquist; the Nyquist bin gets
+    weight 0 as in Kaldi (its filters span FFT bins 0 .. fft_size/2 - 1 only)."""
+    lo, hi = mel(low_freq), mel(sample_rate / 2)
+    edges = lo + np.arange(num_bins + 2) * (hi - lo) / (num_bins + 1)
+    left, centre, right = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    m = mel(np.arange(fft_size // 2) * sample_rate / fft_size)[None, :]
+    tri = np.maximum(0.0, np.minimum((m - left) / (centre - left), (right - m) / (right - centre)))
+    return np.concatenate([tri, np.zeros((num_bins, 1))], axis=1).T.copy()
+
+
+@cache
+def hann(length: int = FRAME_LENGTH) -> np.ndarray:
+    """The symmetric Hann window (torch.hann_window(periodic=False)), as Kaldi's 'hanning'."""
+    return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(length) / (length - 1))
+
+
+def log_mel(frames: np.ndarray) -> np.ndarray:
+    """Kaldi log-mel energies [m, 128] (not normalised) of frames [m, 400] of samples."""
+    x = np.asarray(frames, dtype=np.float64)
+    x = x - x.mean(axis=1, keepdims=True)
+    x = x - PREEMPHASIS * np.concatenate([x[:, :1], x[:, :-1]], axis=1)  # the first sample is its own predecessor
+    spectrum = np.fft.rfft(x * hann(x.shape[1]), n=FFT_SIZE)
+    power = spectrum.real ** 2 + spectrum.imag ** 2
+    return np.log(np.maximum(power @ mel_banks(), EPSILON)).astype(np.float32)
+
+
+def normalise(fbank: np.ndarray) -> np.ndarray:
+    return ((fbank - NORM_MEAN) / (2 * NORM_STD)).astype(np.float32)
+
+
+def frame_count(samples: int) -> int:
+    """Frames Kaldi emits for a waveform of this length (snip_edges=True): only frames that fit whole."""
+    return 0 if samples < FRAME_LENGTH else 1 + (samples - FRAME_LENGTH) // FRAME_SHIFT
+
+
+def _frames(wave_: np.ndarray) -> np.ndarray:
+    n = frame_count(len(wave_))
+    if n == 0:
+        return np.zeros((0, FRAME_LENGTH), wave_.dtype)
+    return np.lib.stride_tricks.sliding_window_view(wave_[:(n - 1) * FRAME_SHIFT + FRAME_LENGTH],
+                                                    FRAME_LENGTH)[::FRAME_SHIFT]
+
+
+def fbank(waveform: np.ndarray, remove_mean: bool = True) -> np.ndarray:
+    """Offline log-mel filterbank [frames, 128] of a 16 kHz waveform in [-1, 1], not normalised; the waveform
+    mean is removed first, as the public pipeline does (it changes nothing but rounding, see the module doc)."""
+    x = np.asarray(waveform, dtype=np.float64)
+    if remove_mean and len(x):
+        x = x - x.mean()
+    return log_mel(_frames(x))
+
+
+def features(waveform: np.ndarray, pad_to: int | None = None) -> np.ndarray:
+    """Normalised model input [frames, 128] of one clip. `pad_to` zero-pads (or cuts) the filterbank to that
+    many frames BEFORE normalising, as the public SCv2 pipeline does with 128 frames (padding becomes ~0.615)."""
+    fb = fbank(waveform)
+    if pad_to is not None:
+        fb = np.concatenate([fb[:pad_to], np.zeros((max(0, pad_to - len(fb)), fb.shape[1]), fb.dtype)])
+    return normalise(fb)
+
+
+class FrontEnd:
+    """Streaming features: `push(samples)` returns the normalised frames completed by those samples.
+
+    It keeps the samples of the frame in progress (at most 399), so memory is constant on an endless stream,
+    and frame t equals `features(whole_stream)[t]` as soon as its last sample has arrived.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.pending = np.zeros(0, np.float64)
+        self.frames_out = 0
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        buf = np.concatenate([self.pending, np.asarray(samples, dtype=np.float64).ravel()])
+        n = frame_count(len(buf))
+        out = normalise(log_mel(_frames(buf))) if n else np.zeros((0, NUM_MEL_BINS), np.float32)
+        self.pending = buf[n * FRAME_SHIFT:]
+        self.frames_out += n
+        return out
+
+
+def read_wav(path: Path) -> np.ndarray:
+    """A 16 kHz PCM WAV file as float32 in [-1, 1] (channels averaged): the scale torchaudio.load gives."""
+    with WavReader(path) as r:
+        return np.concatenate(list(r.blocks())) if r.frames else np.zeros(0, np.float32)
+
+
+class WavReader:
+    """Reads a 16 kHz PCM WAV in blocks (constant memory on hour-long files), as float32 mono in [-1, 1]."""
+
+    def __init__(self, path: Path, block: int = SAMPLE_RATE // 10):
+        self.path, self.block = Path(path), block
+        try:
+            self.file = wave.open(str(self.path), "rb")
+        except (OSError, EOFError, wave.Error) as e:
+            raise EdgekitError(f"cannot read {path} as a WAV file: {e}",
+                               "pass a PCM WAV file (e.g. `sox in.any -r 16000 -c 1 -b 16 out.wav`)") from None
+        self.channels, self.width = self.file.getnchannels(), self.file.getsampwidth()
+        self.frames, rate = self.file.getnframes(), self.file.getframerate()
+        if rate != SAMPLE_RATE or self.width not in (1, 2, 4):
+            self.file.close()
+            raise EdgekitError(f"{path} is {rate} Hz, {8 * self.width}-bit; the model needs "
+                               f"{SAMPLE_RATE} Hz PCM", f"convert it: sox {path} -r {SAMPLE_RATE} -c 1 -b 16 out.wav")
+
+    def __enter__(self) -> "WavReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def blocks(self):
+        """float32 mono blocks of up to `block` samples each, until the end of the file."""
+        dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[self.width]
+        scale = float(2 ** (8 * self.width - 1))
+        while raw := self.file.readframes(self.block):
+            x = np.frombuffer(raw, dtype=dtype).astype(np.float32)
+            if self.width == 1:
+                x -= 128.0
+            yield (x / scale).reshape(-1, self.channels).mean(axis=1)
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = SAMPLE_RATE) -> None:
+    """float samples in [-1, 1] as a 16-bit mono PCM WAV (clipped)."""
+    pcm = np.clip(np.round(np.asarray(samples, dtype=np.float64) * 32768.0), -32768, 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())

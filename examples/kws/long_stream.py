@@ -1,0 +1,199 @@
+"""A long evaluation stream for keyword spotting, and the scores of `edgekit stream` on it.
+
+The stream: keywords and other words (SCv2 non-keywords and words no model here was trained on) spoken by
+voices unseen in training, separated by pauses, with bursts of loud noise, over a continuous background noise
+whose kind changes. Its ground truth is a timeline JSON. Then it streams the stream through the compiled
+model (exactly as `edgekit stream` does), scores keyword detections (precision, recall, F1), times it (RTF),
+draws waveform, truth and detections on one timeline (PNG), and optionally repeats it to an hour to show that
+resident memory stays flat.
+
+    python examples/kws/long_stream.py --out out/kws-stream --minutes 5 --hour
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from edgekit import audio  # noqa: E402
+from edgekit.stream import DEMO_CHECKPOINT, Detection, Window, detect, open_model, wav_blocks  # noqa: E402
+from make_dataset import ACCENTS, NOISES, SCV2_WORDS, add_noise, make_noise, split_of, synthesize, variants  # noqa: E402
+from speech_commands import KEYWORDS  # noqa: E402
+
+# Words absent from the training data of the demo model: the hardest "other words".
+UNSEEN_WORDS = ["apple", "river", "doctor", "pencil", "summer", "winter", "kitchen", "orange", "silver", "planet",
+                "basket", "dinner", "letter", "pocket", "morning", "evening", "camera", "forest", "island", "ticket"]
+TOLERANCE = 0.5  # s: a detection counts for a word if its time lies within the word's span widened by this
+
+
+def make_stream(minutes: float, split: str, seed: int) -> tuple[np.ndarray, list[dict]]:
+    """Samples and ground truth of one stream; half of the spoken items are keywords."""
+    rng = np.random.default_rng(seed)
+    speakers = [v for v in variants() if split_of(v) == split]
+    others = [w for w in SCV2_WORDS if w not in KEYWORDS] + UNSEEN_WORDS
+    n = int(minutes * 60 * audio.SAMPLE_RATE)
+    background = np.concatenate([make_noise(NOISES[i % 4], 30.0, rng) * rng.uniform(0.003, 0.03)
+                                 for i in rng.permutation(int(np.ceil(minutes * 2)))])[:n]
+    x, truth, t = background.astype(np.float32).copy(), [], int(rng.uniform(0.5, 1.5) * audio.SAMPLE_RATE)
+    noises = {k: make_noise(k, 10.0, rng) for k in ("white_noise", "pink_noise", "hum")}
+    while True:
+        if rng.uniform() < 0.1:  # a burst of loud noise, no speech
+            kind = sorted(noises)[rng.integers(len(noises))]
+            length = int(rng.uniform(1.0, 3.0) * audio.SAMPLE_RATE)
+            seg, kind_ = noises[kind][:length] * rng.uniform(0.05, 0.3), "noise"
+            word = kind
+        else:
+            word = str(rng.choice(KEYWORDS)) if rng.uniform() < 0.5 else str(rng.choice(others))
+            voice = f"{rng.choice(ACCENTS)}+{rng.choice(speakers)}"
+            speech = synthesize(word, voice, int(rng.integers(120, 230)), int(rng.integers(15, 90)))
+            seg = speech / (np.abs(speech).max() + 1e-9) * rng.uniform(0.1, 0.9)
+            seg = add_noise(seg, noises, rng, (10.0, 40.0))
+            kind_ = "keyword" if word in KEYWORDS else "other"
+        if t + len(seg) + audio.SAMPLE_RATE > n:
+            break
+        x[t:t + len(seg)] += seg
+        truth.append({"start": round(t / audio.SAMPLE_RATE, 3), "end": round((t + len(seg)) / audio.SAMPLE_RATE, 3),
+                      "word": word, "kind": kind_})
+        t += len(seg) + int(rng.uniform(0.4, 2.5) * audio.SAMPLE_RATE)
+    return np.clip(x, -1, 1), truth
+
+
+def score(detections: list[Detection], truth: list[dict]) -> dict:
+    """Greedy one-to-one matching of detections to keyword utterances (same word, time within the span
+    widened by TOLERANCE); everything unmatched is a false positive."""
+    keywords = [u for u in truth if u["kind"] == "keyword"]
+    used, tp, marks = set(), 0, []
+    for d in detections:
+        hit = next((i for i, u in enumerate(keywords) if i not in used and u["word"] == d.label
+                    and u["start"] - TOLERANCE <= d.time <= u["end"] + TOLERANCE), None)
+        marks.append(hit is not None)
+        if hit is not None:
+            used.add(hit)
+            tp += 1
+    p, r = tp / max(1, len(detections)), tp / max(1, len(keywords))
+    return {"keywords": len(keywords), "detections": len(detections), "true_positives": tp,
+            "precision": round(p, 4), "recall": round(r, 4), "f1": round(2 * p * r / max(p + r, 1e-9), 4),
+            "marks": marks}
+
+
+def single_session_baseline(bundle, spec, x: np.ndarray, threshold: float, hop: int) -> list[Detection]:
+    """The cheap alternative to staggered windows: ONE session never reset; every `hop` frames, the mean of the
+    last clip-length per-frame logits is classified. Same merging of windows into detections."""
+    from edgekit.runtime import Session
+    from edgekit.stream import Merger, _softmax
+
+    session = Session(bundle)
+    logits = session.feed(audio.features(x)[None], 1)["logits"][0, session.delay:]
+    merge, out, w = Merger(spec, threshold), [], spec.clip_frames
+    for start in range(0, len(logits) - w + 1, hop):
+        out += merge.push(Window(start, _softmax(logits[start:start + w].mean(0))))
+    return out + merge.close()
+
+
+def plot(path: Path, x: np.ndarray, truth: list[dict], detections: list[Detection], marks: list[bool],
+         row_seconds: float = 60.0) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seconds = len(x) / audio.SAMPLE_RATE
+    rows = int(np.ceil(seconds / row_seconds))
+    fig, axes = plt.subplots(rows, 1, figsize=(24, 2.6 * rows), squeeze=False)
+    colours = {"keyword": "tab:blue", "other": "tab:gray", "noise": "tab:orange"}
+    for r, ax in enumerate(axes[:, 0]):
+        lo, hi = r * row_seconds, min(seconds, (r + 1) * row_seconds)
+        seg = x[int(lo * audio.SAMPLE_RATE):int(hi * audio.SAMPLE_RATE)]
+        ax.plot(lo + np.arange(len(seg))[::8] / audio.SAMPLE_RATE, seg[::8], lw=0.3, color="black")
+        for u in truth:
+            if lo <= u["start"] < hi:
+                ax.axvspan(u["start"], u["end"], color=colours[u["kind"]], alpha=0.25, lw=0)
+                ax.text(u["start"], -0.95, u["word"], fontsize=7, color=colours[u["kind"]], rotation=90, va="bottom")
+        for d, ok in zip(detections, marks):
+            if lo <= d.time < hi:
+                ax.axvline(d.time, color="tab:green" if ok else "tab:red", lw=1.2)
+                ax.text(d.time, 0.95, f"{d.label} {d.confidence:.2f}", fontsize=7, va="top",
+                        color="tab:green" if ok else "tab:red", rotation=90)
+        ax.set_xlim(lo, lo + row_seconds)
+        ax.set_ylim(-1, 1)
+        ax.set_yticks([])
+    axes[0, 0].set_title("waveform; truth spans (blue keyword, gray other word, orange noise burst); "
+                         "detections (green correct, red false)")
+    axes[-1, 0].set_xlabel("time (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--split", default="testing", help="whose voices: testing (unseen) or validation (for tuning)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--bundle", type=Path, help="default: the shipped demo model, compiled for this host")
+    p.add_argument("--hop", type=int, nargs="*", default=[14], help="hops to compare (the first one is plotted)")
+    p.add_argument("--threshold", type=float, nargs="*", default=[0.8])
+    p.add_argument("--baseline", action="store_true", help="also score one never-reset session")
+    p.add_argument("--hour", action="store_true", help="repeat the stream to one hour and record RSS every minute")
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    wav = a.out / "stream.wav"
+    x, truth = make_stream(a.minutes, a.split, a.seed)
+    audio.write_wav(wav, x)
+    x = audio.read_wav(wav)
+    (a.out / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
+    bundle, spec = open_model(a.bundle, None if a.bundle else DEMO_CHECKPOINT, None, print)
+    results = {"stream": {"seconds": round(len(x) / audio.SAMPLE_RATE, 1), "split": a.split, "seed": a.seed,
+                          "items": {k: sum(u["kind"] == k for u in truth) for k in ("keyword", "other", "noise")}},
+               "runs": []}
+    first = None
+    for hop in a.hop:
+        windows: list[Window] = []
+        report = detect(bundle, spec, wav_blocks(wav), hop=hop, threshold=min(a.threshold), windows=windows)
+        for th in a.threshold:
+            dets = _redetect(spec, windows, th)
+            s = score(dets, truth)
+            results["runs"].append({"design": "staggered", "hop": hop, "sessions": spec.clip_frames // hop,
+                                    "threshold": th, "rtf": round(report.rtf, 4),
+                                    **{k: v for k, v in s.items() if k != "marks"}})
+            print(json.dumps(results["runs"][-1]), flush=True)
+            first = first or (dets, s["marks"])
+        if a.baseline:
+            for th in a.threshold:
+                t0 = time.perf_counter()
+                s = score(single_session_baseline(bundle, spec, x, th, hop), truth)
+                results["runs"].append({"design": "one session, never reset", "hop": hop, "sessions": 1,
+                                        "threshold": th, "rtf": round((time.perf_counter() - t0) / (len(x) / 16000), 4),
+                                        **{k: v for k, v in s.items() if k != "marks"}})
+                print(json.dumps(results["runs"][-1]), flush=True)
+    plot(a.out / "timeline.png", x, truth, *first)
+    if a.hour:
+        repeat = int(np.ceil(3600 / (len(x) / audio.SAMPLE_RATE)))
+        report = detect(bundle, spec, wav_blocks(wav, repeat), hop=a.hop[0], threshold=a.threshold[0])
+        results["hour"] = {"audio_seconds": round(report.audio_seconds, 1), "rtf": round(report.rtf, 4),
+                           "detections": len(report.detections),
+                           "rss_mib": [[t, round(r / 2**20, 2)] for t, r in report.rss]}
+        rss = [r for _, r in report.rss[1:]]
+        print(f"hour: RTF {report.rtf:.4f}, RSS {min(rss) / 2**20:.1f}..{max(rss) / 2**20:.1f} MiB", flush=True)
+    (a.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+def _redetect(spec, windows: list[Window], threshold: float) -> list[Detection]:
+    """Detections at another threshold from the same windows (the classifier does not depend on it)."""
+    from edgekit.stream import Merger
+
+    merge, out = Merger(spec, threshold), []
+    for w in windows:
+        out += merge.push(w)
+    return out + merge.close()
+
+
+if __name__ == "__main__":
+    main()

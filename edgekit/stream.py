@@ -9,6 +9,7 @@ detection. Cost: clip_frames / hop sessions stepping every frame (7 for a 98-fra
 """
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -25,7 +26,8 @@ from edgekit.errors import BundleError, EdgekitError
 from edgekit.runtime import Session
 from edgekit.validate import rss_bytes
 
-DEMO_CHECKPOINT = Path(__file__).resolve().parent / "models" / "checkpoints" / "kws_demo.pt"
+# Located without importing edgekit.models (which imports torch): a board only has the runtime.
+DEMO_CHECKPOINT = Path(importlib.util.find_spec("edgekit.models").origin).parent / "checkpoints" / "kws_demo.pt"
 # Class order of the public SCv2 LMUFormer checkpoints (see the public repo's data loader).
 SCV2_LABELS = ["backward", "follow", "five", "bed", "zero", "on", "learn", "two", "house", "tree", "dog", "stop",
                "seven", "eight", "down", "six", "forward", "cat", "right", "visual", "four", "wow", "no", "nine",

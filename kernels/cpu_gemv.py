@@ -55,8 +55,9 @@ class PackedGEMVSchedule(dlight.ScheduleRule):
     """Loops (panel, i, k, lane) for every packed_gemv block, lanes unrolled into register accumulators."""
 
     def apply(self, func: tirx.PrimFunc, target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc):
-            return None
+        body = getattr(func, "body", None)
+        if not isinstance(body, s_tir.SBlockRealize) or body.block.name_hint != "root":
+            return None  # hand-written TIR (scans, sorts) has no root block and is scheduled already
         sch = s_tir.Schedule(func)
         blocks = [b for b in sch.get_child_blocks(sch.get_sblock("root")) if sch.get(b).name_hint == KERNEL]
         for block in blocks:

@@ -2,6 +2,7 @@
 the source weights. Written atomically; read back only after every checksum matches."""
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -90,9 +91,9 @@ class Bundle:
         return path
 
 
-def load(path: Path, check_machine: bool = True) -> Bundle:
-    """Open a bundle: the manifest must exist, every listed file must match its sha256, and (unless told not to)
-    this machine must be able to run the bundle's target."""
+def load(path: Path, check_machine: bool = True, verify: bool = True) -> Bundle:
+    """Open a bundle: the manifest must exist, every listed file must match its sha256 (unless a caller that
+    already checked says not to), and (unless told not to) this machine must be able to run its target."""
     path = Path(path)
     mf = path / MANIFEST
     if not mf.is_file():
@@ -101,7 +102,7 @@ def load(path: Path, check_machine: bool = True) -> Bundle:
     if manifest.get("schema") != SCHEMA:
         raise BundleError(f"{path} has manifest schema {manifest.get('schema')}, this edgekit reads {SCHEMA}",
                           "recompile the bundle with this edgekit")
-    for rel, digest in manifest["files"].items():
+    for rel, digest in manifest["files"].items() if verify else ():
         f = path / rel
         if not f.is_file():
             raise BundleError(f"{path}: file {rel} listed in the manifest is missing", "recompile the bundle")
@@ -115,7 +116,20 @@ def load(path: Path, check_machine: bool = True) -> Bundle:
 
 
 def check_runs_here(bundle: Bundle) -> None:
+    """The bundle's code must match this machine's architecture and, for CUDA bundles, find an NVIDIA driver."""
     t, here = bundle.target, platform.machine()
     if t["arch"] != here:
         raise BundleError(f"{bundle.path} was built for target {t['name']} ({t['arch']}); this machine is {here}",
                           f"run it on a {t['arch']} machine, or compile for this one (--target host)")
+    if t["runs"] == "cuda" and not nvidia_driver():
+        raise BundleError(f"{bundle.path} was built for target {t['name']}, which runs on an NVIDIA GPU, and this "
+                          "machine has no NVIDIA driver (libcuda.so.1)",
+                          "run it on the GPU board it was built for; here, validate a host or ARM bundle instead")
+
+
+def nvidia_driver() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True

@@ -149,6 +149,8 @@ def validate(bundle: Path, frames: int, chunk: int, seed: int, atol: float, rtol
         console.print(spikes)
     for name, p in report["predictions"].items():
         console.print(f"prediction agreement ({name} arg-max): " + ", ".join(f"{k} {v:.4%}" for k, v in p.items()))
+    console.print(f"ran: {report['execution']}" + (f", runtime start-up {report['runtime_startup_seconds']} s"
+                                                   if "runtime_startup_seconds" in report else ""))
     r = report["rss_bytes"]
     mib = lambda b: f"{b / 2**20:.1f} MiB" if b is not None else "n/a"  # noqa: E731
     console.print(f"state {report['state_bytes']} bytes; RSS at T/10 {mib(r['at_T/10'])}, at T {mib(r['at_T'])} "

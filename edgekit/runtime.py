@@ -1,53 +1,57 @@
 """Running a bundle: a streaming session over the compiled library that keeps the state on the device between
-calls. Needs numpy and the TVM runtime only (no torch, no compiler), so it is what a board runs."""
+calls. Needs numpy and the TVM runtime only (no torch, no compiler), so it is what a board runs.
+
+`open_session` picks where: in this process when the bundle is for this machine, or in an aarch64 Python under
+qemu-aarch64 (the same bits a board runs, for correctness only) when an ARM bundle is opened on x86_64.
+"""
 from __future__ import annotations
 
+import io
+import platform
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-from edgekit.artifact import Bundle, load
-from edgekit.errors import InputShapeError
+from edgekit.artifact import Bundle, check_runs_here, load
+from edgekit.errors import BundleError, EdgekitError, InputShapeError
 from edgekit.tvm_runtime import load_vm
 
 
-class Session:
-    """Feed frames, get outputs of frame t - delay; `flush` ends the stream. State never leaves the device."""
+class StreamSession:
+    """What every session offers: step and flush (by the subclass), feed and run on top of them."""
 
-    def __init__(self, bundle: Bundle | Path):
-        self.bundle = bundle if isinstance(bundle, Bundle) else load(bundle)
-        m = self.bundle.manifest
-        self.vm = load_vm(self.bundle.library, "cuda" if m["target"]["runs"] == "cuda" else "cpu")
-        self.funcs = {name: self.vm.raw(name) for name in m["entries"]}
-        self.input_size = m["input"]["shape"][-1]
-        self.batch = m["batch"]
-        self.outputs = [o["name"] for o in m["outputs"]]
-        self.state_specs = m["state"]
-        self.delay = m["delay"]
-        self.reset()
+    bundle: Bundle
+    execution = "native"
+    pid: int | None = None  # the process running the artifact, when it is not this one
 
-    def reset(self) -> None:
-        self.state = [self.vm.tensor(np.zeros(s["shape"], dtype=s["dtype"])) for s in self.state_specs]
+    def __init__(self, bundle: Bundle):
+        m = bundle.manifest
+        self.bundle, self.input_size, self.batch = bundle, m["input"]["shape"][-1], m["batch"]
+        self.outputs, self.state_specs, self.delay = [o["name"] for o in m["outputs"]], m["state"], m["delay"]
 
-    def _call(self, entry: str, *args) -> dict[str, np.ndarray]:
-        result = self.funcs[entry](*args, *self.state)
-        n = len(self.outputs)
-        self.state = result[n:]
-        return {name: self.vm.numpy(result[i]) for i, name in enumerate(self.outputs)}
-
-    def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """x [batch, K, features] with K a built chunk size; outputs [batch, K, ...] for frames t-K-delay+1..t-delay."""
+    def check_input(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         if x.ndim != 3 or x.shape[0] != self.batch or x.shape[2] != self.input_size:
             raise InputShapeError(f"input of shape {x.shape} does not fit this bundle",
                                   f"pass frames as [batch={self.batch}, K, features={self.input_size}]")
         if not np.issubdtype(x.dtype, np.floating):
             raise InputShapeError(f"input dtype {x.dtype} is not floating point", "pass float32 frames")
-        return self._call(self.bundle.entry_for(x.shape[1]), self.vm.tensor(x.astype(np.float32, copy=False)))
+        self.bundle.entry_for(x.shape[1])
+        return x.astype(np.float32, copy=False)
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """x [batch, K, features] with K a built chunk size; outputs [batch, K, ...] for frames t-K-delay+1..t-delay."""
+        raise NotImplementedError
 
     def flush(self) -> dict[str, np.ndarray]:
         """The last `delay` outputs of the stream, as if it were zero-padded offline."""
-        return self._call("flush") if self.delay else {n: np.zeros((self.batch, 0)) for n in self.outputs}
+        raise NotImplementedError
 
     def feed(self, x: np.ndarray, chunk: int = 1) -> dict[str, np.ndarray]:
         """Frames [batch, T, features] through whole chunks, the remainder frame by frame; outputs concatenated."""
@@ -61,5 +65,129 @@ class Session:
         return {k: v[:, self.delay:] for k, v in _concat([self.feed(x, chunk), self.flush()]).items()}
 
 
+class Session(StreamSession):
+    """The bundle's library in this process. State never leaves the device between calls."""
+
+    def __init__(self, bundle: Bundle | Path):
+        super().__init__(bundle if isinstance(bundle, Bundle) else load(bundle))
+        check_runs_here(self.bundle)
+        self.vm = load_vm(self.bundle.library, "cuda" if self.bundle.target["runs"] == "cuda" else "cpu")
+        self.funcs = {name: self.vm.raw(name) for name in self.bundle.manifest["entries"]}
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = [self.vm.tensor(np.zeros(s["shape"], dtype=s["dtype"])) for s in self.state_specs]
+
+    def _call(self, entry: str, *args) -> dict[str, np.ndarray]:
+        result = self.funcs[entry](*args, *self.state)
+        n = len(self.outputs)
+        self.state = result[n:]
+        return {name: self.vm.numpy(result[i]) for i, name in enumerate(self.outputs)}
+
+    def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        x = self.check_input(x)
+        return self._call(self.bundle.entry_for(x.shape[1]), self.vm.tensor(x))
+
+    def flush(self) -> dict[str, np.ndarray]:
+        return self._call("flush") if self.delay else {n: np.zeros((self.batch, 0)) for n in self.outputs}
+
+
 def _concat(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in pieces], axis=1) for k in pieces[0]}
+
+
+class EmulatedSession(StreamSession):
+    """The bundle's aarch64 library in an aarch64 Python under qemu-aarch64, driven over a pipe.
+
+    The emulated process imports this module (numpy + the TVM runtime library, no compiler) and serves steps;
+    results are the board's bits, its timings are not a board's."""
+
+    execution = "qemu-aarch64 emulation (correctness check; timings are not board timings)"
+
+    def __init__(self, bundle: Bundle, progress=None):
+        from edgekit import emulator
+
+        super().__init__(bundle)
+        root = emulator.prepare(progress=progress)
+        package_parent = str(Path(__file__).resolve().parent.parent)
+        code = f"import sys; sys.path.insert(0, {package_parent!r}); from edgekit.runtime import serve; serve()"
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen([*emulator.python_command(root), "-c", code, str(bundle.path.resolve())],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.pid = self.proc.pid
+        self._request({"op": np.array("hello")})
+        self.startup_seconds = time.perf_counter() - t0
+
+    def _request(self, message: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            _send(self.proc.stdin, message)
+            reply = _receive(self.proc.stdout)
+        except (BrokenPipeError, EOFError):
+            err = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.poll() is not None else ""
+            raise BundleError(f"the emulated runtime for {self.bundle.path} stopped:\n{err}",
+                              "run `edgekit emulator setup` again, or check the bundle with `edgekit info`") from None
+        if "error" in reply:
+            raise EdgekitError(str(reply["error"]))
+        return reply
+
+    def reset(self) -> None:
+        self._request({"op": np.array("reset")})
+
+    def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return self._request({"op": np.array("step"), "x": self.check_input(x)})
+
+    def flush(self) -> dict[str, np.ndarray]:
+        return self._request({"op": np.array("flush")})
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+    def __del__(self) -> None:
+        if getattr(self, "proc", None) is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+
+def open_session(path: Path | Bundle, progress=None) -> StreamSession:
+    """A session wherever this machine can run the bundle: natively, or emulated for aarch64 CPU bundles."""
+    bundle = path if isinstance(path, Bundle) else load(path, check_machine=False)
+    target, here = bundle.target, platform.machine()
+    if target["arch"] == "aarch64" and here == "x86_64" and target["runs"] != "cuda":
+        return EmulatedSession(bundle, progress)
+    return Session(bundle)
+
+
+def serve() -> None:
+    """The emulated side: one Session over the bundle named in argv (checksums verified by the host already),
+    answering requests on stdin/stdout."""
+    session = Session(load(Path(sys.argv[-1]), verify=False))
+    out, inp = sys.stdout.buffer, sys.stdin.buffer
+    while True:
+        try:
+            message = _receive(inp)
+        except EOFError:
+            return
+        op = str(message.pop("op"))
+        try:
+            reply = {"hello": lambda: {}, "reset": lambda: session.reset() or {},
+                     "step": lambda: session.step(message["x"]), "flush": session.flush}[op]()
+        except EdgekitError as e:
+            reply = {"error": np.array(str(e))}
+        _send(out, reply)
+
+
+def _send(stream, message: dict[str, np.ndarray]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **message)
+    data = buf.getvalue()
+    stream.write(len(data).to_bytes(8, "little") + data)
+    stream.flush()
+
+
+def _receive(stream) -> dict[str, np.ndarray]:
+    header = stream.read(8)
+    if len(header) < 8:
+        raise EOFError
+    with np.load(io.BytesIO(stream.read(int.from_bytes(header, "little"))), allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}

@@ -19,7 +19,7 @@ import numpy as np
 
 from edgekit.artifact import Bundle, load
 from edgekit.errors import EdgekitError
-from edgekit.runtime import Session
+from edgekit.runtime import open_session
 
 WINDOW = 4096  # frames of reference computed per forward call
 WHOLE_SEQUENCE_LIMIT = WINDOW * 16  # a reference without a finite horizon and with a delay is computed in one piece
@@ -140,11 +140,13 @@ class Tally:
                                            got[name].shape[0]]
 
 
-def rss_bytes() -> int:
-    """Resident memory now, after handing freed heap back to the system (the reference's float64 windows come
-    and go; without the trim, allocator caching would hide or fake growth of the stream itself)."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/statm") as f:
+def rss_bytes(pid: int | None = None) -> int:
+    """Resident memory of the process running the artifact (this one, or the emulated one). Here, freed heap is
+    first handed back to the system: the reference's float64 windows come and go, and allocator caching would
+    otherwise hide or fake growth of the stream itself."""
+    if pid is None:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open(f"/proc/{pid or 'self'}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -162,8 +164,8 @@ def validate(bundle_path: Path, frames: int = 10_000, chunk: int = 1, seed: int 
     """
     if frames < 1 or (utterance is not None and utterance < 1):
         raise EdgekitError("--frames and --utterance must be positive")
-    bundle = load(bundle_path)
-    session = Session(bundle)
+    bundle = load(bundle_path, check_machine=False)
+    session = open_session(bundle)
     net = reference_model(bundle)
     source = FrameSource(session.input_size, seed)
     means = list(bundle.manifest["running_means"])
@@ -193,14 +195,19 @@ def validate(bundle_path: Path, frames: int = 10_000, chunk: int = 1, seed: int 
             compare(session.feed(source.frames(offset + start, offset + stop, session.batch), chunk))
             for mark in marks:
                 if done + start < mark <= done + stop:
-                    rss[mark] = rss_bytes()
+                    rss[mark] = rss_bytes(session.pid)
             progress(done + stop, frames)
         if session.delay:
             compare(session.flush())
         tally.end_of_segment(*last, means)
         done += seg
-    return _report(bundle, tally, rss, frames, chunk, seed, utterance, time.perf_counter() - t0,
-                   atol, rtol, spike_agreement, prediction_agreement)
+    report = _report(bundle, tally, rss, frames, chunk, seed, utterance, time.perf_counter() - t0,
+                     atol, rtol, spike_agreement, prediction_agreement)
+    report["execution"] = session.execution
+    if hasattr(session, "startup_seconds"):
+        report["runtime_startup_seconds"] = round(session.startup_seconds, 2)
+    bundle.record("validation.json", report)
+    return report
 
 
 def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, chunk: int, seed: int,
@@ -242,5 +249,4 @@ def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, chun
         "checks": checks,
         "passed": all(checks.values()),
     }
-    bundle.record("validation.json", report)
     return report

@@ -4,7 +4,6 @@ Adding a board means adding one file here; `targets()` discovers every module in
 """
 from __future__ import annotations
 
-import ctypes
 import importlib
 import os
 import pkgutil
@@ -14,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+from edgekit.artifact import nvidia_driver
 from edgekit.errors import CompileError, UnknownNameError
 
 AARCH64_CC = "aarch64-linux-gnu-gcc"
@@ -65,7 +65,7 @@ class Target:
     def runs_here(self) -> bool:
         if self.arch != platform.machine():
             return False
-        return self.runs == "native" or (self.runs == "cuda" and _nvidia_driver())
+        return self.runs == "native" or (self.runs == "cuda" and nvidia_driver())
 
 
 def nvcc() -> str:
@@ -79,14 +79,6 @@ def aarch64(name: str, summary: str, tvm: dict, aliases: tuple[str, ...] = ()) -
     return Target(name=name, summary=summary, tvm=tvm, arch="aarch64", cc=AARCH64_CC,
                   runs="native" if platform.machine() == "aarch64" else "qemu-aarch64", aliases=aliases,
                   install=AARCH64_INSTALL)
-
-
-def _nvidia_driver() -> bool:
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return True
 
 
 @cache

@@ -167,3 +167,33 @@ def test_sm90_build_packs_a_cubin_the_cuda_runtime_loader_reads(built):
     image = payload[payload.index(b"\x7fELF"):]
     assert struct.unpack_from("<Q", payload, len(payload) - len(image) - 8)[0] == len(image)
     assert cuda.cubin_arch(image) == "sm_90"
+
+
+@needs_nvcc
+def test_cuda_kernels_are_compiled_by_nvcc_even_where_a_driver_is(tmp_path):
+    """On a GPU machine TVM would JIT kernels through its CUDA runtime during the build (NVRTC, the runtime's
+    choice of toolkit and flags). A stand-in for that runtime's factory shows the build never calls it."""
+    import tvm
+    from tvm import relax
+
+    from edgekit.pipeline import build as build_library
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.nn.relu(x))
+        bb.emit_func_output(y)
+    target = get("cuda-sm90").tvm_target()
+    if tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is not None:
+        pytest.skip("a CUDA runtime is loaded")
+    calls = []
+    tvm_ffi.register_global_func("ffi.Module.create.cuda", lambda *args: calls.append(args) or 1 / 0)
+    try:
+        with pytest.raises(Exception):
+            tvm.compile(bb.get(), target=target)  # the stand-in is reached without edgekit's build
+        record = build_library(bb.get(), target, tmp_path / "relu.so", "gcc")
+    finally:
+        tvm_ffi.remove_global_func("ffi.Module.create.cuda")
+    assert len(calls) == 1 and record["arch"] == "sm_90"
+    assert cuda.embedded_archs(tmp_path / "relu.so") == ["sm_90"]

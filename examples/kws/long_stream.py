@@ -23,45 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edgekit import audio  # noqa: E402
 from edgekit.stream import DEMO_CHECKPOINT, Detection, Window, detect, open_model, wav_blocks  # noqa: E402
-from make_dataset import ACCENTS, NOISES, SCV2_WORDS, add_noise, make_noise, split_of, synthesize, variants  # noqa: E402
+from make_dataset import SCV2_WORDS, make_stream  # noqa: E402
 from speech_commands import KEYWORDS  # noqa: E402
 
 # Words absent from the training data of the demo model: the hardest "other words".
 UNSEEN_WORDS = ["apple", "river", "doctor", "pencil", "summer", "winter", "kitchen", "orange", "silver", "planet",
                 "basket", "dinner", "letter", "pocket", "morning", "evening", "camera", "forest", "island", "ticket"]
 TOLERANCE = 0.5  # s: a detection counts for a word if its time lies within the word's span widened by this
-
-
-def make_stream(minutes: float, split: str, seed: int) -> tuple[np.ndarray, list[dict]]:
-    """Samples and ground truth of one stream; half of the spoken items are keywords."""
-    rng = np.random.default_rng(seed)
-    speakers = [v for v in variants() if split_of(v) == split]
-    others = [w for w in SCV2_WORDS if w not in KEYWORDS] + UNSEEN_WORDS
-    n = int(minutes * 60 * audio.SAMPLE_RATE)
-    background = np.concatenate([make_noise(NOISES[i % 4], 30.0, rng) * rng.uniform(0.003, 0.03)
-                                 for i in rng.permutation(int(np.ceil(minutes * 2)))])[:n]
-    x, truth, t = background.astype(np.float32).copy(), [], int(rng.uniform(0.5, 1.5) * audio.SAMPLE_RATE)
-    noises = {k: make_noise(k, 10.0, rng) for k in ("white_noise", "pink_noise", "hum")}
-    while True:
-        if rng.uniform() < 0.1:  # a burst of loud noise, no speech
-            kind = sorted(noises)[rng.integers(len(noises))]
-            length = int(rng.uniform(1.0, 3.0) * audio.SAMPLE_RATE)
-            seg, kind_ = noises[kind][:length] * rng.uniform(0.05, 0.3), "noise"
-            word = kind
-        else:
-            word = str(rng.choice(KEYWORDS)) if rng.uniform() < 0.5 else str(rng.choice(others))
-            voice = f"{rng.choice(ACCENTS)}+{rng.choice(speakers)}"
-            speech = synthesize(word, voice, int(rng.integers(120, 230)), int(rng.integers(15, 90)))
-            seg = speech / (np.abs(speech).max() + 1e-9) * rng.uniform(0.1, 0.9)
-            seg = add_noise(seg, noises, rng, (10.0, 40.0))
-            kind_ = "keyword" if word in KEYWORDS else "other"
-        if t + len(seg) + audio.SAMPLE_RATE > n:
-            break
-        x[t:t + len(seg)] += seg
-        truth.append({"start": round(t / audio.SAMPLE_RATE, 3), "end": round((t + len(seg)) / audio.SAMPLE_RATE, 3),
-                      "word": word, "kind": kind_})
-        t += len(seg) + int(rng.uniform(0.4, 2.5) * audio.SAMPLE_RATE)
-    return np.clip(x, -1, 1), truth
 
 
 def score(detections: list[Detection], truth: list[dict]) -> dict:
@@ -145,7 +113,8 @@ def main() -> None:
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     wav = a.out / "stream.wav"
-    x, truth = make_stream(a.minutes, a.split, a.seed)
+    others = [w for w in SCV2_WORDS if w not in KEYWORDS] + UNSEEN_WORDS
+    x, truth = make_stream(a.minutes, a.split, KEYWORDS, others, a.seed)
     audio.write_wav(wav, x)
     x = audio.read_wav(wav)
     (a.out / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")

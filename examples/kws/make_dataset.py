@@ -113,6 +113,37 @@ def load_noises(root: Path) -> dict[str, np.ndarray]:
     return {p.stem: read_wav(p) for p in sorted((root / "_background_noise_").glob("*.wav"))}
 
 
+def make_stream(minutes: float, split: str, keywords: list[str], others: list[str], seed: int
+                ) -> tuple[np.ndarray, list[dict]]:
+    """A continuous stream (samples, ground-truth timeline) by the voices of one split: keywords (half of the
+    spoken items) and other words with pauses of 0.4-2.5 s, bursts of loud noise, and a background noise whose
+    kind changes every 30 s."""
+    rng = np.random.default_rng(seed)
+    speakers = [v for v in variants() if split_of(v) == split]
+    n = int(minutes * 60 * SAMPLE_RATE)
+    x = np.concatenate([make_noise(NOISES[i % 4], 30.0, rng) * rng.uniform(0.002, 0.05)
+                        for i in rng.permutation(int(np.ceil(minutes * 2)))])[:n]
+    bursts = {k: make_noise(k, 10.0, rng) for k in ("white_noise", "pink_noise", "hum")}
+    truth, t = [], int(rng.uniform(0.5, 1.5) * SAMPLE_RATE)
+    while True:
+        if rng.uniform() < 0.1:  # a burst of loud noise, no speech
+            word = sorted(bursts)[rng.integers(len(bursts))]
+            seg, kind = bursts[word][:int(rng.uniform(1.0, 3.0) * SAMPLE_RATE)] * rng.uniform(0.05, 0.3), "noise"
+        else:
+            word = str(rng.choice(keywords)) if rng.uniform() < 0.5 else str(rng.choice(others))
+            speech = synthesize(word, f"{rng.choice(ACCENTS)}+{rng.choice(speakers)}", int(rng.integers(120, 230)),
+                                int(rng.integers(15, 90)))
+            seg, kind = speech / (np.abs(speech).max() + 1e-9) * rng.uniform(0.1, 0.9), \
+                "keyword" if word in keywords else "other"
+        if t + len(seg) + SAMPLE_RATE > n:
+            break
+        x[t:t + len(seg)] += seg
+        truth.append({"start": round(t / SAMPLE_RATE, 3), "end": round((t + len(seg)) / SAMPLE_RATE, 3),
+                      "word": word, "kind": kind})
+        t += len(seg) + int(rng.uniform(0.4, 2.5) * SAMPLE_RATE)
+    return np.clip(x, -1, 1).astype(np.float32), truth
+
+
 def _write_word(args: tuple[Path, str, list[tuple[str, int]], int]) -> list[tuple[str, str]]:
     root, word, jobs, seed = args
     noises = load_noises(root)

@@ -4,6 +4,11 @@ Input: 1 s clips -> 98 frames of the published front end (edgekit.audio, 128 mel
 prediction is the mean of the per-frame logits over the 98 frames (`mean_logits` at the last frame), so a
 streaming session fed one 1 s window from a zero state and flushed computes exactly the training forward.
 
+Besides the clips of the data set, every epoch draws fresh 1 s windows at random offsets from synthetic
+continuous streams (training voices and words only): the windows `edgekit stream` classifies. A window is
+labelled with the keyword it holds whole; a keyword cut by the window's edge makes it `_unknown_`, so the
+model learns that "own" cut from "down" is not "on"; windows with nothing spoken are `_silence_`.
+
     python examples/kws/train.py --data data/kws-synth --out models/checkpoints/kws_demo.pt
 """
 from __future__ import annotations
@@ -21,8 +26,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from edgekit import audio  # noqa: E402
 from edgekit.models.lmuformer import LMUFormer  # noqa: E402
-from speech_commands import LABELS, UNKNOWN, load_split  # noqa: E402
+from make_dataset import EXTRA_WORDS, SCV2_WORDS, make_stream  # noqa: E402
+from speech_commands import KEYWORDS, LABELS, SILENCE, UNKNOWN, load_split  # noqa: E402
+
+WHOLE, CUT = 0.03, 0.3  # s of a keyword outside the window still counted whole; fraction outside that makes it cut
 
 
 def spec_augment(x: torch.Tensor, gen: torch.Generator, freq: int = 16, time_: int = 12) -> torch.Tensor:
@@ -45,6 +54,49 @@ def accuracy(model: LMUFormer, x: torch.Tensor, y: torch.Tensor, batch: int = 25
     return float((pred == y).float().mean())
 
 
+class StreamWindows:
+    """Labelled clip-length windows of a synthetic stream; features are per frame, so a window of the stream's
+    features is exactly what a staggered session sees."""
+
+    def __init__(self, minutes: float, split: str, seed: int, frames: int):
+        others = [w for w in SCV2_WORDS if w not in KEYWORDS] + EXTRA_WORDS
+        x, self.truth = make_stream(minutes, split, KEYWORDS, others, seed)
+        self.features = torch.from_numpy(audio.features(x))
+        self.frames = frames
+        self.starts = np.array([u["start"] for u in self.truth])
+
+    def label(self, start: int) -> int | None:
+        """The window's class, or None where it is ambiguous (a keyword neither whole nor clearly cut, or two)."""
+        hop = audio.FRAME_SHIFT / audio.SAMPLE_RATE
+        a, b = start * hop, (start + self.frames - 1) * hop + audio.FRAME_LENGTH / audio.SAMPLE_RATE
+        lo, hi = np.searchsorted(self.starts, [a - 5.0, b])  # no item is longer than 5 s
+        items = [u for u in self.truth[lo:hi] if u["end"] > a]
+        whole, spoken = [], False
+        for u in items:
+            if u["kind"] == "noise":
+                continue
+            spoken = True
+            if u["kind"] != "keyword":
+                continue
+            outside = max(0.0, a - u["start"]) + max(0.0, u["end"] - b)
+            if outside <= WHOLE:
+                whole.append(u["word"])
+            elif outside < CUT * (u["end"] - u["start"]):
+                return None
+        if len(whole) > 1:
+            return None
+        return LABELS.index(whole[0]) if whole else LABELS.index(UNKNOWN if spoken else SILENCE)
+
+    def sample(self, count: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        starts, labels = [], []
+        while len(starts) < count:
+            s = int(rng.integers(0, len(self.features) - self.frames))
+            if (y := self.label(s)) is not None:
+                starts.append(s)
+                labels.append(y)
+        return torch.stack([self.features[s:s + self.frames] for s in starts]), torch.tensor(labels)
+
+
 def epoch_indices(y: np.ndarray, unknown_ratio: float, rng: np.random.Generator) -> np.ndarray:
     """Every clip of every class except `_unknown_`, of which a fresh random subset `unknown_ratio` times the
     size of an average class: unknown words are most of the data and must not swamp the keywords."""
@@ -64,6 +116,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--unknown-ratio", type=float, default=3.0)
+    p.add_argument("--stream-minutes", type=float, default=60.0, help="synthetic training stream to draw windows from")
+    p.add_argument("--stream-windows", type=int, default=3000, help="stream windows per epoch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
@@ -75,45 +129,55 @@ def main() -> None:
     x = {s: torch.from_numpy(d.features()) for s, d in data.items()}
     y = {s: torch.from_numpy(d.labels) for s, d in data.items()}
     frames = x["training"].shape[1]
+    streams = {s: StreamWindows(m, s, a.seed + i, frames) for i, (s, m) in
+               enumerate([("training", a.stream_minutes), ("validation", a.stream_minutes / 6)])}
+    val_windows = streams["validation"].sample(2000, np.random.default_rng(a.seed))
     print(f"features in {time.perf_counter() - t0:.0f} s: " + ", ".join(f"{s} {len(v)}" for s, v in y.items()), flush=True)
 
     model = LMUFormer(input_size=x["training"].shape[2], dim=a.dim, depth=1, mlp_ratio=a.mlp_ratio,
                       num_classes=len(LABELS), theta=float(frames), seq_len=frames)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
-    steps = a.epochs * -(-len(epoch_indices(data["training"].labels, a.unknown_ratio, np.random.default_rng())) // a.batch)
+    per_epoch = len(epoch_indices(data["training"].labels, a.unknown_ratio, np.random.default_rng())) + a.stream_windows
+    steps = a.epochs * -(-per_epoch // a.batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=steps, pct_start=0.1)
     best, best_state, history = -1.0, None, []
     t1 = time.perf_counter()
     for epoch in range(a.epochs):
         model.train()
         idx = torch.from_numpy(epoch_indices(data["training"].labels, a.unknown_ratio, rng))
+        wx, wy = streams["training"].sample(a.stream_windows, rng)
+        ex, ey = torch.cat([x["training"][idx], wx]), torch.cat([y["training"][idx], wy])
+        order = torch.randperm(len(ey), generator=gen)
         total = 0.0
-        for i in range(0, len(idx), a.batch):
-            b = idx[i:i + a.batch]
-            logits = model.forward_frames(spec_augment(x["training"][b], gen))["logits"].mean(1)
-            loss = F.cross_entropy(logits, y["training"][b], label_smoothing=0.1)
+        for i in range(0, len(order), a.batch):
+            b = order[i:i + a.batch]
+            logits = model.forward_frames(spec_augment(ex[b], gen))["logits"].mean(1)
+            loss = F.cross_entropy(logits, ey[b], label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             total += loss.item() * len(b)
-        val = accuracy(model, x["validation"], y["validation"])
-        history.append({"epoch": epoch + 1, "loss": round(total / len(idx), 4), "val_acc": round(val, 4)})
-        print(f"epoch {epoch + 1}: loss {total / len(idx):.4f} val {val:.4f} ({time.perf_counter() - t1:.0f} s)",
-              flush=True)
+        clips, windows = accuracy(model, x["validation"], y["validation"]), accuracy(model, *val_windows)
+        val = (clips + windows) / 2
+        history.append({"epoch": epoch + 1, "loss": round(total / len(order), 4), "val_clip_acc": round(clips, 4),
+                        "val_window_acc": round(windows, 4)})
+        print(f"epoch {epoch + 1}: loss {total / len(order):.4f} val clips {clips:.4f} windows {windows:.4f} "
+              f"({time.perf_counter() - t1:.0f} s)", flush=True)
         if val >= best:
             best, best_state = val, {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
     model.eval()
     test = accuracy(model, x["testing"], y["testing"])
-    print(f"best val {best:.4f}, test (unseen voices) {test:.4f}", flush=True)
+    print(f"best val (clips + windows) / 2 {best:.4f}, test clips (unseen voices) {test:.4f}", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), a.out)
     record = {"command": "python " + shlex.join(sys.argv), "seed": a.seed, "labels": LABELS,
               "clip_frames": frames, "pad_to": None, "config": model.config(),
               "parameters": sum(p.numel() for p in model.parameters()),
               "data": {"root": str(a.data), **{s: len(v) for s, v in y.items()}},
-              "accuracy": {"validation": round(best, 4), "testing_pytorch": round(test, 4)},
+              "stream_minutes": a.stream_minutes, "stream_windows_per_epoch": a.stream_windows,
+              "accuracy": {"validation_clips_and_windows": round(best, 4), "testing_pytorch": round(test, 4)},
               "train_seconds": round(time.perf_counter() - t1, 1), "threads": a.threads, "history": history}
     a.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
 

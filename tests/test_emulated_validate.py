@@ -1,0 +1,37 @@
+"""ARM bundles validated on this x86_64 machine by running them under qemu-aarch64 (slow: emulation)."""
+import platform
+
+import numpy as np
+import pytest
+import torch
+
+from edgekit.compile import compile
+from edgekit.models import build
+from edgekit.runtime import EmulatedSession, open_session
+from edgekit.validate import validate
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(platform.machine() != "x86_64", reason="emulation is how an x86_64 host runs ARM")]
+
+
+@pytest.fixture(scope="module")
+def arm_bundle(tmp_path_factory):
+    return compile("lmuformer", "rpi5", tmp_path_factory.mktemp("arm") / "lmu-rpi5", config="tiny", chunks=(1, 4))
+
+
+def test_arm_bundle_streams_under_emulation_like_pytorch(arm_bundle):
+    session = open_session(arm_bundle.path)
+    assert isinstance(session, EmulatedSession) and "qemu-aarch64" in session.execution
+    x = np.random.default_rng(1).standard_normal((1, 13, 40), dtype=np.float32)
+    out = session.run(x, chunk=4)
+    with torch.no_grad():
+        ref = build("lmuformer", "tiny")(torch.from_numpy(x))
+    assert np.abs(out["mean_logits"] - ref["mean_logits"].numpy()).max() < 1e-5
+    session.close()
+
+
+def test_validate_runs_the_arm_bundle_emulated_and_says_so(arm_bundle):
+    report = validate(arm_bundle.path, frames=300, chunk=4)
+    assert report["passed"], report["checks"]
+    assert report["execution"].startswith("qemu-aarch64 emulation") and report["runtime_startup_seconds"] > 0
+    assert report["rss_bytes"]["at_T"] is not None

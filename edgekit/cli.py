@@ -65,10 +65,31 @@ def targets() -> None:
         table.add_column(col)
     for t in all_targets().values():
         missing = t.missing_tools()
-        tools = ", ".join((t.cc, *t.needs)) + (f"\n[red]missing: {', '.join(missing)}[/]" if missing else " [green]ok[/]")
+        tools = ", ".join((t.cc, *t.needs)) + (f"\n[red]missing: {', '.join(missing)}[/]\n{t.install}" if missing
+                                               else " [green]ok[/]")
         runs = "here" if t.runs_here() else t.runs
         table.add_row(t.name, ", ".join(t.aliases), runs, tools, t.summary)
     console.print(table)
+
+
+@main.group()
+def emulator() -> None:
+    """The aarch64 emulation root that runs ARM bundles on an x86_64 machine (under qemu-aarch64)."""
+
+
+@emulator.command()
+@click.option("--cache", type=click.Path(path_type=Path), help="cache directory (default $EDGEKIT_CACHE or ~/.cache/edgekit)")
+def setup(cache: Path | None) -> None:
+    """Prepare the emulation root once: arm64 Python 3.11, numpy and the TVM runtime (no compiler).
+
+    `edgekit validate` does this on first use of an ARM bundle; run it ahead to pay the cost (about a
+    minute and 180 MB) up front.
+    """
+    from edgekit import emulator as emu
+
+    with console.status("preparing the aarch64 root") as status:
+        root = emu.prepare(cache, progress=lambda msg: status.update(msg))
+    console.print(f"[green]ready[/] {root}")
 
 
 @main.command(name="compile")

@@ -15,6 +15,7 @@ import onnx
 from edgekit.artifact import LIBRARY, SCHEMA, Bundle, check_destination, file_sha256, load, publish, staging_dir
 from edgekit.errors import CompileError
 from edgekit.export import entry_frames, export
+from edgekit.validate import GOLDEN, GOLDEN_FRAMES, write_golden
 
 Progress = Callable[[str], None]
 
@@ -95,6 +96,7 @@ def compile(model: str, target: str, out: Path, config: str | None = None, check
         tvm_target = tgt.tvm_target()
         cuda = build(import_entries(onnx_paths), tvm_target, stage / LIBRARY, tgt.cc)
         torch.save(net.state_dict(), stage / "weights.pt")
+        write_golden(net, stage / GOLDEN)
         manifest = {
             "schema": SCHEMA,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -116,6 +118,7 @@ def compile(model: str, target: str, out: Path, config: str | None = None, check
             "state_bytes": sum(4 * math.prod(s.shape) for s in net.state_spec(batch)),
             "entries": {e: {"frames": entry_frames(e), "onnx": f"onnx/{e}.onnx"} for e in onnx_paths},
             "library": LIBRARY,
+            "golden": {"file": GOLDEN, "frames": GOLDEN_FRAMES, "seed": 0},
             "compile_seconds": round(time.perf_counter() - t0, 2),
         }
         progress("writing the bundle")

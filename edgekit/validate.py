@@ -22,6 +22,7 @@ from edgekit.errors import EdgekitError
 from edgekit.runtime import open_session
 
 WINDOW = 4096  # frames of reference computed per forward call
+GOLDEN, GOLDEN_FRAMES = "reference.npz", 512  # reference outputs shipped in the bundle, for boards without torch
 WHOLE_SEQUENCE_LIMIT = WINDOW * 16  # a reference without a finite horizon and with a delay is computed in one piece
 DECILES = 10
 
@@ -52,6 +53,18 @@ def reference_model(bundle: Bundle):
     net = models.family(m["family"]).cls(**m["config"])
     net.load_state_dict(torch.load(bundle.path / m["weights"], map_location="cpu", weights_only=True))
     return net.double().eval()
+
+
+def write_golden(net, path: Path) -> None:
+    """The float64 reference outputs of the first GOLDEN_FRAMES frames of the seed-0 stream, so that a board
+    with only the runtime installed can still validate the bundle against PyTorch's numbers."""
+    import torch
+
+    x = torch.from_numpy(FrameSource(net.input_size, 0).frames(0, GOLDEN_FRAMES)).double()
+    with torch.no_grad():
+        y = net.double().forward_frames(x)
+    net.float()
+    np.savez(path, **{k: v.numpy() for k, v in y.items()})
 
 
 class Reference:
@@ -106,6 +119,15 @@ class Reference:
             self.sums[src] = csum[:, -1:]
         self.count += stop - start
         return y
+
+
+class GoldenReference(Reference):
+    """Reference outputs read from the bundle's golden record instead of computed (no torch needed)."""
+
+    def __init__(self, bundle: Bundle, offset: int, length: int):
+        with np.load(bundle.path / bundle.manifest["golden"]["file"]) as f:
+            self.whole = {k: f[k][:, offset:offset + length] for k in f.files}
+        self.running_means, self.sums, self.count, self.state = bundle.manifest["running_means"], {}, 0, None
 
 
 @dataclass
@@ -166,8 +188,16 @@ def validate(bundle_path: Path, frames: int = 10_000, chunk: int = 1, seed: int 
         raise EdgekitError("--frames and --utterance must be positive")
     bundle = load(bundle_path, check_machine=False)
     session = open_session(bundle)
-    net = reference_model(bundle)
     source = FrameSource(session.input_size, seed)
+    try:
+        net = reference_model(bundle)
+    except ImportError:  # a board with only the runtime: compare with the golden record compiled into the bundle
+        net, golden = None, bundle.manifest["golden"]
+        if seed != golden["seed"] or utterance:
+            raise EdgekitError("without PyTorch, validation compares with the bundle's golden record: "
+                               f"{golden['frames']} frames of seed {golden['seed']}, one stream",
+                               "drop --seed/--utterance, or install edgekit[compile] for any stream")
+        frames = golden["frames"]  # the record is one finished stream of exactly this length
     means = list(bundle.manifest["running_means"])
     tally, rss, t0 = Tally(frames), {}, time.perf_counter()
     length = utterance or frames
@@ -175,7 +205,8 @@ def validate(bundle_path: Path, frames: int = 10_000, chunk: int = 1, seed: int 
     done = 0
     for offset in range(0, frames, length):
         seg = min(length, frames - offset)
-        ref = Reference(net, source, offset, seg, bundle.manifest["running_means"])
+        ref = Reference(net, source, offset, seg, bundle.manifest["running_means"]) if net is not None else \
+            GoldenReference(bundle, offset, seg)
         session.reset()
         next_frame, last = -session.delay, ({}, {})
 
@@ -204,6 +235,8 @@ def validate(bundle_path: Path, frames: int = 10_000, chunk: int = 1, seed: int 
     report = _report(bundle, tally, rss, frames, chunk, seed, utterance, time.perf_counter() - t0,
                      atol, rtol, spike_agreement, prediction_agreement)
     report["execution"] = session.execution
+    if net is None:
+        report["reference"] += ", read from the bundle's golden record (computed at compile time)"
     if hasattr(session, "startup_seconds"):
         report["runtime_startup_seconds"] = round(session.startup_seconds, 2)
     bundle.record("validation.json", report)

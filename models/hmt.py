@@ -364,3 +364,56 @@ def build(config: str | None = None, checkpoint=None, seed: int = 0) -> HMT:
         raise UnknownNameError(f"unknown config {name!r} for hmt", f"choose one of: {', '.join(CONFIGS)}")
     torch.manual_seed(seed)
     return HMT(**CONFIGS[name]).eval()
+
+
+# ---- export: both steps as flat-tensor modules with example inputs (the generic hook the export stage can call) --
+
+class SegmentEntry(nn.Module):
+    """(tokens, length, *state) -> (logits, memory_embedding, kv, kv_mask, slot, *state)."""
+
+    def __init__(self, model: HMT):
+        super().__init__()
+        self.model = model
+        self.state_names = list(model.state_shapes())
+
+    def forward(self, tokens, length, *state):
+        out, new = self.model.segment_step(tokens, length, dict(zip(self.state_names, state)))
+        return (*[out[n] for n in SEGMENT_OUTPUTS], *[new[n] for n in self.state_names])
+
+
+class DecodeEntry(nn.Module):
+    """(token, kv, kv_mask, slot) -> (logits, kv, kv_mask, slot)."""
+
+    def __init__(self, model: HMT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, token, kv, kv_mask, slot):
+        logits, cache = self.model.decode_step(token, {"kv": kv, "kv_mask": kv_mask, "slot": slot})
+        return logits, cache["kv"], cache["kv_mask"], cache["slot"]
+
+
+SEGMENT_OUTPUTS = ("logits", "memory_embedding", "kv", "kv_mask", "slot")
+
+
+@torch.no_grad()
+def export_entries(model: HMT, batch: int = 1, seed: int = 0) -> list[tuple[str, nn.Module, dict, list[str]]]:
+    """[(entry name, module, example inputs {name: ndarray}, output names)] for `segment` and `decode`. The
+    examples are mid-stream: the cache has wrapped, the segment is padded, the decode cache is half full."""
+    g = torch.Generator().manual_seed(seed)
+    state = model.init_state(batch)
+    for _ in range(model.N + 1):
+        _, state = model.segment_step(torch.randint(0, 256, (batch, model.L), generator=g),
+                                      torch.full((batch,), model.L), state)
+    tokens = torch.randint(0, 256, (batch, model.L), generator=g)
+    seg_len = torch.full((batch,), max(model.L - 3, 1))
+    dec_len = torch.full((batch,), min(model.j, model.L - 1))
+    out, _ = model.segment_step(tokens, dec_len, state)
+    names = list(model.state_shapes())
+    seg_inputs = {"tokens": tokens, "length": seg_len, **state}
+    dec_inputs = {"token": torch.randint(0, 256, (batch,), generator=g), "kv": out["kv"], "kv_mask": out["kv_mask"],
+                  "slot": out["slot"]}
+    np_ = lambda d: {k: v.numpy() for k, v in d.items()}  # noqa: E731
+    return [("segment", SegmentEntry(model).eval(), np_(seg_inputs),
+             [*SEGMENT_OUTPUTS, *[f"state_out.{n}" for n in names]]),
+            ("decode", DecodeEntry(model).eval(), np_(dec_inputs), ["logits", "kv_out", "kv_mask_out", "slot_out"])]

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from edgekit import artifact
 from edgekit.cli import main
 from edgekit.compile import compile, import_entries
-from edgekit.errors import BundleError, CompileError, InputShapeError
+from edgekit.errors import BundleError, CompileError, EdgekitError, InputShapeError
 from edgekit.models import build
 from edgekit.runtime import Session
 from edgekit.validate import validate
@@ -169,3 +169,18 @@ def test_cli_compile_validate_bench_roundtrip(tmp_path):
     assert r.exit_code == 0 and "pass constant_memory" in r.output, r.output
     r = runner.invoke(main, ["bench", out, "--calls", "20", "--warmup", "2", "--engine", "tvm"])
     assert r.exit_code == 0 and "tvm-compute" in r.output, r.output
+
+
+def test_validate_without_torch_uses_the_golden_record(tiny_bundle, monkeypatch):
+    """On a board with only the runtime, the bundle's own float64 reference outputs are the reference."""
+    import edgekit.validate as v
+
+    def no_torch(bundle):
+        raise ImportError("No module named 'torch'")
+
+    monkeypatch.setattr(v, "reference_model", no_torch)
+    report = v.validate(tiny_bundle.path, frames=100_000, chunk=4)
+    assert report["passed"] and "golden record" in report["reference"] and report["frames"] == 512
+    assert report["outputs"]["mean_logits"]["max_abs_error"] < 1e-5
+    with pytest.raises(EdgekitError, match="golden record"):
+        v.validate(tiny_bundle.path, utterance=100)

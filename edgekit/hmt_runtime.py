@@ -1,0 +1,150 @@
+"""Running a segment-level LM (HMT): token-by-token scoring and generation over two fixed-shape steps, in
+bounded memory. Needs numpy, and the TVM runtime for a compiled library (no torch), so it runs on a board.
+
+An engine provides `segment(tokens [L] int64, length, state) -> (logits [L, V], decode cache, next state)` and
+`decode(token, cache) -> (logits [V], cache)`; `models.hmt.TorchEngine` runs them in eager PyTorch and
+`TVMEngine` from a library built by `edgekit.hmt_build`.
+
+The next-token distribution after every token is exactly the reference HMT run on the stream so far:
+- while the current segment holds at most j tokens, its summary (hence P) changes with every token, so the
+  segment step is rerun over the partial segment (length n, padded);
+- from j tokens on, P is fixed, and the decode step extends the segment step's KV cache one token at a time;
+- at L tokens the segment step runs once more over the whole segment and its state is kept: the memory
+  embedding enters the cache, the last k tokens become the sensory memory, the KV cache is dropped.
+Memory: the state (N memories, k tokens), one segment of token ids and one segment's KV cache, whatever the length.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SEGMENT_INPUTS = ("tokens", "length", "memory", "memory_valid", "write", "sensory", "sensory_len")
+SEGMENT_OUTPUTS = ("logits", "memory_embedding", "kv", "kv_mask", "slot")
+STATE = ("memory", "memory_valid", "write", "sensory", "sensory_len")
+DECODE_INPUTS = ("token", "kv", "kv_mask", "slot")
+DECODE_OUTPUTS = ("logits",)
+CACHE = ("kv", "kv_mask", "slot")
+
+
+class TVMEngine:
+    """The `segment` and `decode` entries of a built library; state and KV cache stay on the device."""
+
+    def __init__(self, lib: str | Path, meta: dict, device: str = "cpu"):
+        from edgekit.tvm_runtime import load_vm
+
+        self.vm = load_vm(lib, device)
+        self.seg_fn, self.dec_fn = self.vm.raw("segment"), self.vm.raw("decode")
+        self.segment_length, self.summary_length = meta["segment"], meta["summary"]
+        self.state_specs = meta["state"]
+
+    def init_state(self) -> list:
+        return [self.vm.tensor(np.zeros(s["shape"], dtype=s["dtype"])) for s in self.state_specs]
+
+    def segment(self, tokens: np.ndarray, length: int, state: list) -> tuple[np.ndarray, list, list]:
+        out = self.seg_fn(self.vm.tensor(tokens.reshape(1, -1).astype(np.int64)),
+                          self.vm.tensor(np.array([length], dtype=np.int64)), *state)
+        return self.vm.numpy(out[0])[0], [out[2], out[3], out[4]], list(out[len(SEGMENT_OUTPUTS):])
+
+    def segment_full(self, tokens: np.ndarray, length: int, state: list) -> tuple[dict, list]:
+        """Logits and memory embedding as numpy (validation), and the next state."""
+        out = self.seg_fn(self.vm.tensor(tokens.reshape(1, -1).astype(np.int64)),
+                          self.vm.tensor(np.array([length], dtype=np.int64)), *state)
+        return {"logits": self.vm.numpy(out[0]), "memory_embedding": self.vm.numpy(out[1])}, list(out[5:])
+
+    def decode(self, token: int, cache: list) -> tuple[np.ndarray, list]:
+        out = self.dec_fn(self.vm.tensor(np.array([token], dtype=np.int64)), *cache)
+        return self.vm.numpy(out[0])[0], list(out[1:])
+
+
+@dataclass
+class Generator:
+    """Feed byte tokens one at a time (or a prompt at once); get the logits of the next byte."""
+
+    engine: object
+    state: object = None
+    segment: list[int] = field(default_factory=list)
+    cache: object = None
+    last: np.ndarray | None = None
+    calls: dict[str, int] = field(default_factory=lambda: {"segment": 0, "decode": 0})
+
+    def __post_init__(self):
+        self.L, self.j = self.engine.segment_length, self.engine.summary_length
+        self.reset()
+
+    def reset(self) -> None:
+        self.state, self.segment, self.cache, self.last = self.engine.init_state(), [], None, None
+
+    def _segment(self) -> np.ndarray:
+        n = len(self.segment)
+        padded = np.zeros(self.L, dtype=np.int64)
+        padded[:n] = self.segment
+        logits, cache, state = self.engine.segment(padded, n, self.state)
+        self.calls["segment"] += 1
+        if n == self.L:
+            self.state, self.segment, self.cache = state, [], None
+        else:
+            self.cache = cache
+        return logits[n - 1]
+
+    def feed(self, token: int) -> np.ndarray:
+        """Append one token; the logits [V] of the token after it."""
+        self.segment.append(int(token))
+        n = len(self.segment)
+        if n <= self.j or n == self.L:
+            self.last = self._segment()
+        else:
+            self.last, self.cache = self.engine.decode(int(token), self.cache)
+            self.calls["decode"] += 1
+        return self.last
+
+    def prefill(self, tokens: list[int] | bytes) -> np.ndarray:
+        """A prompt at once: one segment step per whole segment, one over the remainder."""
+        tokens = list(tokens)
+        if not tokens:
+            raise ValueError("the prompt must hold at least one byte")
+        for t in tokens:
+            self.segment.append(int(t))
+            if len(self.segment) == self.L:
+                self.last = self._segment()
+        if self.segment:
+            self.last = self._segment()
+        return self.last
+
+    def sample(self, temperature: float, rng: np.random.Generator) -> int:
+        if temperature <= 0:
+            return int(np.argmax(self.last))
+        z = self.last.astype(np.float64) / temperature
+        p = np.exp(z - z.max())
+        return int(rng.choice(len(p), p=p / p.sum()))
+
+    def generate(self, prompt: bytes, tokens: int, temperature: float = 0.8, seed: int = 0, on_token=None
+                 ) -> bytes:
+        rng = np.random.default_rng(seed)
+        self.prefill(prompt)
+        out = bytearray()
+        for _ in range(tokens):
+            t = self.sample(temperature, rng)
+            out.append(t)
+            if on_token is not None:
+                on_token(t)
+            self.feed(t)
+        return bytes(out)
+
+
+def rss_bytes() -> int:
+    """Resident set size now (Linux /proc), falling back to the peak."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def timed(fn, *args) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    r = fn(*args)
+    return r, time.perf_counter() - t0

@@ -31,6 +31,7 @@ PREEMPHASIS = 0.97
 LOW_FREQ = 20.0
 NORM_MEAN, NORM_STD = -6.845978, 5.5654526  # published normalisation of the LMUFormer / AST pipeline
 EPSILON = float(np.finfo(np.float32).eps)  # Kaldi's floor before the log
+BLOCK = 4096  # frames per vectorised step offline: bounds the float64 temporaries on long recordings
 
 
 def mel(freq: np.ndarray | float) -> np.ndarray:
@@ -90,7 +91,8 @@ def fbank(waveform: np.ndarray, remove_mean: bool = True) -> np.ndarray:
     x = np.asarray(waveform, dtype=np.float64)
     if remove_mean and len(x):
         x = x - x.mean()
-    return log_mel(_frames(x))
+    frames = _frames(x)
+    return np.concatenate([log_mel(frames[i:i + BLOCK]) for i in range(0, max(1, len(frames)), BLOCK)])
 
 
 def features(waveform: np.ndarray, pad_to: int | None = None) -> np.ndarray:

@@ -255,3 +255,101 @@ def stream(wav: Path | None, mic: bool, bundle: Path | None, checkpoint: Path | 
     rss = [r for _, r in report.rss]
     console.print(f"{len(report.detections)} detections in {report.audio_seconds:.1f} s of audio; real-time factor "
                   f"{report.rtf:.4f}; RSS {rss[0] / 2**20:.1f} -> {rss[-1] / 2**20:.1f} MiB")
+
+
+@main.command(name="compare-kv")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--length", "lengths", type=int, multiple=True, default=(1_000, 10_000, 100_000), show_default=True,
+              help="stream lengths (tokens) to measure at")
+@click.option("--engine", "engines", multiple=True, default=None,
+              type=click.Choice(["pytorch-aaren", "pytorch-kvcache", "onnxruntime-aaren", "onnxruntime-kvcache",
+                                 "tvm-aaren", "tvm-kvcache"]), help="engines to run (default: all)")
+@click.option("--window", type=int, default=200, show_default=True, help="timed single-token steps per length")
+@click.option("--warmup", type=int, default=20, show_default=True, help="untimed steps before them")
+@click.option("--threads", type=int, default=1, show_default=True, help="threads per engine")
+@click.option("--agreement-tokens", type=int, default=10_000, show_default=True,
+              help="tokens for the float64 step/scan/softmax agreement (0: skip)")
+def compare_kv(bundle: Path, lengths: tuple[int, ...], engines: tuple[str, ...], window: int, warmup: int,
+               threads: int, agreement_tokens: int) -> None:
+    """Aaren BUNDLE against the same weights with softmax attention and a KV cache: per-token latency and
+    memory at each stream length, per engine (eager PyTorch, ONNX Runtime, TVM), each in its own process.
+
+    Saved in the bundle as kv_compare.json, kv_compare.md (and kv_compare.png with matplotlib).
+    """
+    from edgekit.kvcompare import ENGINES, compare, markdown
+
+    with console.status("comparing") as status:
+        report = compare(bundle, lengths=lengths, engines=engines or ENGINES, window=window, warmup=warmup,
+                         threads=threads, agreement_tokens=agreement_tokens, progress=lambda m: status.update(m))
+    console.print(markdown(report), markup=False, highlight=False)
+    console.print(f"report: {Path(report['bundle']) / 'kv_compare.json'}")
+
+
+@main.command()
+@click.option("--prompt", "-p", default="The ", show_default=True, help="text to continue (UTF-8, as bytes)")
+@click.option("--tokens", "-n", type=int, default=200, show_default=True, help="bytes to generate")
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="0 picks the most likely byte")
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="HMT weights (default: the shipped models/checkpoints/hmt_small.pt)")
+@click.option("--config", help="a named HMT config with seeded random weights instead (see `edgekit models`)")
+@click.option("--engine", type=click.Choice(["tvm", "pytorch"]), default="tvm", show_default=True,
+              help="tvm: the model compiled for this host (built on first use, cached); pytorch: eager")
+@click.option("--seed", type=int, default=0, show_default=True, help="sampling seed")
+def generate(prompt: str, tokens: int, temperature: float, checkpoint: Path | None, config: str | None, engine: str,
+             seed: int) -> None:
+    """Continue --prompt with a hierarchical-memory byte LM (HMT), byte by byte, in bounded memory.
+
+    Inside a segment the decode step extends a KV cache of at most one segment; at each segment boundary the
+    segment step folds the segment into the memory (N embeddings, k sensory bytes), so any length runs in
+    the same memory. Prints the text as it comes, then bytes per second, state bytes and resident memory.
+    """
+    import codecs
+    import time
+
+    import numpy as np
+    import torch
+
+    from edgekit.artifact import file_sha256
+    from edgekit.hmt_runtime import Generator, rss_bytes
+    from edgekit.models import hmt
+
+    if checkpoint and config:
+        raise click.UsageError("pass --checkpoint or --config, not both (a checkpoint carries its own config)")
+    if tokens < 0 or temperature < 0:
+        raise click.UsageError("--tokens and --temperature must not be negative")
+    if not prompt:
+        raise click.UsageError("--prompt must hold at least one character")
+    torch.set_num_threads(1)
+    if config is None and checkpoint is None:
+        checkpoint = hmt.DEFAULT_CHECKPOINT
+        if not checkpoint.is_file():
+            raise EdgekitError(f"the shipped checkpoint {checkpoint} is missing",
+                               "pass --checkpoint PATH or --config small (random weights)")
+    model = hmt.build(config, checkpoint)
+    with err_console.status("loading") as status:
+        if engine == "tvm":
+            from edgekit.hmt_build import cached_build, load_engine
+
+            key = f"ck{file_sha256(checkpoint)[:16]}" if checkpoint else f"cfg-{config}"
+            eng = load_engine(cached_build(model, key, progress=lambda m: status.update(m)))
+        else:
+            eng = hmt.TorchEngine(model)
+    gen = Generator(eng)
+    data = prompt.encode()
+    t0 = time.perf_counter()
+    gen.prefill(data)
+    t1 = time.perf_counter()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(prompt)
+    rng = np.random.default_rng(seed)
+    for _ in range(tokens):
+        t = gen.sample(temperature, rng)
+        sys.stdout.write(decoder.decode(bytes([t])))
+        sys.stdout.flush()
+        gen.feed(t)
+    t2 = time.perf_counter()
+    sys.stdout.write("\n")
+    err_console.print(f"[dim]{engine}: prompt {len(data)} bytes in {t1 - t0:.2f} s, generated {tokens} bytes at "
+                      f"{tokens / max(t2 - t1, 1e-9):.1f} bytes/s ({gen.calls['segment']} segment, "
+                      f"{gen.calls['decode']} decode calls); state {model.state_bytes()} bytes between segments; "
+                      f"RSS {rss_bytes() / 2**20:.0f} MiB[/]", highlight=False)

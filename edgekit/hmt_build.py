@@ -86,3 +86,27 @@ def load_engine(out_dir: Path, device: str = "cpu"):
     out_dir = Path(out_dir)
     meta = json.loads((out_dir / "hmt.json").read_text())
     return TVMEngine(out_dir / meta["library"], meta, device)
+
+
+def cached_build(model, key: str, target: str = "host", progress=print):
+    """The model's library for `target`, built on first use under $EDGEKIT_CACHE/hmt/<key>-<target>-<version>
+    (atomically: built in a sibling directory, then renamed), then its engine."""
+    import os
+    import shutil
+
+    from edgekit import __version__
+    from edgekit.stream import cache_dir
+
+    out = cache_dir() / "hmt" / f"{key}-{target}-{__version__}"
+    if not (out / "hmt.json").is_file():
+        stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        try:
+            progress(f"first use: compiling for {target} into {out} (cached for next time)")
+            build(model, stage, target, progress=progress)
+            if not out.exists():
+                stage.rename(out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return out

@@ -166,30 +166,68 @@ class Aaren(StreamingModel):
         return {"logits": y["logits"][:, 0]}, state
 
 
+def cached_attention(attn: AarenAttention, keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> torch.Tensor:
+    """Ordinary softmax attention of each head's query over t cached tokens and one new token: [B, 1, H*D].
+
+    keys/values [B, t, H*D] (token-major, so a cache prefix is one contiguous block and nothing is copied or
+    transposed per step), k/v [B, 1, H*D] of the new token. Per head the scores are a GEMV over that head's
+    slice; written as one GEMM with a block-diagonal query matrix [H*D, H] so the cache is read once, in place
+    (exported as is to ONNX: MatMul, Concat of the t x H scores, Softmax, MatMul)."""
+    acc, heads, d = accumulator(k.dtype), attn.heads, attn.d_head
+    eye = torch.eye(heads, dtype=acc)
+    q = (attn.query.to(acc).unsqueeze(-1) * eye.unsqueeze(1)).reshape(heads * d, heads)  # q[h, :] in block h
+    s = torch.cat([keys.to(acc) @ q, k.to(acc) @ q], dim=1) / math.sqrt(d)  # [B, t+1, H]
+    p = torch.softmax(s, dim=1)
+    o = p[:, :-1].transpose(1, 2) @ values.to(acc)  # [B, H, H*D]; head h's output is block h of row h
+    o = (o.view(-1, heads, heads, d) * eye.view(1, heads, heads, 1)).sum(2)  # [B, H, D]
+    o = o + p[:, -1].unsqueeze(-1) * v.to(acc).view(-1, heads, d)
+    return o.flatten(1).unsqueeze(1).to(k.dtype)
+
+
 class SoftmaxKVCache:
     """The same network and weights with ordinary softmax attention of each fixed query over all keys so far,
-    kept in a growing KV cache (capacity doubles when full): the O(T)-memory baseline for Aaren's O(1) state."""
+    kept in a growing KV cache: the O(T)-memory baseline for Aaren's O(1) state.
+
+    Per layer the cache holds keys and values [B, capacity, H*D] (capacity doubles when full; `reserve`
+    preallocates). `step` attends over the cached prefix plus the new token, then appends it; `prefill` fills
+    the cache for a whole prefix at once with the parallel form (exact softmax attention, as the scan)."""
 
     def __init__(self, model: Aaren, batch: int = 1, capacity: int = 256):
         self.model, self.length = model, 0
         dtype = model.embed.weight.dtype
-        self.keys = [torch.zeros(batch, capacity, b.attn.heads, b.attn.d_head, dtype=dtype) for b in model.blocks]
-        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.keys = [self.zeros(batch, capacity, b.attn.heads * b.attn.d_head, dtype) for b in model.blocks]
+        self.values = [self.zeros(*k.shape, dtype) for k in self.keys]
+
+    def zeros(self, batch: int, tokens: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """A zeroed cache buffer [batch, tokens, width] (a subclass may place it elsewhere)."""
+        return torch.zeros(batch, tokens, width, dtype=dtype)
 
     def cache_bytes(self) -> int:
         """Bytes of keys and values held for the tokens seen so far."""
         return sum(2 * k[:, :self.length].numel() * k.element_size() for k in self.keys)
 
+    def reserve(self, tokens: int) -> None:
+        """Room for `tokens` tokens in all (zero pages: resident memory still grows only as tokens arrive)."""
+        for j, k in enumerate(self.keys):
+            if k.shape[1] < tokens:
+                for buf in (self.keys, self.values):
+                    grown = self.zeros(k.shape[0], tokens, k.shape[2], k.dtype)
+                    grown[:, :self.length] = buf[j][:, :self.length]
+                    buf[j] = grown
+
+    def _append(self, j: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = k.shape[1]
+        if self.length + n > self.keys[j].shape[1]:
+            self.reserve(max(2 * self.keys[j].shape[1], self.length + n))
+        self.keys[j][:, self.length:self.length + n] = k
+        self.values[j][:, self.length:self.length + n] = v
+
     def _attend(self, j: int, attn: AarenAttention, h: torch.Tensor) -> torch.Tensor:
-        k, v = attn.keys_values(h)
-        if self.length == self.keys[j].shape[1]:
-            self.keys[j] = torch.cat([self.keys[j], torch.zeros_like(self.keys[j])], dim=1)
-            self.values[j] = torch.cat([self.values[j], torch.zeros_like(self.values[j])], dim=1)
-        self.keys[j][:, self.length], self.values[j][:, self.length] = k[:, 0], v[:, 0]
-        keys, values = self.keys[j][:, :self.length + 1], self.values[j][:, :self.length + 1]
-        p = F.softmax(attn.scores(keys), dim=1)  # [B, t, H]
-        o = torch.einsum("bth,bthd->bhd", p, values.to(p.dtype))
-        return o.flatten(-2).unsqueeze(1).to(h.dtype)
+        k, v = attn.key(h), attn.value(h)  # [B, 1, H*D]
+        o = cached_attention(attn, self.keys[j][:, :self.length], self.values[j][:, :self.length], k, v)
+        self._append(j, k, v)
+        return o
 
     @torch.no_grad()
     def step(self, x_t: torch.Tensor) -> torch.Tensor:
@@ -197,6 +235,29 @@ class SoftmaxKVCache:
         logits = self.model.network(x_t.unsqueeze(1), self._attend)[:, 0]
         self.length += 1
         return logits
+
+    @torch.no_grad()
+    def prefill(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Logits [B, T, classes] of frames [B, T, F] appended to the stream, computed in parallel per chunk
+        (each layer's attention by the scan, carried across chunks), the cache filled with their keys and values.
+        Exact softmax attention like `step`, without T sequential calls: how a long context is reached."""
+        carry: list[Triple | None] = [None] * len(self.keys)
+        outs = []
+
+        def attend(j: int, attn: AarenAttention, h: torch.Tensor) -> torch.Tensor:
+            if carry[j] is None and self.length:  # the cached prefix, summarised once as a triple
+                keys = self.keys[j][:, :self.length].view(h.shape[0], self.length, attn.heads, attn.d_head)
+                values = self.values[j][:, :self.length].view_as(keys)
+                m, u, w = scan(attn.scores(keys), values.to(accumulator(values.dtype)))
+                carry[j] = (m[:, -1], u[:, -1], w[:, -1])
+            o, carry[j] = attn.mix(h, carry[j])
+            self._append(j, attn.key(h), attn.value(h))
+            return o
+
+        for t in range(0, x.shape[1], chunk):
+            outs.append(self.model.network(x[:, t:t + chunk], attend))
+            self.length += outs[-1].shape[1]
+        return torch.cat(outs, dim=1)
 
 
 def infer_config(sd: dict[str, torch.Tensor]) -> dict:

@@ -22,6 +22,7 @@ The backbone is our own compact pre-norm causal Transformer (learned absolute po
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,6 +47,13 @@ CONFIG_KEYS = ("vocab", "d_model", "layers", "heads", "ffn", "segment", "memory"
 NEG = -1e9  # masked attention scores: e^(NEG - max) is exactly 0, and no row is ever fully masked
 
 
+def flat(layer, x: torch.Tensor) -> torch.Tensor:
+    """A position-wise layer applied to x [..., d] as one 2-D matrix product [rows, d]: the form edgekit's CPU
+    pipeline turns into its packed-weight kernel (a 3-D matmul with a constant would be left unscheduled)."""
+    y = layer(x.reshape(-1, x.shape[-1]))
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 class Block(nn.Module):
     """Pre-norm block: x + proj(attn(norm1(x))), then x + ffn(norm2(x))."""
 
@@ -61,7 +69,7 @@ class Block(nn.Module):
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v [B, H, T, D] of the block input x [B, T, d]."""
         b, t, _ = x.shape
-        qkv = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, self.d_head)
+        qkv = flat(self.qkv, self.norm1(x)).view(b, t, 3, self.heads, self.d_head)
         return qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
 
     def finish(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
@@ -70,8 +78,8 @@ class Block(nn.Module):
         s = q @ k.transpose(-1, -2) / math.sqrt(self.d_head)
         a = torch.softmax(torch.where(allowed, s, torch.full_like(s, NEG)), dim=-1)
         o = (a @ v).transpose(1, 2).flatten(2)
-        x = x + self.proj(o)
-        return x + self.ffn(self.norm2(x))
+        x = x + flat(self.proj, o)
+        return x + flat(self.ffn, self.norm2(x))
 
 
 class HMT(nn.Module):
@@ -138,7 +146,7 @@ class HMT(nn.Module):
         return self.norm(x), kv
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.embed.weight.t()
+        return flat(lambda x: x @ self.embed.weight.t(), h)
 
     def causal(self, t: int) -> torch.Tensor:
         return torch.ones(t, t, dtype=torch.bool).tril().view(1, 1, t, t)
@@ -159,14 +167,20 @@ class HMT(nn.Module):
 
     # ---- the reference: the algorithm as written ----------------------------------------------------------------
 
-    def reference(self, tokens: torch.Tensor, recall: bool = True, sensory: bool = True
+    def reference(self, tokens: torch.Tensor, recall: bool = True, sensory: bool = True, carry: tuple | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [B, T, V] of every position and the memory embeddings [B, segments, d] of a byte stream [B, T],
-        segment by segment. recall=False always uses P_0 (no long-term memory); sensory=False drops the sensory
-        tokens (the ablations). Differentiable: training runs this, back-propagating through the memories."""
+        segment by segment from the start of a stream. recall=False always uses P_0 (no long-term memory),
+        sensory=False drops the sensory tokens (the ablations). Differentiable: training runs it."""
+        logits, memories, _ = self.reference_carry(tokens, recall, sensory, carry)
+        return logits, memories
+
+    def reference_carry(self, tokens: torch.Tensor, recall: bool = True, sensory: bool = True,
+                        carry: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """`reference` continuing a stream: carry = (cache: list of [B, d], sensory ids [B, <=k] or None) as
+        returned by the previous call (None: a new stream); tokens should be whole segments except at the end."""
         b = tokens.shape[0]
-        cache: list[torch.Tensor] = []
-        sens: torch.Tensor | None = None
+        cache, sens = ([], None) if carry is None else (list(carry[0]), carry[1])
         out, memories = [], []
         for start in range(0, tokens.shape[1], self.L):
             seg = tokens[:, start:start + self.L]
@@ -182,9 +196,9 @@ class HMT(nn.Module):
             n_pre = 1 + (sens.shape[1] if sens is not None else 0)
             out.append(self.logits(h[:, n_pre:n_pre + seg.shape[1]]))
             memories.append(h[:, -1])
-            cache = (cache + [h[:, -1]])[-self.N:]
+            cache = (cache + [h[:, -1]])[-self.N:]  # grows to N, then drops the oldest
             sens = seg[:, -self.k:] if sensory else None
-        return torch.cat(out, dim=1), torch.stack(memories, dim=1)
+        return torch.cat(out, dim=1), torch.stack(memories, dim=1), (cache, sens)
 
     # ---- the deployable form: fixed shapes ----------------------------------------------------------------------
 
@@ -319,7 +333,7 @@ class TorchEngine:
         self.segment_length, self.summary_length, self.slots = model.L, model.j, model.slots - 1
 
     def init_state(self) -> dict:
-        return self.model.init_state(1)
+        return self.model.init_state(1, self.model.embed.weight.dtype)
 
     @torch.no_grad()
     def segment(self, tokens: np.ndarray, length: int, state: dict) -> tuple[np.ndarray, dict, dict]:
@@ -348,8 +362,12 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict:
     return dict(zip(CONFIG_KEYS, (int(v) for v in sd["hmt_config"].tolist())))
 
 
+DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "hmt_small.pt"
+
+
 def build(config: str | None = None, checkpoint=None, seed: int = 0) -> HMT:
-    """An HMT in eval mode from a checkpoint (config read off its `hmt_config` buffer) or a named config."""
+    """An HMT in eval mode from a checkpoint (config read off its `hmt_config` buffer) or a named config
+    with seeded random weights."""
     from edgekit.checkpoint import load_strict, read_state_dict
 
     if checkpoint is not None:

@@ -84,6 +84,50 @@ def test_forms_agree_float32(chunk: int):
     torch.testing.assert_close(step["logits"].double(), soft, rtol=1e-4, atol=1e-5)
 
 
+def test_kv_cache_prefill_matches_stepping():
+    """Prefill (the parallel form, chunked, resumed from a cached prefix) fills the same cache and gives the same
+    logits as stepping token by token; steps after it continue exactly."""
+    model = tiny()
+    x = torch.randn(2, 90, TINY["input_size"], dtype=torch.float64)
+    want = softmax_baseline(model, x)
+    cache = SoftmaxKVCache(model, batch=2, capacity=4)
+    got = torch.cat([cache.prefill(x[:, :37], chunk=16), cache.prefill(x[:, 37:80], chunk=8),
+                     torch.stack([cache.step(x[:, t]) for t in range(80, 90)], dim=1)], dim=1)
+    assert cache.length == 90 and cache.cache_bytes() == 2 * len(model.blocks) * 2 * 90 * 32 * 8
+    assert max_err(got, want) < 1e-12
+    stepped_cache = SoftmaxKVCache(model, batch=2, capacity=4)
+    for t in range(90):
+        stepped_cache.step(x[:, t])
+    for a, b in zip(cache.keys + cache.values, stepped_cache.keys + stepped_cache.values):
+        assert max_err(a[:, :90], b[:, :90]) < 1e-12
+
+
+def test_fp32_counter_saturates_at_2_24():
+    """Documents fp32's limit: with every score at the running max (weight 1 per token), c counts tokens exactly
+    up to 2^24 = 16,777,216; there c + 1 is a tie and rounds back, so the step stops counting, while a chunk
+    of 16 adds 16 at once (exact up to 2^28). The output stays finite; see edgekit.aaren_long."""
+    model = tiny(torch.float32)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.key.weight.zero_()
+            blk.attn.key.bias.zero_()
+    x = torch.randn(1, 16, model.input_size)
+    state = model.init_state()
+    with torch.no_grad():
+        _, state = model.step(x[:, 0], state)
+        for j in range(len(model.blocks)):
+            state[f"a{j}"] = state[f"a{j}"] * 2.0**24 - 8.0 * state[f"a{j}"]
+            state[f"c{j}"] = torch.full_like(state[f"c{j}"], 2.0**24 - 8)
+        stepped = dict(state)
+        for t in range(16):
+            y, stepped = model.step(x[:, t], stepped)
+        chunked = model.step_chunk(x, dict(state))[1]
+    for j in range(len(model.blocks)):
+        assert torch.equal(stepped[f"c{j}"], torch.full_like(state[f"c{j}"], 2.0**24))  # 8 counted, 8 lost
+        assert torch.equal(chunked[f"c{j}"], torch.full_like(state[f"c{j}"], 2.0**24 + 8))
+    assert torch.isfinite(y["logits"]).all()
+
+
 def test_chunk_is_parallel_not_unrolled():
     """The chunk folds K tokens with one scan: the attention's score op runs once per layer, not K times."""
     model, calls = build("aaren"), []

@@ -1,0 +1,215 @@
+"""Aaren over long streams: the compiled artifact's state after many tokens, and what fp32 does to the
+running sums past 2^24 = 16,777,216 tokens.
+
+Each layer and head carries m (running max score), c (sum of e^{s-m}: at most the token count) and a (sum of
+v e^{s-m}). In fp32, c + w rounds w to a multiple of ulp(c) = c * 2^-23 (roughly); once c reaches 2^24 an
+increment of 1 (a token at the running max) is a tie and rounds back down: c stops counting. a does not stop
+with it when the values average near zero (|a| stays far below c), so the output a / c drifts.
+
+    python -m edgekit.aaren_long BUNDLE [--frames N] [--chunk K]   # prints the JSON of all three checks
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.artifact import load
+from edgekit.runtime import Session
+from edgekit.validate import WINDOW, FrameSource
+
+FP32_EXACT_COUNT = 2**24  # 16,777,216: the last integer n with n + 1 exact in float32
+
+
+def _read_state(session: Session) -> dict[str, np.ndarray]:
+    return {s["name"]: np.array(session.vm.numpy(t)) for s, t in zip(session.state_specs, session.state)}
+
+
+def _write_state(session: Session, state: dict[str, np.ndarray]) -> None:
+    session.state = [session.vm.tensor(state[s["name"]].astype(s["dtype"])) for s in session.state_specs]
+
+
+def summarize_state(state: dict[str, np.ndarray], tokens: int) -> dict:
+    """Per layer: range of m, range of c (and c / tokens, the mean weight e^{s-m}), max |a| and |a / c|."""
+    layers = sorted(int(k[1:]) for k in state if k.startswith("m") and k[1:].isdigit())
+    out = {"tokens": tokens, "finite": bool(all(np.isfinite(v).all() for v in state.values())), "layers": {}}
+    for j in layers:
+        m, c, a = state[f"m{j}"], state[f"c{j}"], state[f"a{j}"]
+        out["layers"][j] = {"m": [float(m.min()), float(m.max())], "c": [float(c.min()), float(c.max())],
+                            "c_per_token": [float(c.min()) / tokens, float(c.max()) / tokens],
+                            "max_abs_a": float(np.abs(a).max()), "max_abs_a_over_c": float(np.abs(a / c[..., None]).max())}
+    if "count" in state:
+        out["count"] = float(state["count"].reshape(-1)[0])
+    return out
+
+
+def long_stream_state(bundle_path: Path, frames: int = 1_000_000, chunk: int = 16, seed: int = 0,
+                      marks: tuple[int, ...] = (100_000, 1_000_000), reference: bool = True) -> dict:
+    """Stream the compiled artifact over `frames` frames; at each mark, its state (finite? c, m, a ranges) and,
+    with `reference`, the relative error of c and of the attention output a / c against the float64 model
+    carried through the same stream. Also whether every output along the way was finite."""
+    import torch
+
+    bundle = load(Path(bundle_path))
+    session, source = Session(bundle), FrameSource(bundle.manifest["input"]["shape"][-1], seed)
+    net = state64 = None
+    if reference:
+        from edgekit.validate import reference_model
+
+        net = reference_model(bundle)
+        state64 = net.init_state(1)
+    outputs_finite, results, step = True, [], max(chunk, WINDOW // chunk * chunk)
+    for start in range(0, frames, step):
+        stop = min(frames, start + step)
+        x = source.frames(start, stop)
+        y = session.feed(x, chunk)
+        outputs_finite &= bool(all(np.isfinite(v).all() for v in y.values()))
+        if net is not None:
+            with torch.no_grad():
+                _, state64 = net.step_chunk(torch.from_numpy(x).double(), state64)
+        for mark in marks:
+            if start < mark <= stop:
+                got = _read_state(session)
+                row = summarize_state(got, stop)
+                if net is not None:
+                    want = {k: v.numpy() for k, v in state64.items()}
+                    row["vs_float64"] = {
+                        f"layer{j}": {"c_rel_error": float(np.abs(got[f"c{j}"] / want[f"c{j}"] - 1).max()),
+                                      "output_abs_error": float(np.abs(got[f"a{j}"] / got[f"c{j}"][..., None]
+                                                                       - want[f"a{j}"] / want[f"c{j}"][..., None]).max()),
+                                      "m_abs_error": float(np.abs(got[f"m{j}"] - want[f"m{j}"]).max())}
+                        for j in row["layers"]}
+                results.append(row)
+    return {"bundle": str(bundle.path), "frames": frames, "chunk": chunk, "seed": seed,
+            "outputs_finite": outputs_finite, "checkpoints": results}
+
+
+def saturation_probe(bundle_path: Path, c_value: float = FP32_EXACT_COUNT, tokens: int = 256, prefix: int = 4096,
+                     seed: int = 0) -> dict:
+    """The compiled artifact with its sums set as if ~c_value tokens had been seen: after `prefix` real frames,
+    every head's c is set to c_value with a scaled to keep a / c (the outputs) unchanged, and the running mean's
+    count to c_value with its sum scaled alike. Then `tokens` more frames, by the step entry and by the largest
+    chunk entry, each from that same state; how much c and count grew, against the float64 model from the same
+    state, and the logits' max error against it."""
+    import torch
+
+    from edgekit.validate import reference_model
+
+    bundle = load(Path(bundle_path))
+    session, source = Session(bundle), FrameSource(bundle.manifest["input"]["shape"][-1], seed)
+    session.feed(source.frames(0, prefix), 1)
+    state = _read_state(session)
+    for name in [k for k in state if k.startswith("c") and k[1:].isdigit()]:
+        j = name[1:]
+        scale = c_value / state[name]
+        state[f"a{j}"] = (state[f"a{j}"].astype(np.float64) * scale[..., None]).astype(np.float32)
+        state[name] = np.full_like(state[name], c_value)
+    if "count" in state:
+        for k in [k for k in state if k.startswith("sum.")]:
+            state[k] = (state[k].astype(np.float64) * c_value / state["count"].reshape(-1)[0]).astype(np.float32)
+            state[k.replace("sum.", "carry.")] = np.zeros_like(state[k])
+        state["count"] = np.full_like(state["count"], c_value)
+    x = source.frames(prefix, prefix + tokens)
+    net = reference_model(bundle)
+    with torch.no_grad():
+        y64, after64 = net.step_chunk(torch.from_numpy(x).double(),
+                                      {k: torch.from_numpy(v.astype(np.float64)) for k, v in state.items()})
+    result = {"c_value": c_value, "tokens": tokens, "prefix": prefix, "entries": {}}
+    cs = [k for k in state if k.startswith("c") and k[1:].isdigit()]
+    result["float64"] = {"c_growth": {k: (after64[k].numpy() - state[k]).tolist() for k in cs},
+                         **({"count_growth": float(after64["count"][0, 0]) - c_value} if "count" in state else {})}
+    chunks = sorted(e["frames"] for e in bundle.manifest["entries"].values() if e["frames"])
+    for chunk in sorted({1, chunks[-1]}):
+        _write_state(session, state)
+        y = session.feed(x, chunk)
+        after = _read_state(session)
+        result["entries"][f"chunk{chunk}"] = {
+            "c_growth": {k: (after[k].astype(np.float64) - state[k]).tolist() for k in cs},
+            **({"count_growth": float(after["count"].reshape(-1)[0]) - c_value} if "count" in state else {}),
+            "max_abs_error": {k: float(np.abs(v - y64[k].numpy()).max()) for k, v in y.items()},
+            "finite": bool(all(np.isfinite(v).all() for v in [*y.values(), *after.values()]))}
+    return result
+
+
+def simulate_head(tokens: int = 2**25, sigma: float = 1.0, equal_scores: bool = False, mean_value: float = 0.0,
+                  shift_at: int | None = None, shifted_mean: float = 1.0, seed: int = 0, block: int = 2**22,
+                  checkpoints: tuple[int, ...] = (10**6, 10**7, FP32_EXACT_COUNT, 2**25)) -> dict:
+    """One head's step recurrence (chunk 1) run exactly as the compiled step does it in fp32, next to float64,
+    over `tokens` tokens: scores N(0, sigma^2) (or all equal), scalar values N(mean_value, 1) (mean
+    `shifted_mean` from token `shift_at` on). While the running max stays put the fp32 update is c + w, a + w v
+    in sequence (np.cumsum in float32 accumulates in order, in float32); at a new max both are rescaled first.
+    Returns, at each checkpoint, c in both precisions and the output a / c's error."""
+    rng = np.random.default_rng(seed)
+    m = -math.inf
+    c32 = a32 = np.float32(0)
+    c64 = a64 = 0.0
+    rows, done, marks = [], 0, sorted(k for k in checkpoints if k <= tokens)
+    while done < tokens:
+        n = min(block, tokens - done)
+        s = np.zeros(n) if equal_scores else rng.normal(0.0, sigma, n)
+        mu = np.full(n, mean_value)
+        if shift_at is not None:
+            mu[max(0, shift_at - done):] = shifted_mean
+        v = rng.normal(mu, 1.0)
+        run_max = np.maximum.accumulate(np.maximum(s, m))
+        starts = [0, *np.flatnonzero(np.diff(run_max) > 0) + 1]  # a new running max at each start (but 0)
+        c32_all, a32_all = np.empty(n, np.float32), np.empty(n, np.float32)
+        c64_all, a64_all = np.empty(n), np.empty(n)
+        for i, lo in enumerate(starts):
+            hi = starts[i + 1] if i + 1 < len(starts) else n
+            new_m = run_max[lo]
+            if new_m > m:  # rescale the carried sums to the new max (exp of a non-positive number)
+                e = math.exp(m - new_m) if m > -math.inf else 0.0
+                c32, a32 = np.float32(c32 * np.float32(e)), np.float32(a32 * np.float32(e))
+                c64, a64 = c64 * e, a64 * e
+                m = new_m
+            w32 = np.exp((s[lo:hi] - m).astype(np.float32))
+            wv32 = w32 * v[lo:hi].astype(np.float32)
+            c32_all[lo:hi] = np.cumsum(np.concatenate([[c32], w32]), dtype=np.float32)[1:]
+            a32_all[lo:hi] = np.cumsum(np.concatenate([[a32], wv32]), dtype=np.float32)[1:]
+            w64 = np.exp(s[lo:hi] - m)
+            c64_all[lo:hi] = c64 + np.cumsum(w64)
+            a64_all[lo:hi] = a64 + np.cumsum(w64 * v[lo:hi])
+            c32, a32, c64, a64 = c32_all[hi - 1], a32_all[hi - 1], c64_all[hi - 1], a64_all[hi - 1]
+        for mark in marks:
+            if done < mark <= done + n:
+                i = mark - done - 1
+                o32, o64 = float(a32_all[i]) / float(c32_all[i]), a64_all[i] / c64_all[i]
+                rows.append({"tokens": mark, "c_fp32": float(c32_all[i]), "c_float64": float(c64_all[i]),
+                             "c_rel_error": float(c32_all[i]) / c64_all[i] - 1, "output_fp32": o32,
+                             "output_float64": o64, "output_abs_error": abs(o32 - o64)})
+        done += n
+    return {"tokens": tokens, "sigma": sigma, "equal_scores": equal_scores, "mean_value": mean_value,
+            "shift_at": shift_at, "shifted_mean": shifted_mean, "seed": seed, "checkpoints": rows}
+
+
+def main(argv: list[str]) -> None:
+    import argparse
+
+    import torch
+
+    torch.set_num_threads(1)
+    p = argparse.ArgumentParser(prog="python -m edgekit.aaren_long", description=__doc__.split("\n\n")[0])
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--frames", type=int, default=1_000_000)
+    p.add_argument("--chunk", type=int, default=16)
+    p.add_argument("--no-reference", action="store_true", help="skip the float64 state carried alongside")
+    p.add_argument("--simulate-tokens", type=int, default=2**25)
+    args = p.parse_args(argv)
+    marks = tuple(sorted({max(1, args.frames // 10), args.frames}))
+    report = {"long_stream": long_stream_state(args.bundle, args.frames, args.chunk, marks=marks,
+                                               reference=not args.no_reference),
+              "saturation_probe": saturation_probe(args.bundle),
+              "simulated_head": [simulate_head(args.simulate_tokens, **kw) for kw in (
+                  {"equal_scores": True}, {"equal_scores": True, "shift_at": 2**24 + 2**22},
+                  {"sigma": 1.0}, {"sigma": 1.0, "shift_at": 2**24 + 2**22}, {"sigma": 3.0})]}
+    load(args.bundle).record("long_stream.json", report)
+    json.dump(report, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

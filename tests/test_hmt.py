@@ -1,0 +1,185 @@
+"""HMT: the eager reference, the fixed-shape segment step, token-by-token generation and the host artifact agree."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgekit.errors import CheckpointError
+from edgekit.hmt_runtime import Generator
+from edgekit.models import hmt
+from edgekit.models.hmt import CONFIGS, HMT, TorchEngine, infer_config
+
+TINY = CONFIGS["tiny"]  # L 8, N 3, k 2, j 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sharp(dtype: torch.dtype = torch.float64, std: float = 0.5, config: dict = TINY, seed: int = 0) -> HMT:
+    """Large random weights: peaked attention and recall, so that every path (memory, sensory, masks) shows."""
+    torch.manual_seed(seed)
+    model = HMT(**config).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=std)
+    return model
+
+
+def segments(model: HMT, count: int, extra: int = 0, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, count * model.L + extra), generator=torch.Generator().manual_seed(seed))
+
+
+def test_fixed_step_equals_reference_past_the_cache_float64():
+    """5N segments and a short last one: the cache wraps (the ring's write index goes round 5 times)."""
+    model = sharp()
+    x = segments(model, 5 * model.N, extra=3)
+    with torch.no_grad():
+        ref_logits, ref_mem = model.reference(x)
+        logits, mem = model.score(x)
+    assert ref_mem.shape[1] == 5 * model.N + 1
+    assert float((logits - ref_logits).abs().max()) < 1e-10
+    assert float((mem - ref_mem).abs().max()) < 1e-10
+    assert float(ref_logits.abs().max()) > 1.0  # not a trivially small comparison
+
+
+def test_every_memory_path_matters():
+    """Recall, sensory tokens and the first-segment vector each change the logits (so the test above sees them)."""
+    model = sharp()
+    x = segments(model, 6)
+    with torch.no_grad():
+        full = model.reference(x)[0]
+        no_recall = model.reference(x, recall=False)[0]
+        no_sensory = model.reference(x, sensory=False)[0]
+        y = x.clone()
+        y[:, :model.L] = (y[:, :model.L] + 1) % 256  # segment 0 only: reaches segment 5 through memory alone
+        changed = model.reference(y)[0]
+        changed_no_recall = model.reference(y, recall=False)[0]
+    last = slice(5 * model.L, 6 * model.L)
+    assert float((full - no_recall)[:, last].abs().max()) > 1e-3
+    assert float((full - no_sensory)[:, model.L:].abs().max()) > 1e-3
+    assert float((full - changed)[:, last].abs().max()) > 1e-6
+    assert torch.equal(changed_no_recall[:, last], no_recall[:, last])  # beyond k: no path
+
+
+def test_empty_segment_leaves_the_state_and_first_segment_uses_p0():
+    model = sharp()
+    state = model.init_state(2, torch.float64)
+    with torch.no_grad():
+        out, after = model.segment_step(torch.zeros(2, model.L, dtype=torch.int64), torch.zeros(2, dtype=torch.int64),
+                                        state)
+        assert all(torch.equal(after[n], state[n]) for n in state)
+        x = segments(model, 1)
+        out, after = model.segment_step(x, torch.full((2,), model.L), state)
+        p0 = model.first_memory.expand(2, 1, -1)
+        h = model.run_compact(torch.cat([p0, model.embed(x), p0], dim=1))
+    torch.testing.assert_close(out["logits"], model.logits(h[:, 1:-1]))
+    assert after["memory_valid"][:, 0].eq(1).all() and after["memory_valid"][:, 1:].eq(0).all()
+    assert after["write"].eq(1).all() and after["sensory_len"].eq(model.k).all()
+
+
+def test_generation_is_the_reference_on_every_prefix():
+    """Token by token (segment steps while the summary grows, decode steps after, the segment step at each
+    boundary), the next-byte logits equal the reference run on the stream so far."""
+    model = sharp()
+    x = segments(model, model.N + 2, extra=5, batch=1)
+    gen = Generator(TorchEngine(model))
+    worst = 0.0
+    for t in range(x.shape[1]):
+        logits = gen.feed(int(x[0, t]))
+        with torch.no_grad():
+            want = model.reference(x[:, :t + 1])[0][0, -1].numpy()
+        worst = max(worst, float(np.abs(logits - want).max()))
+    assert worst < 1e-9
+    assert gen.calls["decode"] == (model.N + 2) * (model.L - model.j - 1) + (5 - model.j)
+    assert len(gen.segment) == 5 and len(gen.segment) < model.L  # bounded: at most one segment of ids
+    prefilled = Generator(TorchEngine(model))
+    np.testing.assert_allclose(prefilled.prefill(x[0].tolist()), logits, atol=1e-10)
+    a = Generator(TorchEngine(model)).generate(bytes(x[0, :13].tolist()), 30, temperature=0.0)
+    b = Generator(TorchEngine(model)).generate(bytes(x[0, :13].tolist()), 30, temperature=0.0)
+    assert a == b and len(a) == 30
+
+
+def test_state_bytes_default_config_vs_kv_cache():
+    model = HMT(**CONFIGS["small"])
+    # N x d float32 memories, N validity flags, write index, k sensory ids, their count.
+    assert model.state_bytes() == 16 * 256 * 4 + 16 * 4 + 8 + 8 * 8 + 8 == 16_528
+    assert hmt.KVCacheLM.cache_bytes(model, 10_000) == 2 * 4 * 256 * 4 * 10_000  # 81.9 MB
+    params = sum(p.numel() for p in model.parameters())
+    assert 3_000_000 < params < 4_000_000
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = sharp(torch.float32)
+    path = tmp_path / "hmt.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    loaded = hmt.build(checkpoint=path)
+    assert loaded.config() == model.config() and infer_config(model.state_dict()) == model.config()
+    x = segments(model, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.reference(x)[0], model.reference(x)[0])
+    with pytest.raises(CheckpointError, match="hmt_config"):
+        infer_config({k: v for k, v in model.state_dict().items() if k != "hmt_config"})
+
+
+@pytest.fixture(scope="module")
+def tiny_library(tmp_path_factory):
+    """Both steps exported (checked against ONNX Runtime) and compiled for this host, once."""
+    from edgekit.hmt_build import build
+
+    model = sharp(torch.float32, std=0.3)
+    out = tmp_path_factory.mktemp("hmt") / "tiny"
+    out.mkdir()
+    meta = build(model, out, progress=lambda m: None)
+    return model, out, meta
+
+
+def test_host_artifact_equals_reference_past_the_cache(tiny_library):
+    from edgekit.hmt_build import load_engine
+
+    model, out, meta = tiny_library
+    assert set(meta["entries"]) == {"segment", "decode"} and meta["state_bytes"] == model.state_bytes()
+    eng = load_engine(out)
+    x = segments(model, 4 * model.N, extra=5, batch=1)
+    with torch.no_grad():
+        ref_logits, ref_mem = model.double().reference(x)
+        model.float()
+    state, logits, mems = eng.init_state(), [], []
+    for s in range(0, x.shape[1], model.L):
+        seg = x[0, s:s + model.L].numpy()
+        o, state = eng.segment_full(np.pad(seg, (0, model.L - len(seg))), len(seg), state)
+        logits.append(o["logits"][0, :len(seg)])
+        mems.append(o["memory_embedding"][0])
+    assert np.abs(np.concatenate(logits) - ref_logits[0].numpy()).max() < 1e-4
+    assert np.abs(np.stack(mems) - ref_mem[0].numpy()).max() < 1e-4
+
+
+def test_host_artifact_generates_like_pytorch(tiny_library):
+    from edgekit.hmt_build import load_engine
+
+    model, out, _ = tiny_library
+    prompt = bytes(range(65, 65 + 11))
+    torch_gen, tvm_gen = Generator(TorchEngine(model)), Generator(load_engine(out))
+    a = torch_gen.generate(prompt, 40, temperature=0.0)
+    b = tvm_gen.generate(prompt, 40, temperature=0.0)
+    assert a == b
+    np.testing.assert_allclose(tvm_gen.last, torch_gen.last, atol=1e-4)
+    assert tvm_gen.calls == torch_gen.calls
+
+
+def test_cli_generate(tmp_path, monkeypatch):
+    from edgekit.cli import main
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path))
+    r = CliRunner().invoke(main, ["generate", "--config", "tiny", "--engine", "pytorch", "--tokens", "20",
+                                  "--prompt", "Hello"])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("Hello")
+    r = CliRunner().invoke(main, ["generate", "--config", "tiny", "--checkpoint", "x.pt"])
+    assert r.exit_code != 0 and "not both" in r.output

@@ -1,0 +1,92 @@
+"""The keyword-spotting demo: synthetic data set layout, staggered windows == offline clips, `edgekit stream`."""
+import re
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgekit import audio
+from edgekit.cli import main
+from edgekit.errors import EdgekitError
+from edgekit.stream import DEMO_CHECKPOINT, SCV2_LABELS, ClipSpec, Merger, StaggeredClassifier, Window, host_bundle
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "kws"))
+from make_dataset import make_dataset, split_of, synthesize  # noqa: E402
+from speech_commands import LABELS, load_split  # noqa: E402
+
+TEST_VOICE = "en-us+f3"  # f3 is a test-split speaker: never heard in training
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private edgekit cache holding the demo model compiled on first use (once for this module)."""
+    path = tmp_path_factory.mktemp("edgekit-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGEKIT_CACHE", str(path))
+        host_bundle(DEMO_CHECKPOINT)
+    return path
+
+
+def test_dataset_layout(tmp_path):
+    counts = make_dataset(tmp_path, ["yes", "no"], {"training": 2, "validation": 1, "testing": 1}, workers=1,
+                          noise_seconds=3.0)
+    assert counts == {"training": 4, "validation": 2, "testing": 2}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["_background_noise_", "no", "yes"]
+    test = (tmp_path / "testing_list.txt").read_text().split()
+    val = (tmp_path / "validation_list.txt").read_text().split()
+    train = [f"{p.parent.name}/{p.name}" for p in tmp_path.glob("[a-z]*/*.wav") if f"{p.parent.name}/{p.name}" not in test + val]
+    speakers = lambda names: {n.split("/")[1].split("_nohash_")[0] for n in names}  # noqa: E731
+    assert len(train) == 4 and not speakers(train) & speakers(test) and not speakers(train) & speakers(val)
+    with wave.open(str(tmp_path / test[0])) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()) == (16000, 1, 2, 16000)
+    split = load_split(tmp_path, "training")
+    assert split.waves.shape[1] == 16000 and {LABELS[i] for i in split.labels} == {"yes", "no", "_silence_"}
+    assert split_of(TEST_VOICE.split("+")[1]) == "testing"
+
+
+def test_windows_are_offline_clip_classifications(cache, monkeypatch):
+    """Each staggered window's probabilities are the PyTorch model's on that second of features alone."""
+    from edgekit.models import build
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(cache))
+    spec = ClipSpec.for_model(len(LABELS), DEMO_CHECKPOINT)
+    clf = StaggeredClassifier(host_bundle(DEMO_CHECKPOINT), spec, hop=14)
+    feats = audio.features(np.random.default_rng(0).standard_normal(32000).astype(np.float32) * 0.1)
+    windows = [w for t in range(0, len(feats) - 13, 14) for w in clf.push(feats[t:t + 14])]
+    assert [w.start for w in windows] == list(range(0, len(feats) - 97, 14))
+    model = build("lmuformer", checkpoint=DEMO_CHECKPOINT)
+    with torch.no_grad():
+        ref = torch.softmax(model(torch.from_numpy(np.stack([feats[w.start:w.start + 98] for w in windows])))
+                            ["mean_logits"][:, -1], -1).numpy()
+    assert np.abs(np.stack([w.probs for w in windows]) - ref).max() < 1e-4
+
+
+def test_stream_cli_detects_keyword_with_cached_demo(cache, tmp_path, monkeypatch):
+    speech = synthesize("yes", TEST_VOICE, 160, 50)
+    x = np.zeros(int(2.2 * audio.SAMPLE_RATE), np.float32)
+    x[8000:8000 + len(speech)] = 0.5 * speech / np.abs(speech).max()
+    x += 0.003 * np.random.default_rng(0).standard_normal(len(x)).astype(np.float32)
+    audio.write_wav(tmp_path / "yes.wav", x)
+    monkeypatch.setenv("EDGEKIT_CACHE", str(cache))
+    monkeypatch.setattr("edgekit.compile.compile", lambda *a, **k: pytest.fail("the cached bundle was not used"))
+    result = CliRunner().invoke(main, ["stream", "--wav", str(tmp_path / "yes.wav")])
+    assert result.exit_code == 0, result.output
+    detections = re.findall(r"^\s*([\d.]+) s\s+(\S+)\s+([\d.]+)$", result.output, re.M)
+    assert [d[1] for d in detections] == ["yes"], result.output
+    assert 0.3 <= float(detections[0][0]) <= 1.5 and "real-time factor" in result.output
+
+
+def test_clip_spec_and_merger():
+    scv2 = ClipSpec.for_model(35, None)
+    assert scv2.labels == SCV2_LABELS and (scv2.clip_frames, scv2.pad_to) == (98, 128)
+    with pytest.raises(EdgekitError, match="--labels"):
+        ClipSpec.for_model(5, None)
+    spec = ClipSpec(["_silence_", "_unknown_", "yes", "no"])
+    merge, p = Merger(spec, threshold=0.5), lambda i, v: np.eye(4)[i] * v + (1 - v) / 4
+    out = [d for s, (i, v) in enumerate([(2, 0.6), (2, 0.9), (3, 0.7), (1, 0.9), (0, 1.0), (3, 0.8)])
+           for d in merge.push(Window(14 * s, p(i, v)))] + merge.close()
+    assert [(d.label, d.windows) for d in out] == [("yes", 3), ("no", 1)]

@@ -294,9 +294,10 @@ def compare_kv(bundle: Path, lengths: tuple[int, ...], engines: tuple[str, ...],
 @click.option("--config", help="a named HMT config with seeded random weights instead (see `edgekit models`)")
 @click.option("--engine", type=click.Choice(["tvm", "pytorch"]), default="tvm", show_default=True,
               help="tvm: the model compiled for this host (built on first use, cached); pytorch: eager")
+@click.option("--bundle", type=click.Path(path_type=Path), help="a built HMT library directory to run instead")
 @click.option("--seed", type=int, default=0, show_default=True, help="sampling seed")
 def generate(prompt: str, tokens: int, temperature: float, checkpoint: Path | None, config: str | None, engine: str,
-             seed: int) -> None:
+             bundle: Path | None, seed: int) -> None:
     """Continue --prompt with a hierarchical-memory byte LM (HMT), byte by byte, in bounded memory.
 
     Inside a segment the decode step extends a KV cache of at most one segment; at each segment boundary the
@@ -315,25 +316,35 @@ def generate(prompt: str, tokens: int, temperature: float, checkpoint: Path | No
 
     if checkpoint and config:
         raise click.UsageError("pass --checkpoint or --config, not both (a checkpoint carries its own config)")
+    if bundle and (checkpoint or config):
+        raise click.UsageError("pass --bundle or --checkpoint/--config, not both (a bundle holds its weights)")
     if tokens < 0 or temperature < 0:
         raise click.UsageError("--tokens and --temperature must not be negative")
     if not prompt:
         raise click.UsageError("--prompt must hold at least one character")
     torch.set_num_threads(1)
-    if config is None and checkpoint is None:
+    if config is None and checkpoint is None and bundle is None:
         checkpoint = hmt.DEFAULT_CHECKPOINT
         if not checkpoint.is_file():
             raise EdgekitError(f"the shipped checkpoint {checkpoint} is missing",
                                "pass --checkpoint PATH or --config small (random weights)")
-    model = hmt.build(config, checkpoint)
     with err_console.status("loading") as status:
-        if engine == "tvm":
+        if bundle is not None:
+            from edgekit.hmt_build import load_engine
+
+            eng = load_engine(bundle)
+            state_bytes = eng.state_bytes
+        elif engine == "tvm":
             from edgekit.hmt_build import cached_build, load_engine
 
+            model = hmt.build(config, checkpoint)
             key = f"ck{file_sha256(checkpoint)[:16]}" if checkpoint else f"cfg-{config}"
             eng = load_engine(cached_build(model, key, progress=lambda m: status.update(m)))
+            state_bytes = model.state_bytes()
         else:
+            model = hmt.build(config, checkpoint)
             eng = hmt.TorchEngine(model)
+            state_bytes = model.state_bytes()
     gen = Generator(eng)
     data = prompt.encode()
     t0 = time.perf_counter()
@@ -349,7 +360,7 @@ def generate(prompt: str, tokens: int, temperature: float, checkpoint: Path | No
         gen.feed(t)
     t2 = time.perf_counter()
     sys.stdout.write("\n")
-    err_console.print(f"[dim]{engine}: prompt {len(data)} bytes in {t1 - t0:.2f} s, generated {tokens} bytes at "
+    err_console.print(f"[dim]{'bundle' if bundle else engine}: prompt {len(data)} bytes in {t1 - t0:.2f} s, generated {tokens} bytes at "
                       f"{tokens / max(t2 - t1, 1e-9):.1f} bytes/s ({gen.calls['segment']} segment, "
-                      f"{gen.calls['decode']} decode calls); state {model.state_bytes()} bytes between segments; "
+                      f"{gen.calls['decode']} decode calls); state {state_bytes} bytes between segments; "
                       f"RSS {rss_bytes() / 2**20:.0f} MiB[/]", highlight=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import time
 import warnings
 from pathlib import Path
@@ -67,12 +66,7 @@ def build(model, out_dir: Path, target: str = "host", batch: int = 1, progress=p
     t2 = time.perf_counter()
     meta = {
         "family": model.family, "config": model.config(), "target": {"name": tgt.name, "tvm": str(tvm_target)},
-        "versions": versions(), "segment": model.L, "summary": model.j, "batch": batch,
-        "state": [s.to_json() for s in model.state_spec(batch)], "state_bytes": model.state_bytes(batch),
-        "decode_cache": [s.to_json() for s in model.kv_spec(batch)],
-        "decode_cache_bytes": sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in model.kv_spec(batch)),
-        "entries": {name: {"onnx": f"onnx/{name}.onnx", "inputs": list(inputs), "outputs": outs}
-                    for name, _, inputs, outs in entries},
+        "versions": versions(), "batch": batch, **model.manifest_fields(batch),
         "library": "model.so", "export_seconds": round(t1 - t0, 2), "compile_seconds": round(t2 - t1, 2),
     }
     torch.save(model.state_dict(), out_dir / "weights.pt")
@@ -80,12 +74,24 @@ def build(model, out_dir: Path, target: str = "host", batch: int = 1, progress=p
     return meta
 
 
-def load_engine(out_dir: Path, device: str = "cpu"):
+def load_engine(path: Path, device: str = "cpu"):
+    """The engine of a built directory: this module's (hmt.json) or an `edgekit compile hmt` bundle (manifest.json,
+    checksums verified)."""
     from edgekit.hmt_runtime import TVMEngine
 
-    out_dir = Path(out_dir)
-    meta = json.loads((out_dir / "hmt.json").read_text())
-    return TVMEngine(out_dir / meta["library"], meta, device)
+    path = Path(path)
+    if (path / "hmt.json").is_file():
+        meta = json.loads((path / "hmt.json").read_text())
+    else:
+        from edgekit.artifact import load
+
+        meta = load(path).manifest
+    if meta.get("unit", "segment") != "segment" or "decode" not in meta.get("entries", {}):
+        from edgekit.errors import BundleError
+
+        raise BundleError(f"{path} holds no segment-level LM (no segment and decode entries)",
+                          "build one with `edgekit compile hmt` or edgekit.hmt_build.build")
+    return TVMEngine(path / meta["library"], meta, device)
 
 
 def cached_build(model, key: str, target: str = "host", progress=print):
@@ -110,3 +116,45 @@ def cached_build(model, key: str, target: str = "host", progress=print):
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     return out
+
+
+_EMULATED_RUNNER = '''
+import sys, numpy as np
+from tvm_runtime import load_vm
+lib, inputs, outputs = sys.argv[1:4]
+f = np.load(inputs)
+tokens, lengths = f["tokens"], f["lengths"]
+vm = load_vm(lib)
+seg = vm.raw("segment")
+state = [vm.tensor(f[f"state_{i}"]) for i in range(int(f["n_state"]))]
+logits, mems = [], []
+for t, n in zip(tokens, lengths):
+    out = seg(vm.tensor(t[None]), vm.tensor(np.array([n], dtype=np.int64)), *state)
+    logits.append(vm.numpy(out[0])[0]); mems.append(vm.numpy(out[1])[0])
+    state = list(out[5:])
+np.savez(outputs, logits=np.stack(logits), memory_embedding=np.stack(mems))
+'''
+
+
+def run_emulated(out_dir: Path, tokens: np.ndarray, lengths: np.ndarray, timeout: float = 1800) -> dict:
+    """Stream segments tokens [S, L] (real lengths [S]) through an aarch64 library under qemu-aarch64, in one
+    emulated process from an empty state: {"logits": [S, L, V], "memory_embedding": [S, d]}."""
+    import shutil
+    import tempfile
+
+    from edgekit import emulator
+
+    out_dir = Path(out_dir)
+    meta = json.loads((out_dir / "hmt.json").read_text())
+    root = emulator.prepare()
+    with tempfile.TemporaryDirectory(prefix="edgekit-hmt-emu-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "run.py").write_text(_EMULATED_RUNNER)
+        shutil.copy(Path(__file__).with_name("tvm_runtime.py"), tmp / "tvm_runtime.py")
+        state = {f"state_{i}": np.zeros(s["shape"], dtype=s["dtype"]) for i, s in enumerate(meta["state"])}
+        np.savez(tmp / "in.npz", tokens=tokens.astype(np.int64), lengths=lengths.astype(np.int64),
+                 n_state=np.array(len(state)), **state)
+        emulator._run([*emulator.python_command(root), str(tmp / "run.py"), str((out_dir / meta["library"]).resolve()),
+                       str(tmp / "in.npz"), str(tmp / "out.npz")], "emulated HMT stream failed", timeout=timeout)
+        with np.load(tmp / "out.npz") as f:
+            return {k: f[k] for k in f.files}

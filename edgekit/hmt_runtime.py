@@ -40,6 +40,7 @@ class TVMEngine:
         self.seg_fn, self.dec_fn = self.vm.raw("segment"), self.vm.raw("decode")
         self.segment_length, self.summary_length = meta["segment"], meta["summary"]
         self.state_specs = meta["state"]
+        self.state_bytes = meta["state_bytes"]
 
     def init_state(self) -> list:
         return [self.vm.tensor(np.zeros(s["shape"], dtype=s["dtype"])) for s in self.state_specs]

@@ -40,8 +40,10 @@ REACH_CHUNK = 4096  # frames per parallel call when reaching a position (eager e
 
 # --------------------------------------------------------------------------------------------------- the graphs
 def kv_step_module(net):
-    """nn.Module: (x [B,1,F], keys0, values0, keys1, ...: [B,t,H*D]) -> (logits [B,1,C], key0, value0, ...:
-    [B,1,H*D]) — one token of the KV-cache network; the caller appends the returned keys and values."""
+    """nn.Module: (x [B,1,F], then per layer j: keys{j}_{h} for each head h, then values{j}_{h}: [B,t,D]) ->
+    (logits [B,1,C], then per layer: new key, new value [B,1,H,D]) — one token of the KV-cache network; the caller
+    appends the returned keys and values. One input per head keeps every cached prefix a contiguous block the
+    graph reads in place: per head the scores and the output are GEMVs (`cached_attention`)."""
     import torch
 
     from edgekit.models.aaren import cached_attention
@@ -55,9 +57,12 @@ def kv_step_module(net):
             new = []
 
             def attend(j, attn, h):
-                k, v = attn.key(h), attn.value(h)
+                k, v = attn.keys_values(h)  # [B, 1, H, D]
                 new.extend([k, v])
-                return cached_attention(attn, cache[2 * j], cache[2 * j + 1], k, v)
+                heads = attn.heads
+                keys, values = cache[2 * j * heads:(2 * j + 1) * heads], cache[(2 * j + 1) * heads:(2 * j + 2) * heads]
+                o = [cached_attention(attn.query[i], keys[i], values[i], k[:, 0, i], v[:, 0, i]) for i in range(heads)]
+                return torch.cat(o, dim=-1).unsqueeze(1)  # [B, 1, H*D]
 
             logits = self.net.network(x, attend)
             return (logits, *new)
@@ -65,18 +70,24 @@ def kv_step_module(net):
     return KVStep().eval()
 
 
+def kv_input_names(net) -> list[str]:
+    return [f"{kind}{j}_{h}" for j, b in enumerate(net.blocks) for kind in ("keys", "values")
+            for h in range(b.attn.heads)]
+
+
 def export_kv_step(net, path: Path, example_length: int = 8) -> Path:
     """The KV-cache step as ONNX (opset 17) with the cache length `t` symbolic; checked against eager."""
     import onnx
+    import onnxruntime as ort
     import torch
 
     module = kv_step_module(net)
-    width = net.blocks[0].attn.heads * net.blocks[0].attn.d_head
+    d = net.blocks[0].attn.d_head
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 1, net.input_size, generator=g)
-    cache = [torch.randn(1, example_length, width, generator=g) for _ in range(2 * len(net.blocks))]
-    names = [f"{kind}{j}" for j in range(len(net.blocks)) for kind in ("keys", "values")]
-    out_names = ["logits", *[f"new_{n}" for n in names]]
+    names = kv_input_names(net)
+    out_names = ["logits", *[f"new_{kind}{j}" for j in range(len(net.blocks)) for kind in ("key", "value")]]
+    cache = [torch.randn(1, example_length, d, generator=g) for _ in names]
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -84,11 +95,9 @@ def export_kv_step(net, path: Path, example_length: int = 8) -> Path:
                           dynamic_axes={n: {1: "t"} for n in names}, opset_version=17, dynamo=False)
     proto = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(proto, full_check=True)
-    import onnxruntime as ort
-
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     for t in (1, 37):
-        cache = [torch.randn(1, t, width, generator=g) for _ in names]
+        cache = [torch.randn(1, t, d, generator=g) for _ in names]
         got = sess.run(None, {"x": x.numpy(), **{n: c.numpy() for n, c in zip(names, cache)}})
         with torch.no_grad():
             want = module(x, *cache)
@@ -222,7 +231,8 @@ class TvmAaren(Engine):
         self.state_bytes = bundle.manifest["state_bytes"]
 
     def reach(self, x):
-        self.session.feed(x, self.chunk)
+        for t in range(0, x.shape[1], REACH_CHUNK):  # outputs dropped as they come: the VM pools their memory
+            self.session.feed(x[:, t:t + REACH_CHUNK], self.chunk)
 
     def step(self, x):
         return self.session.step(x)["logits"]
@@ -233,28 +243,35 @@ class TvmAaren(Engine):
 
 def _host_cache(net):
     """A SoftmaxKVCache whose buffers are 64-byte aligned numpy memory (TVM's kernels may assume alignment),
-    so a compiled step can read the cached prefix in place; prefill and append go through torch views."""
+    so a compiled step can read each head's cached prefix in place; prefill and append go through torch views."""
     import torch
 
     from edgekit.models.aaren import SoftmaxKVCache
 
     class HostCache(SoftmaxKVCache):
-        def zeros(self, batch, tokens, width, dtype):
-            return torch.from_numpy(_aligned((batch, tokens, width)))
+        def zeros(self, shape, dtype):
+            b, h, tokens, d = shape
+            tokens = -(-tokens // 16) * 16  # every head's block starts 64-byte aligned too
+            return torch.from_numpy(_aligned((b, h, tokens, d)))
 
         def prefix(self) -> list[np.ndarray]:
-            """Keys and values of the tokens so far, layer by layer, as compact numpy views (no copy)."""
-            n = self.length * self.keys[0].shape[2]
-            return [buf[j].numpy().reshape(-1)[:n].reshape(1, self.length, self.keys[0].shape[2])
-                    for j in range(len(self.keys)) for buf in (self.keys, self.values)]
+            """Per layer, keys then values of each head [1, t, D] for the tokens so far: compact views, no copy."""
+            views = []
+            for j in range(len(self.keys)):
+                for buf in (self.keys, self.values):
+                    _, heads, cap, d = buf[j].shape
+                    flat = buf[j].numpy().reshape(-1)
+                    views += [flat[h * cap * d:h * cap * d + self.length * d].reshape(1, self.length, d)
+                              for h in range(heads)]
+            return views
 
         def append(self, new: list[np.ndarray]) -> None:
-            """Add the compiled step's new keys and values [1, 1, H*D] (keys0, values0, keys1, ...)."""
+            """Add the compiled step's new keys and values [1, 1, H, D] (key0, value0, key1, ...)."""
             for j in range(len(self.keys)):
                 self._append(j, torch.from_numpy(new[2 * j]), torch.from_numpy(new[2 * j + 1]))
             self.length += 1
 
-    return HostCache(net, batch=1, capacity=1)
+    return HostCache(net, batch=1, capacity=16)
 
 
 def _aligned(shape: tuple[int, ...], align: int = 64) -> np.ndarray:
@@ -292,6 +309,8 @@ class OrtKV(Engine):
         self.cache.prefill(torch_from_numpy(x), chunk=REACH_CHUNK)
 
     def step(self, x):
+        if not self.cache.length:  # the graph needs t >= 1 (a max over no scores): the first token in torch
+            return self.cache.prefill(torch_from_numpy(x))[:, 0].numpy()
         feeds = {n: self.ort.OrtValue.ortvalue_from_numpy(a)  # shares the cache's memory: no copy per step
                  for n, a in zip(self.names, [np.ascontiguousarray(x), *self.cache.prefix()])}
         result = self.sess.run_with_ort_values(self.outputs, feeds)
@@ -322,7 +341,7 @@ class TvmKV(Engine):
         self.cache.prefill(torch_from_numpy(x), chunk=REACH_CHUNK)
 
     def step(self, x):
-        if not self.cache.length:  # TVM's kernels leave a reduction over an empty (t = 0) cache unwritten
+        if not self.cache.length:  # the compiled graph needs t >= 1 (a max over no scores): the first token here
             return self.cache.prefill(torch_from_numpy(x))[:, 0].numpy()
         args = [self.vm.tensor(x), *[self.ffi.from_dlpack(a) for a in self.cache.prefix()]]  # cache in place
         out = [self.vm.numpy(r) for r in self.func(*args)]  # views of the VM's pooled memory: copied below
@@ -524,12 +543,13 @@ def markdown(report: dict) -> str:
              f"Aaren state: {report['aaren_state_bytes']['artifact_state']} bytes in the artifact "
              f"({report['aaren_state_bytes']['attention_state']} of them the attention's m, c, a), whatever the "
              f"length. KV cache: {report['kv_cache_bytes_per_token']} bytes per token.", "",
-             "| engine | tokens | latency p50 (p10-p90) us | state / cache | RSS growth |",
-             "|---|---:|---:|---:|---:|"]
+             "| engine | tokens | latency p50 (p10-p90) us | state / cache | RSS | RSS growth since warm-up "
+             "| RSS growth since first length |", "|---|---:|---:|---:|---:|---:|---:|"]
     for e in report["engines"]:
         for r in e["rows"]:
             lines.append(f"| {e['engine']} | {r['length']:,} | {r['p50_us']:.1f} ({r['p10_us']:.1f}-{r['p90_us']:.1f}) "
-                         f"| {_size(r['memory_bytes'])} | {_size(r['rss_growth_bytes'])} |")
+                         f"| {_size(r['memory_bytes'])} | {_size(r['rss_bytes'])} | {_size(r['rss_growth_bytes'])} "
+                         f"| {_size(r['rss_bytes'] - e['rows'][0]['rss_bytes'])} |")
     for name, why in report["skipped"].items():
         lines.append(f"\n{name} skipped: {why}")
     if "agreement" in report:

@@ -112,14 +112,14 @@ class StreamingModel(nn.Module):
         return self.advance(x_t, state, drained=0)
 
     def advance_chunk(self, x: torch.Tensor, state: State) -> tuple[Outputs, State] | None:
-        """K frames [B, K, F] through the family's maths at once, for a causal family with a parallel chunk
-        form (a scan); None, the default, makes `step_chunk` unroll `step` instead."""
+        """K frames [B, K, F] through the family's maths at once (a scan, or a batched pipeline), leaving the
+        counter and running means to the caller; None, the default, makes `step_chunk` unroll `step` instead."""
         return None
 
     def step_chunk(self, x: torch.Tensor, state: State) -> tuple[Outputs, State]:
-        """K frames [B, K, F] in one call; outputs [B, K, ...]. Fixed shapes for export: the family's parallel
-        chunk form where it has one, else the step unrolled."""
-        chunk = self.advance_chunk(x, dict(state)) if self.delay == 0 else None
+        """K frames [B, K, F] in one call; outputs [B, K, ...]. Fixed shapes for export: the family's chunk
+        form where it has one, else the step unrolled."""
+        chunk = self.advance_chunk(x, dict(state))
         if chunk is not None:
             return self._chunk_means(x.shape[1], *chunk)
         outs = []
@@ -128,19 +128,24 @@ class StreamingModel(nn.Module):
             outs.append(y)
         return _stack(outs), state
 
+    def chunk_offsets(self, state: State, frames: int) -> torch.Tensor:
+        """[B, K]: how many frames were seen before each frame of a chunk (saturating like the counter)."""
+        return state["frames"] + torch.arange(frames, dtype=state["frames"].dtype)
+
     def _chunk_means(self, frames: int, y: Outputs, state: State) -> tuple[Outputs, State]:
-        """Running means after a causal chunk: every frame is valid and `frames` stays 0."""
-        if not self.running_means:
-            return y, state
-        ones = [1] * (next(iter(y.values())).dim() - 2)
-        n = state["count"].view(-1, 1, *ones)
-        k = torch.arange(1, frames + 1, dtype=n.dtype).view(1, -1, *ones)
-        for name, src in self.running_means.items():
-            partial = torch.cumsum(y[src], dim=1)
-            before = (state[f"sum.{name}"] - state[f"carry.{name}"]).unsqueeze(1)
-            y[name] = (before + partial) / (n + k)
-            _kahan_add(state, name, partial[:, -1])
-        state["count"] = state["count"] + frames
+        """Counter and running means after a chunk; the first `delay` frames of a stream emit nothing valid."""
+        valid = started(self.chunk_offsets(state, frames), self.delay)
+        if self.running_means:
+            ones = [1] * (next(iter(y.values())).dim() - 2)
+            count = (state["count"] + torch.cumsum(valid, dim=1)).view(*valid.shape, *ones)
+            weight = valid.view(*valid.shape, *ones)
+            for name, src in self.running_means.items():
+                partial = torch.cumsum(y[src] * weight, dim=1)
+                before = (state[f"sum.{name}"] - state[f"carry.{name}"]).unsqueeze(1)
+                y[name] = (before + partial) / torch.clamp(count, min=1.0)
+                _kahan_add(state, name, partial[:, -1])
+            state["count"] = state["count"] + valid.sum(dim=1, keepdim=True)
+        state["frames"] = torch.clamp(state["frames"] + frames, max=float(self.delay))
         return y, state
 
     def flush(self, state: State) -> tuple[Outputs, State]:
@@ -209,24 +214,34 @@ class CenteredConvStream:
     def state_shape(self) -> dict[str, tuple[tuple[int, ...], str]]:
         return {self.name: ((self.channels, self.kernel - 1), "float32")}
 
-    def push(self, x_t: torch.Tensor, state: State, ended: bool, valid: torch.Tensor | None = None
-             ) -> torch.Tensor:
-        """Append one input frame; return the window [B, C, k] centred on the frame `lag` steps back.
+    def push(self, x: torch.Tensor, state: State, ended: bool, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Append input frames x [B, K, C]; return for each of the K output frames (each `lag` frames behind its
+        input) the window it convolves, flattened channel-major like `weight.flatten(1)`: [B, K, C * k].
 
-        `valid` ([B, 1] of 0/1) zeroes an input frame that lies before the start of the stream.
+        `valid` ([B, K] of 0/1) zeroes input frames that lie before the start of the stream.
         """
         if ended:
-            x_t = torch.zeros_like(x_t)
+            x = torch.zeros_like(x)
         elif valid is not None:
-            x_t = x_t * valid
-        window = torch.cat([state[self.name], x_t.unsqueeze(-1)], dim=-1)
-        state[self.name] = window[:, :, 1:]
-        return window
+            x = x * valid.unsqueeze(-1)
+        seq = torch.cat([state[self.name], x.transpose(1, 2)], dim=-1)
+        state[self.name] = seq[:, :, seq.shape[-1] - (self.kernel - 1):]
+        k = x.shape[1]
+        return torch.stack([seq[:, :, j:j + k] for j in range(self.kernel)], dim=-1).transpose(1, 2).flatten(2)
+
+    def centre(self, windows: torch.Tensor) -> torch.Tensor:
+        """The input frame each window is centred on, [B, K, C] (what a residual around the conv adds)."""
+        return windows.unflatten(-1, (self.channels, self.kernel))[..., self.lag:self.lag + 1].squeeze(-1)
 
     @staticmethod
-    def apply(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The convolution's one output frame [B, out] for a window [B, C, k]: a matrix-vector product."""
-        return F.linear(window.flatten(1), weight.flatten(1), bias)
+    def apply(windows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution's output frames [B, K, out] from their windows: one matrix product."""
+        return frame_linear(windows, weight.flatten(1), bias)
+
+
+def frame_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear layer over frames [B, K, in] as one 2-D product, the form kernels/cpu_gemv.py repacks."""
+    return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def started(counter: torch.Tensor, lag: int) -> torch.Tensor:

@@ -166,68 +166,70 @@ class Aaren(StreamingModel):
         return {"logits": y["logits"][:, 0]}, state
 
 
-def cached_attention(attn: AarenAttention, keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor,
+def cached_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor,
                      v: torch.Tensor) -> torch.Tensor:
-    """Ordinary softmax attention of each head's query over t cached tokens and one new token: [B, 1, H*D].
-
-    keys/values [B, t, H*D] (token-major, so a cache prefix is one contiguous block and nothing is copied or
-    transposed per step), k/v [B, 1, H*D] of the new token. Per head the scores are a GEMV over that head's
-    slice; written as one GEMM with a block-diagonal query matrix [H*D, H] so the cache is read once, in place
-    (exported as is to ONNX: MatMul, Concat of the t x H scores, Softmax, MatMul)."""
-    acc, heads, d = accumulator(k.dtype), attn.heads, attn.d_head
-    eye = torch.eye(heads, dtype=acc)
-    q = (attn.query.to(acc).unsqueeze(-1) * eye.unsqueeze(1)).reshape(heads * d, heads)  # q[h, :] in block h
-    s = torch.cat([keys.to(acc) @ q, k.to(acc) @ q], dim=1) / math.sqrt(d)  # [B, t+1, H]
-    p = torch.softmax(s, dim=1)
-    o = p[:, :-1].transpose(1, 2) @ values.to(acc)  # [B, H, H*D]; head h's output is block h of row h
-    o = (o.view(-1, heads, heads, d) * eye.view(1, heads, heads, 1)).sum(2)  # [B, H, D]
-    o = o + p[:, -1].unsqueeze(-1) * v.to(acc).view(-1, heads, d)
-    return o.flatten(1).unsqueeze(1).to(k.dtype)
+    """Ordinary softmax attention of a query over t cached tokens and one new token, for one head or all at once:
+    query [..., D], keys/values [B, ..., t, D] (a cache prefix, read in place), k/v [B, ..., D] of the new token;
+    returns [B, ..., D]. softmax(s) v with s = q.k / sqrt(D) over the t+1 tokens, the max subtracted as usual; the
+    cached part's scores and output are GEMVs over the cache, the new token is added to both sums, so nothing the
+    size of the cache is copied (and no op slices the symbolic length t: it compiles with t dynamic)."""
+    if keys.shape[-2] == 0:  # the first token attends to itself alone
+        return v
+    acc, scale = accumulator(k.dtype), math.sqrt(query.shape[-1])
+    q = query.to(acc).unsqueeze(-1)  # [..., D, 1]
+    s = (keys.to(acc) @ q) / scale  # [B, ..., t, 1]
+    s_new = (k.to(acc).unsqueeze(-2) @ q) / scale  # [B, ..., 1, 1]
+    top = torch.maximum(s.amax(-2, keepdim=True), s_new)
+    e, e_new = torch.exp(s - top), torch.exp(s_new - top)
+    o = (e.transpose(-1, -2) @ values.to(acc) + e_new * v.to(acc).unsqueeze(-2)) / (e.sum(-2, keepdim=True) + e_new)
+    return o.squeeze(-2).to(k.dtype)
 
 
 class SoftmaxKVCache:
     """The same network and weights with ordinary softmax attention of each fixed query over all keys so far,
     kept in a growing KV cache: the O(T)-memory baseline for Aaren's O(1) state.
 
-    Per layer the cache holds keys and values [B, capacity, H*D] (capacity doubles when full; `reserve`
+    Per layer the cache holds keys and values [B, H, capacity, D] (capacity doubles when full; `reserve`
     preallocates). `step` attends over the cached prefix plus the new token, then appends it; `prefill` fills
     the cache for a whole prefix at once with the parallel form (exact softmax attention, as the scan)."""
 
     def __init__(self, model: Aaren, batch: int = 1, capacity: int = 256):
         self.model, self.length = model, 0
         dtype = model.embed.weight.dtype
-        self.keys = [self.zeros(batch, capacity, b.attn.heads * b.attn.d_head, dtype) for b in model.blocks]
-        self.values = [self.zeros(*k.shape, dtype) for k in self.keys]
+        self.keys = [self.zeros((batch, b.attn.heads, capacity, b.attn.d_head), dtype) for b in model.blocks]
+        self.values = [self.zeros(k.shape, dtype) for k in self.keys]
 
-    def zeros(self, batch: int, tokens: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-        """A zeroed cache buffer [batch, tokens, width] (a subclass may place it elsewhere)."""
-        return torch.zeros(batch, tokens, width, dtype=dtype)
+    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A zeroed cache buffer [B, H, tokens, D] (a subclass may place it elsewhere)."""
+        return torch.zeros(shape, dtype=dtype)
 
     def cache_bytes(self) -> int:
         """Bytes of keys and values held for the tokens seen so far."""
-        return sum(2 * k[:, :self.length].numel() * k.element_size() for k in self.keys)
+        return sum(2 * k[:, :, :self.length].numel() * k.element_size() for k in self.keys)
 
     def reserve(self, tokens: int) -> None:
-        """Room for `tokens` tokens in all (zero pages: resident memory still grows only as tokens arrive)."""
+        """Room for `tokens` tokens in all, so no later step reallocates."""
         for j, k in enumerate(self.keys):
-            if k.shape[1] < tokens:
+            if k.shape[2] < tokens:
                 for buf in (self.keys, self.values):
-                    grown = self.zeros(k.shape[0], tokens, k.shape[2], k.dtype)
-                    grown[:, :self.length] = buf[j][:, :self.length]
+                    grown = self.zeros((*k.shape[:2], tokens, k.shape[3]), k.dtype)
+                    grown[:, :, :self.length] = buf[j][:, :, :self.length]
                     buf[j] = grown
 
     def _append(self, j: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keys and values [B, n, H, D] of n new tokens into layer j's cache after the current length."""
         n = k.shape[1]
-        if self.length + n > self.keys[j].shape[1]:
-            self.reserve(max(2 * self.keys[j].shape[1], self.length + n))
-        self.keys[j][:, self.length:self.length + n] = k
-        self.values[j][:, self.length:self.length + n] = v
+        if self.length + n > self.keys[j].shape[2]:
+            self.reserve(max(2 * self.keys[j].shape[2], self.length + n))
+        self.keys[j][:, :, self.length:self.length + n] = k.transpose(1, 2)
+        self.values[j][:, :, self.length:self.length + n] = v.transpose(1, 2)
 
     def _attend(self, j: int, attn: AarenAttention, h: torch.Tensor) -> torch.Tensor:
-        k, v = attn.key(h), attn.value(h)  # [B, 1, H*D]
-        o = cached_attention(attn, self.keys[j][:, :self.length], self.values[j][:, :self.length], k, v)
+        k, v = attn.keys_values(h)  # [B, 1, H, D]
+        t = self.length
+        o = cached_attention(attn.query, self.keys[j][:, :, :t], self.values[j][:, :, :t], k[:, 0], v[:, 0])
         self._append(j, k, v)
-        return o
+        return o.flatten(1).unsqueeze(1)
 
     @torch.no_grad()
     def step(self, x_t: torch.Tensor) -> torch.Tensor:
@@ -246,12 +248,12 @@ class SoftmaxKVCache:
 
         def attend(j: int, attn: AarenAttention, h: torch.Tensor) -> torch.Tensor:
             if carry[j] is None and self.length:  # the cached prefix, summarised once as a triple
-                keys = self.keys[j][:, :self.length].view(h.shape[0], self.length, attn.heads, attn.d_head)
-                values = self.values[j][:, :self.length].view_as(keys)
+                keys = self.keys[j][:, :, :self.length].transpose(1, 2)  # [B, t, H, D]
+                values = self.values[j][:, :, :self.length].transpose(1, 2)
                 m, u, w = scan(attn.scores(keys), values.to(accumulator(values.dtype)))
                 carry[j] = (m[:, -1], u[:, -1], w[:, -1])
             o, carry[j] = attn.mix(h, carry[j])
-            self._append(j, attn.key(h), attn.value(h))
+            self._append(j, *attn.keys_values(h))
             return o
 
         for t in range(0, x.shape[1], chunk):

@@ -310,6 +310,28 @@ class HMT(nn.Module):
         logits = self.logits(self.norm(x))[:, 0]
         return logits, {"kv": torch.stack(new_kv), "kv_mask": mask, "slot": slot + 1}
 
+    # ---- the hooks a generic export/compile stage calls for a model that lists its own entry points ----------
+
+    def export_entries(self, batch: int = 1) -> list[tuple[str, nn.Module, dict, list[str]]]:
+        """[(name, module over flat tensors, example inputs {name: ndarray} in call order, output names)]."""
+        return export_entries(self, batch)
+
+    def manifest_fields(self, batch: int = 1) -> dict:
+        """What a bundle's manifest says about this model's interface (in place of the frame-level fields)."""
+        kv = self.kv_spec(batch)
+        return {
+            "unit": "segment", "delay": 0, "horizon": None, "segment": self.L, "summary": self.j,
+            "input": TensorSpec("tokens", (batch, self.L), "int64").to_json(),
+            "outputs": [TensorSpec("logits", (batch, self.L, self._config["vocab"])).to_json(),
+                        TensorSpec("memory_embedding", (batch, self.d)).to_json()],
+            "running_means": {},
+            "state": [s.to_json() for s in self.state_spec(batch)], "state_bytes": self.state_bytes(batch),
+            "decode_cache": [s.to_json() for s in kv],
+            "decode_cache_bytes": sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in kv),
+            "entries": {"segment": {"frames": 0, "tokens": self.L, "onnx": "onnx/segment.onnx"},
+                        "decode": {"frames": 0, "tokens": 1, "onnx": "onnx/decode.onnx"}},
+        }
+
     @torch.no_grad()
     def score(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's outputs from the fixed-shape step: logits [B, T, V], memory embeddings [B, segs, d]."""

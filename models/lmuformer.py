@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgekit.errors import CheckpointError
-from edgekit.streaming import CenteredConvStream, State, StreamingModel, bn_affine, fold_batchnorm, started
+from edgekit.streaming import (CenteredConvStream, State, StreamingModel, bn_affine, fold_batchnorm, frame_linear,
+                               started)
 
 CONFIGS = {
     "scv2": dict(input_size=128, dim=256, depth=1, mlp_ratio=4, num_classes=35, theta=128.0, seq_len=128),
@@ -89,10 +90,14 @@ class LMUCell(nn.Module):
         u = F.relu(self.W_u(x))
         return F.relu(self.W_h(torch.cat([self.memory(u), x], dim=-1)))
 
-    def step(self, x_t: torch.Tensor, m: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        u = F.relu(self.W_u(x_t)) * valid
-        m = m @ self.A.T + u @ self.B.T
-        return F.relu(self.W_h(torch.cat([m, x_t], dim=-1))), m
+    def step(self, x: torch.Tensor, m: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frames x [B, K, dim] from memory m [B, order]; `valid` [B, K] keeps frames before the stream out."""
+        u = F.relu(frame_linear(x, self.W_u.weight, self.W_u.bias)) * valid.unsqueeze(-1)
+        memory = []
+        for k in range(x.shape[1]):  # the recurrence is sequential and cheap; everything around it is batched
+            m = m @ self.A.T + u[:, k] @ self.B.T
+            memory.append(m)
+        return F.relu(frame_linear(torch.cat([torch.stack(memory, 1), x], dim=-1), self.W_h.weight, self.W_h.bias)), m
 
 
 class LMUMixer(nn.Module):
@@ -195,25 +200,33 @@ class LMUFormer(StreamingModel):
 
     def advance_frame(self, x_t: torch.Tensor, state: State, drained: int, frames: torch.Tensor
                       ) -> tuple[dict[str, torch.Tensor], State]:
-        h, last = x_t, len(self.convs) - 1
+        y, state = self._advance(x_t.unsqueeze(1), state, drained, frames)
+        return {k: v[:, 0] for k, v in y.items()}, state
+
+    def advance_chunk(self, x: torch.Tensor, state: State) -> tuple[dict[str, torch.Tensor], State]:
+        return self._advance(x, state, 0, self.chunk_offsets(state, x.shape[1]))
+
+    def _advance(self, x: torch.Tensor, state: State, drained: int, seen: torch.Tensor
+                 ) -> tuple[dict[str, torch.Tensor], State]:
+        """Frames x [B, K, F] through the pipeline; seen [B, K] counts the frames before each one."""
+        h, last = x, len(self.convs) - 1
         for i, conv in enumerate(self.convs):
-            window = conv.push(h, state, ended=i < drained, valid=started(frames, i))
+            windows = conv.push(h, state, ended=i < drained, valid=started(seen, i))
             if i == last:
-                h = window[:, :, conv.lag:conv.lag + 1].squeeze(-1) + conv.apply(window, self.patch_embed.rpe_conv.weight)
+                h = conv.centre(windows) + conv.apply(windows, self.patch_embed.rpe_conv.weight)
             else:
                 layer = self.patch_embed.conv_layers[i]
                 scale, shift = bn_affine(layer[3])
-                h = F.relu(conv.apply(window, layer[0].weight)) * scale + shift
-        x = h
-        valid = started(frames, self.delay)
+                h = F.relu(conv.apply(windows, layer[0].weight)) * scale + shift
+        x, valid = h, started(seen, self.delay)
         for j, blk in enumerate(self.block):
             h, state[f"memory{j}"] = blk.attn.lmu.step(x, state[f"memory{j}"], valid)
             w, b = fold_batchnorm(blk.attn.proj_conv.weight, blk.attn.proj_conv.bias, blk.attn.proj_bn)
-            x = x + F.linear(h, w[:, :, 0], b)
+            x = x + frame_linear(h, w[:, :, 0], b)
             w1, b1 = fold_batchnorm(blk.mlp.fc1_conv.weight, blk.mlp.fc1_conv.bias, blk.mlp.fc1_bn)
             w2, b2 = fold_batchnorm(blk.mlp.fc2_conv.weight, blk.mlp.fc2_conv.bias, blk.mlp.fc2_bn)
-            x = x + F.relu(F.linear(F.gelu(F.linear(x, w1[:, :, 0], b1)), w2[:, :, 0], b2))
-        return {"logits": self.head(x)}, state
+            x = x + F.relu(frame_linear(F.gelu(frame_linear(x, w1[:, :, 0], b1)), w2[:, :, 0], b2))
+        return {"logits": frame_linear(x, self.head.weight, self.head.bias)}, state
 
 
 def infer_config(sd: dict[str, torch.Tensor]) -> dict:

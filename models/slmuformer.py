@@ -173,19 +173,21 @@ class _Frame:
         return F.linear(x, w, b)
 
     def _push(self, stream: CenteredConvStream, x: torch.Tensor) -> torch.Tensor:
-        window = stream.push(x, self.state, ended=self.lag < self.drained, valid=started(self.frames, self.lag))
+        """The frame's window [B, 1, C * k] (channel-major, like weight.flatten(1))."""
+        window = stream.push(x.unsqueeze(1), self.state, ended=self.lag < self.drained,
+                             valid=started(self.frames, self.lag))
         self.lag += stream.lag
         return window
 
     def conv(self, stream: CenteredConvStream, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
              ) -> torch.Tensor:
-        return stream.apply(self._push(stream, x), w, b)
+        return stream.apply(self._push(stream, x), w, b)[:, 0]
 
     def residual_conv(self, stream: CenteredConvStream, x: torch.Tensor, s: torch.Tensor, w: torch.Tensor
                       ) -> torch.Tensor:
         # x rides in the window with its spikes, so the residual leaves aligned with the centred conv
         window, c = self._push(stream, torch.cat([x, s], dim=-1)), x.shape[-1]
-        return window[:, :c, stream.lag] + stream.apply(window[:, c:], w)
+        return stream.centre(window)[:, 0, :c] + stream.apply(window[..., c * stream.kernel:], w)[:, 0]
 
     def lif(self, lif: LIF, x: torch.Tensor) -> torch.Tensor:
         valid, name = started(self.frames, self.lag), f"v.{lif.layer}"

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
           f"({info['files_val']} files), read in {time.time() - t0:.0f} s", flush=True)
     model = HMT(**CONFIGS[args.config])
     params = sum(p.numel() for p in model.parameters())
-    hmt_params = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in ("prompt", "first_memory", "wq", "wk"))
+    own = ("prompt", "first_memory", "wq", "wk")
+    hmt_params = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in own)
     print(f"{args.config}: {params:,} parameters ({hmt_params:,} of them HMT's: T, P_0, W_q, W_k)", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     train_seconds = time.time() - t_start
     model.eval()
     results = {}
-    for name, kw in {"hmt": {}, "no_recall": {"recall": False}, "no_memory": {"recall": False, "sensory": False}}.items():
+    ablations = {"hmt": {}, "no_recall": {"recall": False}, "no_memory": {"recall": False, "sensory": False}}
+    for name, kw in ablations.items():
         bpb = evaluate(model, val, args.val_bytes, **kw)
         results[name] = {"bits_per_byte": round(bpb, 4), "perplexity_per_byte": round(2 ** bpb, 4)}
         print(f"validation ({args.val_bytes:,} bytes) {name}: {bpb:.4f} bits/byte, perplexity {2 ** bpb:.3f}",

@@ -168,6 +168,10 @@ def validate(bundle: Path, frames: int, chunk: int, seed: int, atol: float, rtol
         for name, sp in report["spikes"].items():
             spikes.add_row(name, f"{sp['agreement']:.6f}", f"{sp['sparsity_artifact']:.4f}", f"{sp['sparsity_reference']:.4f}")
         console.print(spikes)
+        if "macs" in report:
+            m = report["macs"]
+            console.print(f"multiply-adds per frame {m['per_frame']:,}; fed by spikes {m['fed_by_spikes']:,}; "
+                          f"skippable at this sparsity {m['skippable']:,} ({m['skippable_fraction']:.1%})")
     for name, p in report["predictions"].items():
         console.print(f"prediction agreement ({name} arg-max): " + ", ".join(f"{k} {v:.4%}" for k, v in p.items()))
     console.print(f"ran: {report['execution']}" + (f", runtime start-up {report['runtime_startup_seconds']} s"
@@ -254,7 +258,8 @@ def stream(wav: Path | None, mic: bool, bundle: Path | None, checkpoint: Path | 
         return
     rss = [r for _, r in report.rss]
     console.print(f"{len(report.detections)} detections in {report.audio_seconds:.1f} s of audio; real-time factor "
-                  f"{report.rtf:.4f}; RSS {rss[0] / 2**20:.1f} -> {rss[-1] / 2**20:.1f} MiB")
+                  f"{report.rtf:.4f} (CPU time {report.cpu_rtf:.4f}); RSS {rss[0] / 2**20:.1f} -> "
+                  f"{rss[-1] / 2**20:.1f} MiB")
 
 
 @main.command(name="compare-kv")

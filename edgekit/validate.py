@@ -162,6 +162,14 @@ class Tally:
                                            got[name].shape[0]]
 
 
+def skippable_macs(net, spikes: dict[str, dict]) -> dict:
+    """Multiply-adds per frame, and how many of them multiply a zero spike at the measured sparsity."""
+    fanout, total = net.spike_fanout(), net.macs_per_frame()
+    skip = {layer: fanout[layer] * s["sparsity_artifact"] for layer, s in spikes.items()}
+    return {"per_frame": total, "fed_by_spikes": sum(fanout.values()), "skippable": round(sum(skip.values())),
+            "skippable_fraction": sum(skip.values()) / total, "skippable_by_layer": {k: round(v) for k, v in skip.items()}}
+
+
 def rss_bytes(pid: int | None = None) -> int:
     """Resident memory of the process running the artifact (this one, or the emulated one). Here, freed heap is
     first handed back to the system: the reference's float64 windows come and go, and allocator caching would
@@ -237,6 +245,8 @@ def validate(bundle_path: Path, frames: int = 10_000, chunk: int = 1, seed: int 
     report["execution"] = session.execution
     if net is None:
         report["reference"] += ", read from the bundle's golden record (computed at compile time)"
+    elif report["spikes"] and hasattr(net, "spike_fanout"):
+        report["macs"] = skippable_macs(net, report["spikes"])
     if hasattr(session, "startup_seconds"):
         report["runtime_startup_seconds"] = round(session.startup_seconds, 2)
     bundle.record("validation.json", report)

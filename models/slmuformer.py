@@ -277,6 +277,29 @@ class SLMUFormer(StreamingModel):
         """Every LIF layer (public module path) and its size, in the order the model runs them."""
         return {m.layer: (m.size,) for m in self.modules() if isinstance(m, LIF)}
 
+    def spike_fanout(self) -> dict[str, int]:
+        """Per LIF layer, the multiply-adds per frame of the weights its spikes feed: the work an event-driven
+        engine skips for every zero. (The memory's A m and the first conv see real values: never skippable.)"""
+        p, fan = self.patch_embed, {}
+        for lif, conv in ((p.proj_lif, p.proj_conv1), (p.proj_lif1, p.proj_conv2), (p.proj_lif2, p.proj_conv3),
+                          (p.proj_lif3, p.rpe_conv)):
+            fan[lif.layer] = conv.weight.numel()
+        for blk in self.block:
+            attn, cell, mlp = blk.attn, blk.attn.lmu, blk.mlp
+            fan[attn.prev_lif.layer] = cell.W_u.weight.numel() + cell.W_h.weight.shape[0] * cell.W_u.weight.shape[1]
+            fan[cell.f_u.layer] = cell.order
+            fan[cell.f_m.layer] = cell.W_h.weight.shape[0] * cell.order
+            fan[cell.f_h.layer] = attn.proj_conv.weight.numel()
+            fan[mlp.fc1_lif.layer] = mlp.fc1_conv.weight.numel()
+            fan[mlp.fc2_lif.layer] = mlp.fc2_conv.weight.numel()
+        fan[self.head_lif.layer] = self.head.weight.numel()
+        return fan
+
+    def macs_per_frame(self) -> int:
+        """All multiply-adds of one frame: what the spikes feed, plus the first conv and the memory recurrence."""
+        return sum(self.spike_fanout().values()) + self.patch_embed.proj_conv.weight.numel() + \
+            sum(blk.attn.lmu.A.numel() for blk in self.block)
+
     def emit_spikes(self, on: bool = True) -> "SLMUFormer":
         """Also output each LIF layer's spikes as `spikes.<layer>` from forward, step and the exported graphs."""
         self.spike_outputs = on

@@ -181,3 +181,17 @@ def test_public_parallel_form_agrees_with_the_reference(tiny):
     for name in y:
         if name.startswith("spikes."):
             assert (y[name] == p[name]).float().mean() > 0.999, name
+
+
+def test_compiled_spiking_bundle_reports_spike_agreement_sparsity_and_skippable_work(tmp_path):
+    from edgekit.compile import compile
+    from edgekit.validate import validate
+
+    bundle = compile("slmuformer", "host", tmp_path / "slmu", config="tiny", chunks=(1,))
+    report = validate(bundle.path, frames=256, utterance=128)
+    assert set(report["spikes"]) == set(build("slmuformer", "tiny").spike_layers())
+    assert all(s["agreement"] > 0.99 and 0.0 < s["sparsity_reference"] < 1.0 for s in report["spikes"].values())
+    assert report["predictions"]["mean_logits"]["agreement_per_utterance"] == 1.0
+    assert "logits_error" not in report["checks"] and report["criteria"]["spike_agreement_min"] == 0.999
+    macs = report["macs"]
+    assert 0 < macs["skippable"] < macs["fed_by_spikes"] < macs["per_frame"]

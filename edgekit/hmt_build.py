@@ -62,11 +62,11 @@ def build(model, out_dir: Path, target: str = "host", batch: int = 1, progress=p
     t1 = time.perf_counter()
     progress(f"importing into TVM Relax and building for {tgt.name}")
     tvm_target = tgt.tvm_target()
-    build_library(import_entries(paths), tvm_target, out_dir / "model.so", tgt.cc)
+    cuda = build_library(import_entries(paths), tvm_target, out_dir / "model.so", tgt.cc)
     t2 = time.perf_counter()
     meta = {
         "family": model.family, "config": model.config(), "target": {"name": tgt.name, "tvm": str(tvm_target)},
-        "versions": versions(), "batch": batch, **model.manifest_fields(batch),
+        "versions": versions(), "cuda": cuda, "batch": batch, **model.manifest_fields(batch),
         "library": "model.so", "export_seconds": round(t1 - t0, 2), "compile_seconds": round(t2 - t1, 2),
     }
     torch.save(model.state_dict(), out_dir / "weights.pt")

@@ -23,7 +23,6 @@ import math
 import multiprocessing
 import os
 import platform
-import statistics
 import tempfile
 import time
 import warnings
@@ -539,7 +538,9 @@ def markdown(report: dict) -> str:
              f"{report['model'].get('config_name') or ''}, {report['target']})", "",
              f"{report['threads']} thread(s); per-token latency = median (p10-p90) of {report['window']} single-token "
              f"steps after {report['warmup']} untimed ones at each stream length; RSS growth since the engine's "
-             "warm-up, in its own process.", "",
+             "warm-up, in its own process. Each length is reached from the previous one the fast way (Aaren: "
+             "its chunked step; KV cache: `SoftmaxKVCache.prefill`, the parallel form filling the cache, preallocated "
+             "to length + warm-up + window), so the timed steps sit at tokens L+warm-up .. L+warm-up+window.", "",
              f"Aaren state: {report['aaren_state_bytes']['artifact_state']} bytes in the artifact "
              f"({report['aaren_state_bytes']['attention_state']} of them the attention's m, c, a), whatever the "
              f"length. KV cache: {report['kv_cache_bytes_per_token']} bytes per token.", "",
@@ -579,11 +580,13 @@ def plot(report: dict, path: Path) -> Path | None:
     except ImportError:
         return None
     fig, (lat, mem) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"pytorch": "tab:blue", "onnxruntime": "tab:green", "tvm": "tab:purple"}  # one per runtime
     for e in report["engines"]:
         x = [r["length"] for r in e["rows"]]
-        style = "-o" if e["kind"] == "aaren" else "--s"
-        lat.plot(x, [r["p50_us"] for r in e["rows"]], style, label=e["engine"])
-        mem.plot(x, [max(r["rss_growth_bytes"], 1) / 2**20 for r in e["rows"]], style, label=f"{e['engine']} RSS")
+        style = dict(color=colors.get(e["engine"].split("-")[0]), linestyle="-" if e["kind"] == "aaren" else "--",
+                     marker="o" if e["kind"] == "aaren" else "s")
+        lat.plot(x, [r["p50_us"] for r in e["rows"]], label=e["engine"], **style)
+        mem.plot(x, [max(r["rss_growth_bytes"], 1) / 2**20 for r in e["rows"]], label=f"{e['engine']} RSS", **style)
     x = report["lengths"]
     mem.plot(x, [report["kv_cache_bytes_per_token"] * n / 2**20 for n in x], ":", color="k", label="KV cache bytes")
     for ax, title, unit in ((lat, "per-token latency", "us (median)"), (mem, "memory growth", "MiB")):

@@ -151,12 +151,17 @@ class Merger:
 class StreamReport:
     detections: list[Detection] = field(default_factory=list)
     audio_seconds: float = 0.0
-    compute_seconds: float = 0.0
+    compute_seconds: float = 0.0  # wall clock
+    cpu_seconds: float = 0.0  # this process's CPU time: the cost on a machine shared with other jobs
     rss: list[tuple[float, int]] = field(default_factory=list)  # (audio seconds, bytes), one per `rss_every`
 
     @property
     def rtf(self) -> float:
         return self.compute_seconds / max(self.audio_seconds, 1e-9)
+
+    @property
+    def cpu_rtf(self) -> float:
+        return self.cpu_seconds / max(self.audio_seconds, 1e-9)
 
 
 def detect(bundle: Bundle, spec: ClipSpec, blocks: Iterable[np.ndarray], hop: int = 14, threshold: float = 0.8,
@@ -171,7 +176,7 @@ def detect(bundle: Bundle, spec: ClipSpec, blocks: Iterable[np.ndarray], hop: in
     tail = np.zeros(spec.clip_frames * audio.FRAME_SHIFT + audio.FRAME_LENGTH, np.float32)
     next_rss = 0.0
     for samples, real in itertools.chain(((b, True) for b in blocks), [(tail, False)]):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         pending = np.concatenate([pending, front.push(samples)])
         found = []
         while len(pending) >= hop:
@@ -181,6 +186,7 @@ def detect(bundle: Bundle, spec: ClipSpec, blocks: Iterable[np.ndarray], hop: in
                     windows.append(w)
             pending = pending[hop:]
         report.compute_seconds += time.perf_counter() - t0
+        report.cpu_seconds += time.process_time() - c0
         report.audio_seconds += real * len(samples) / audio.SAMPLE_RATE
         for d in found:
             report.detections.append(d)
@@ -209,7 +215,7 @@ def host_bundle(checkpoint: Path, progress: Callable[[str], None] = lambda m: No
 
         progress(f"first use: compiling {checkpoint.name} for this host into {out} (cached for next time)")
         try:
-            compile("lmuformer", "host", out, checkpoint=checkpoint, chunks=(1, 7, 14), progress=progress)
+            compile("lmuformer", "host", out, checkpoint=checkpoint, chunks=(1, 7), progress=progress)
         except BundleError:
             if not out.is_dir():  # not a concurrent compile that got there first
                 raise

@@ -76,12 +76,12 @@ class StreamingModel(nn.Module):
         return {**y, **{name: torch.cumsum(y[src], dim=1) / count for name, src in self.running_means.items()}}
 
     def state_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """The family's state plus the frame counter and, per running mean, a compensated (Kahan) sum:
-        a plain float32 mean drifts by about eps * sqrt(frames); the compensated one does not."""
-        sums = {f"{part}.{name}": (self.output_sizes[src], "float32")
-                for name, src in self.running_means.items() for part in ("sum", "carry")}
-        return {"frames": ((1,), "float32"), **self.frame_state_shapes(), **sums,
-                **({"count": ((1,), "float32")} if sums else {})}
+        """The family's state plus the frame counter and, per running mean, a compensated (Kahan) sum and
+        count: a plain float32 mean drifts by about eps * sqrt(frames), and a float32 count stops at 2^24."""
+        sizes = {name: self.output_sizes[src] for name, src in self.running_means.items()}
+        sums = {f"{part}.{name}": (size, "float32") for name, size in {**sizes, **({"count": (1,)} if sizes else {})}.items()
+                for part in ("sum", "carry")}
+        return {"frames": ((1,), "float32"), **self.frame_state_shapes(), **sums}
 
     def state_spec(self, batch: int = 1) -> list[TensorSpec]:
         return [TensorSpec(name, (batch, *shape), dtype) for name, (shape, dtype) in self.state_shapes().items()]
@@ -100,10 +100,9 @@ class StreamingModel(nn.Module):
         frames = state["frames"]
         y, state = self.advance_frame(x_t, dict(state), drained, frames)
         valid = started(frames, self.delay)
-        if self.running_means:
-            state["count"] = state["count"] + valid
+        count = _kahan_add(state, "count", valid) if self.running_means else None
         for name, src in self.running_means.items():
-            y[name] = _kahan_add(state, name, y[src] * valid) / torch.clamp(state["count"], min=1.0)
+            y[name] = _kahan_add(state, name, y[src] * valid) / torch.clamp(count, min=1.0)
         state["frames"] = torch.clamp(frames + 1, max=float(self.delay))
         return y, state
 
@@ -137,14 +136,15 @@ class StreamingModel(nn.Module):
         valid = started(self.chunk_offsets(state, frames), self.delay)
         if self.running_means:
             ones = [1] * (next(iter(y.values())).dim() - 2)
-            count = (state["count"] + torch.cumsum(valid, dim=1)).view(*valid.shape, *ones)
+            before = (state["sum.count"] - state["carry.count"]).unsqueeze(1)
+            count = (before + torch.cumsum(valid, dim=1).unsqueeze(-1)).view(*valid.shape, *ones)
             weight = valid.view(*valid.shape, *ones)
             for name, src in self.running_means.items():
                 partial = torch.cumsum(y[src] * weight, dim=1)
                 before = (state[f"sum.{name}"] - state[f"carry.{name}"]).unsqueeze(1)
                 y[name] = (before + partial) / torch.clamp(count, min=1.0)
                 _kahan_add(state, name, partial[:, -1])
-            state["count"] = state["count"] + valid.sum(dim=1, keepdim=True)
+            _kahan_add(state, "count", valid.sum(dim=1, keepdim=True))
         state["frames"] = torch.clamp(state["frames"] + frames, max=float(self.delay))
         return y, state
 

@@ -13,7 +13,6 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgekit.errors import CheckpointError

@@ -105,7 +105,7 @@ def test_kv_cache_prefill_matches_stepping():
 def test_fp32_counter_saturates_at_2_24():
     """Documents fp32's limit: with every score at the running max (weight 1 per token), c counts tokens exactly
     up to 2^24 = 16,777,216; there c + 1 is a tie and rounds back, so the step stops counting, while a chunk
-    of 16 adds 16 at once (exact up to 2^28). The output stays finite; see edgekit.aaren_long."""
+    of 16 adds 16 at once (exact up to 2^28). The output stays finite; see examples/aaren/long_stream_probe.py."""
     model = tiny(torch.float32)
     with torch.no_grad():
         for blk in model.blocks:

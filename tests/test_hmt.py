@@ -130,14 +130,22 @@ def test_checkpoint_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_library(tmp_path_factory):
-    """Both steps exported (checked against ONNX Runtime) and compiled for this host, once."""
-    from edgekit.hmt_build import build
+    """Both steps exported (checked against ONNX Runtime) and compiled for this host, once: through
+    `edgekit compile hmt` when the registry has the family (the generic export hook), else edgekit.hmt_build."""
+    from edgekit.models import FAMILIES
 
     model = sharp(torch.float32, std=0.3)
-    out = tmp_path_factory.mktemp("hmt") / "tiny"
-    out.mkdir()
-    meta = build(model, out, progress=lambda m: None)
-    return model, out, meta
+    tmp = tmp_path_factory.mktemp("hmt")
+    if "hmt" in FAMILIES:
+        from edgekit.compile import compile
+
+        torch.save(model.state_dict(), tmp / "sharp.pt")
+        bundle = compile("hmt", "host", tmp / "bundle", checkpoint=tmp / "sharp.pt")
+        return model, bundle.path, bundle.manifest
+    from edgekit.hmt_build import build
+
+    (tmp / "tiny").mkdir()
+    return model, tmp / "tiny", build(model, tmp / "tiny", progress=lambda m: None)
 
 
 def test_host_artifact_equals_reference_past_the_cache(tiny_library):

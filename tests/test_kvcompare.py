@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgekit import aaren_long, kvcompare
+from edgekit import kvcompare
 from edgekit.compile import compile
 from edgekit.validate import FrameSource, reference_model
 
@@ -68,24 +68,3 @@ def test_compare_report(bundle):
     md = (bundle.path / "kv_compare.md").read_text()
     assert "| tvm-aaren | 200 |" in md and "exact softmax vs step" in md
     assert (bundle.path / "kv_compare.json").exists()
-
-
-def test_saturation_probe_in_the_artifact(bundle):
-    """The compiled step stops counting at c = 2^24 (and so does the running mean's count); a chunk entry adds
-    whole chunk sums and keeps counting. Outputs stay finite and close to float64 over these few tokens."""
-    r = aaren_long.saturation_probe(bundle.path, tokens=32, prefix=256)
-    step, chunk = r["entries"]["chunk1"], r["entries"]["chunk4"]
-    assert all(g == 0 for c in step["c_growth"].values() for g in np.ravel(c))
-    assert step["count_growth"] == 0 and chunk["count_growth"] == 32
-    assert all(g > 0 for c in chunk["c_growth"].values() for g in np.ravel(c))
-    assert step["finite"] and chunk["finite"]
-    assert max(step["max_abs_error"]["logits"], chunk["max_abs_error"]["logits"]) < 1e-4
-
-
-def test_simulated_head_matches_float64_before_saturation():
-    r = aaren_long.simulate_head(tokens=50_000, sigma=2.0, block=8192, checkpoints=(1000, 50_000))
-    assert [c["tokens"] for c in r["checkpoints"]] == [1000, 50_000]
-    for c in r["checkpoints"]:
-        assert abs(c["c_rel_error"]) < 1e-4 and c["output_abs_error"] < 1e-5
-    equal = aaren_long.simulate_head(tokens=5000, equal_scores=True, block=1024, checkpoints=(5000,))
-    assert equal["checkpoints"][0]["c_fp32"] == 5000.0

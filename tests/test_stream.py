@@ -38,13 +38,16 @@ def test_dataset_layout(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["_background_noise_", "no", "yes"]
     test = (tmp_path / "testing_list.txt").read_text().split()
     val = (tmp_path / "validation_list.txt").read_text().split()
-    train = [f"{p.parent.name}/{p.name}" for p in tmp_path.glob("[a-z]*/*.wav") if f"{p.parent.name}/{p.name}" not in test + val]
+    every = [f"{p.parent.name}/{p.name}" for p in tmp_path.glob("[a-z]*/*.wav")]
+    train = [n for n in every if n not in test + val]
     speakers = lambda names: {n.split("/")[1].split("_nohash_")[0] for n in names}  # noqa: E731
     assert len(train) == 4 and not speakers(train) & speakers(test) and not speakers(train) & speakers(val)
     with wave.open(str(tmp_path / test[0])) as w:
         assert (w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()) == (16000, 1, 2, 16000)
-    split = load_split(tmp_path, "training")
-    assert split.waves.shape[1] == 16000 and {LABELS[i] for i in split.labels} == {"yes", "no", "_silence_"}
+    labels = ["_silence_", "_unknown_", "yes", "no"]
+    split = load_split(tmp_path, "training", labels=labels)
+    assert split.waves.shape == (6, 16000) and sorted(labels[i] for i in split.labels) == ["_silence_"] * 2 + [
+        "no"] * 2 + ["yes"] * 2
     assert split_of(TEST_VOICE.split("+")[1]) == "testing"
 
 

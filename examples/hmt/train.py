@@ -4,7 +4,7 @@
 
 Corpus: LICENSE/README/COPYING/*.md/*.rst/*.txt/METADATA files under site-packages, /usr/share/common-licenses
 and /usr/share/doc (gzipped ones decompressed), mostly-printable, deduplicated by content, each capped at 64 KB,
-sorted by path; a file goes to the validation split when sha256(content) % 20 == 0 (5 %).
+ordered by sha256(content) (a fixed shuffle); a file goes to the validation split when that hash % 20 == 0 (5 %).
 
 Training: every batch row reads its own contiguous stretch of the training stream, `--segments` segments per
 step, and the HMT state (the cache of memory embeddings and the sensory tokens) carries over between steps,
@@ -61,7 +61,9 @@ def corpus(roots: list[str] = ROOTS) -> tuple[bytes, bytes, dict]:
         if h in seen:
             continue
         seen.add(h)
-        (val if int.from_bytes(h[:4], "little") % 20 == 0 else train).append(data)
+        (val if int.from_bytes(h[:4], "little") % 20 == 0 else train).append((h, data))
+    # Ordered by content hash (a fixed shuffle): every stretch of the stream mixes packages and kinds of text.
+    train, val = [d for _, d in sorted(train)], [d for _, d in sorted(val)]
     sep = b"\n\n"
     info = {"roots": roots, "files_train": len(train), "files_val": len(val)}
     return sep.join(train), sep.join(val), info

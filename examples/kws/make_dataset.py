@@ -113,11 +113,11 @@ def load_noises(root: Path) -> dict[str, np.ndarray]:
     return {p.stem: read_wav(p) for p in sorted((root / "_background_noise_").glob("*.wav"))}
 
 
-def make_stream(minutes: float, split: str, keywords: list[str], others: list[str], seed: int
-                ) -> tuple[np.ndarray, list[dict]]:
+def make_stream(minutes: float, split: str, keywords: list[str], others: list[str], seed: int,
+                snr_db: tuple[float, float] = (5.0, 30.0)) -> tuple[np.ndarray, list[dict]]:
     """A continuous stream (samples, ground-truth timeline) by the voices of one split: keywords (half of the
     spoken items) and other words with pauses of 0.4-2.5 s, bursts of loud noise, and a background noise whose
-    kind changes every 30 s."""
+    kind and level change every 30 s. Each word is scaled to a random SNR over the background under it."""
     rng = np.random.default_rng(seed)
     speakers = [v for v in variants() if split_of(v) == split]
     n = int(minutes * 60 * SAMPLE_RATE)
@@ -133,13 +133,15 @@ def make_stream(minutes: float, split: str, keywords: list[str], others: list[st
             word = str(rng.choice(keywords)) if rng.uniform() < 0.5 else str(rng.choice(others))
             speech = synthesize(word, f"{rng.choice(ACCENTS)}+{rng.choice(speakers)}", int(rng.integers(120, 230)),
                                 int(rng.integers(15, 90)))
-            seg, kind = speech / (np.abs(speech).max() + 1e-9) * rng.uniform(0.1, 0.9), \
-                "keyword" if word in keywords else "other"
+            under = np.sqrt(np.mean(x[t:t + len(speech)] ** 2))
+            gain = under * 10 ** (rng.uniform(*snr_db) / 20) / np.sqrt(np.mean(speech ** 2))
+            seg, kind = speech * min(gain, 0.95 / np.abs(speech).max()), "keyword" if word in keywords else "other"
         if t + len(seg) + SAMPLE_RATE > n:
             break
+        snr = 20 * np.log10(np.sqrt(np.mean(seg ** 2)) / np.sqrt(np.mean(x[t:t + len(seg)] ** 2)))
         x[t:t + len(seg)] += seg
         truth.append({"start": round(t / SAMPLE_RATE, 3), "end": round((t + len(seg)) / SAMPLE_RATE, 3),
-                      "word": word, "kind": kind})
+                      "word": word, "kind": kind, "snr_db": round(float(snr), 1)})
         t += len(seg) + int(rng.uniform(0.4, 2.5) * SAMPLE_RATE)
     return np.clip(x, -1, 1).astype(np.float32), truth
 

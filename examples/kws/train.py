@@ -50,7 +50,8 @@ def spec_augment(x: torch.Tensor, gen: torch.Generator, freq: int = 16, time_: i
 @torch.no_grad()
 def accuracy(model: LMUFormer, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
     model.eval()
-    pred = torch.cat([model.forward_frames(x[i:i + batch])["logits"].mean(1).argmax(1) for i in range(0, len(x), batch)])
+    pred = torch.cat([model.forward_frames(x[i:i + batch])["logits"].mean(1).argmax(1)
+                      for i in range(0, len(x), batch)])
     return float((pred == y).float().mean())
 
 
@@ -58,9 +59,9 @@ class StreamWindows:
     """Labelled clip-length windows of a synthetic stream; features are per frame, so a window of the stream's
     features is exactly what a staggered session sees."""
 
-    def __init__(self, minutes: float, split: str, seed: int, frames: int):
+    def __init__(self, minutes: float, split: str, seed: int, frames: int, snr_db: tuple[float, float]):
         others = [w for w in SCV2_WORDS if w not in KEYWORDS] + EXTRA_WORDS
-        x, self.truth = make_stream(minutes, split, KEYWORDS, others, seed)
+        x, self.truth = make_stream(minutes, split, KEYWORDS, others, seed, snr_db)
         self.features = torch.from_numpy(audio.features(x))
         self.frames = frames
         self.starts = np.array([u["start"] for u in self.truth])
@@ -118,6 +119,7 @@ def main() -> None:
     p.add_argument("--unknown-ratio", type=float, default=3.0)
     p.add_argument("--stream-minutes", type=float, default=60.0, help="synthetic training stream to draw windows from")
     p.add_argument("--stream-windows", type=int, default=3000, help="stream windows per epoch")
+    p.add_argument("--stream-snr", type=float, nargs=2, default=(0.0, 30.0), help="SNR range of stream words, dB")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
@@ -129,10 +131,11 @@ def main() -> None:
     x = {s: torch.from_numpy(d.features()) for s, d in data.items()}
     y = {s: torch.from_numpy(d.labels) for s, d in data.items()}
     frames = x["training"].shape[1]
-    streams = {s: StreamWindows(m, s, a.seed + i, frames) for i, (s, m) in
+    streams = {s: StreamWindows(m, s, a.seed + i, frames, tuple(a.stream_snr)) for i, (s, m) in
                enumerate([("training", a.stream_minutes), ("validation", a.stream_minutes / 6)])}
     val_windows = streams["validation"].sample(2000, np.random.default_rng(a.seed))
-    print(f"features in {time.perf_counter() - t0:.0f} s: " + ", ".join(f"{s} {len(v)}" for s, v in y.items()), flush=True)
+    print(f"features in {time.perf_counter() - t0:.0f} s: " + ", ".join(f"{s} {len(v)}" for s, v in y.items()),
+          flush=True)
 
     model = LMUFormer(input_size=x["training"].shape[2], dim=a.dim, depth=1, mlp_ratio=a.mlp_ratio,
                       num_classes=len(LABELS), theta=float(frames), seq_len=frames)
@@ -177,6 +180,7 @@ def main() -> None:
               "parameters": sum(p.numel() for p in model.parameters()),
               "data": {"root": str(a.data), **{s: len(v) for s, v in y.items()}},
               "stream_minutes": a.stream_minutes, "stream_windows_per_epoch": a.stream_windows,
+              "stream_snr_db": list(a.stream_snr),
               "accuracy": {"validation_clips_and_windows": round(best, 4), "testing_pytorch": round(test, 4)},
               "train_seconds": round(time.perf_counter() - t1, 1), "threads": a.threads, "history": history}
     a.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

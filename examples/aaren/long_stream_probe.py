@@ -6,7 +6,7 @@ v e^{s-m}). In fp32, c + w rounds w to a multiple of ulp(c) = c * 2^-23 (roughly
 increment of 1 (a token at the running max) is a tie and rounds back down: c stops counting. a does not stop
 with it when the values average near zero (|a| stays far below c), so the output a / c drifts.
 
-    python -m edgekit.aaren_long BUNDLE [--frames N] [--chunk K]   # prints the JSON of all three checks
+    python examples/aaren/long_stream_probe.py BUNDLE [--frames N] [--chunk K]   # prints the JSON of all three checks
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def summarize_state(state: dict[str, np.ndarray], tokens: int) -> dict:
         out["layers"][j] = {"m": [float(m.min()), float(m.max())], "c": [float(c.min()), float(c.max())],
                             "c_per_token": [float(c.min()) / tokens, float(c.max()) / tokens],
                             "max_abs_a": float(np.abs(a).max()), "max_abs_a_over_c": float(np.abs(a / c[..., None]).max())}
-    if "count" in state:
-        out["count"] = float(state["count"].reshape(-1)[0])
+    if "sum.count" in state:
+        out["count"] = float(state["sum.count"].reshape(-1)[0])
     return out
 
 
@@ -100,18 +100,19 @@ def saturation_probe(bundle_path: Path, c_value: float = FP32_EXACT_COUNT, token
 
     bundle = load(Path(bundle_path))
     session, source = Session(bundle), FrameSource(bundle.manifest["input"]["shape"][-1], seed)
-    session.feed(source.frames(0, prefix), 1)
+    chunks = sorted(e["frames"] for e in bundle.manifest["entries"].values() if e["frames"])
+    session.feed(source.frames(0, prefix), chunks[-1])
     state = _read_state(session)
     for name in [k for k in state if k.startswith("c") and k[1:].isdigit()]:
         j = name[1:]
         scale = c_value / state[name]
         state[f"a{j}"] = (state[f"a{j}"].astype(np.float64) * scale[..., None]).astype(np.float32)
         state[name] = np.full_like(state[name], c_value)
-    if "count" in state:
+    if "sum.count" in state:
         for k in [k for k in state if k.startswith("sum.")]:
-            state[k] = (state[k].astype(np.float64) * c_value / state["count"].reshape(-1)[0]).astype(np.float32)
+            state[k] = (state[k].astype(np.float64) * c_value / state["sum.count"].reshape(-1)[0]).astype(np.float32)
             state[k.replace("sum.", "carry.")] = np.zeros_like(state[k])
-        state["count"] = np.full_like(state["count"], c_value)
+        state["sum.count"] = np.full_like(state["sum.count"], c_value)
     x = source.frames(prefix, prefix + tokens)
     net = reference_model(bundle)
     with torch.no_grad():
@@ -120,15 +121,14 @@ def saturation_probe(bundle_path: Path, c_value: float = FP32_EXACT_COUNT, token
     result = {"c_value": c_value, "tokens": tokens, "prefix": prefix, "entries": {}}
     cs = [k for k in state if k.startswith("c") and k[1:].isdigit()]
     result["float64"] = {"c_growth": {k: (after64[k].numpy() - state[k]).tolist() for k in cs},
-                         **({"count_growth": float(after64["count"][0, 0]) - c_value} if "count" in state else {})}
-    chunks = sorted(e["frames"] for e in bundle.manifest["entries"].values() if e["frames"])
+                         **({"count_growth": float(after64["sum.count"][0, 0]) - c_value} if "sum.count" in state else {})}
     for chunk in sorted({1, chunks[-1]}):
         _write_state(session, state)
         y = session.feed(x, chunk)
         after = _read_state(session)
         result["entries"][f"chunk{chunk}"] = {
             "c_growth": {k: (after[k].astype(np.float64) - state[k]).tolist() for k in cs},
-            **({"count_growth": float(after["count"].reshape(-1)[0]) - c_value} if "count" in state else {}),
+            **({"count_growth": float(after["sum.count"].reshape(-1)[0]) - c_value} if "sum.count" in state else {}),
             "max_abs_error": {k: float(np.abs(v - y64[k].numpy()).max()) for k, v in y.items()},
             "finite": bool(all(np.isfinite(v).all() for v in [*y.values(), *after.values()]))}
     return result
@@ -136,11 +136,13 @@ def saturation_probe(bundle_path: Path, c_value: float = FP32_EXACT_COUNT, token
 
 def simulate_head(tokens: int = 2**25, sigma: float = 1.0, equal_scores: bool = False, mean_value: float = 0.0,
                   shift_at: int | None = None, shifted_mean: float = 1.0, seed: int = 0, block: int = 2**22,
-                  checkpoints: tuple[int, ...] = (10**6, 10**7, FP32_EXACT_COUNT, 2**25)) -> dict:
-    """One head's step recurrence (chunk 1) run exactly as the compiled step does it in fp32, next to float64,
-    over `tokens` tokens: scores N(0, sigma^2) (or all equal), scalar values N(mean_value, 1) (mean
-    `shifted_mean` from token `shift_at` on). While the running max stays put the fp32 update is c + w, a + w v
-    in sequence (np.cumsum in float32 accumulates in order, in float32); at a new max both are rescaled first.
+                  chunk: int = 1, checkpoints: tuple[int, ...] = (10**6, 10**7, FP32_EXACT_COUNT, 2**25)) -> dict:
+    """One head's step recurrence run as the compiled step does it in fp32, next to float64, over `tokens`
+    tokens: scores N(0, sigma^2) (or all equal), scalar values N(mean_value, 1) (mean `shifted_mean` from token
+    `shift_at` on). While the running max stays put the fp32 update is c + w, a + w v in sequence (np.cumsum in
+    float32 accumulates in order, in float32); at a new max both are rescaled first. With chunk K > 1, the K
+    weights of each chunk (aligned to multiples of K) are summed in fp32 first and that sum is added to c, as the
+    chunk entry does (it scans the chunk, then combines); checkpoints should be multiples of K.
     Returns, at each checkpoint, c in both precisions and the output a / c's error."""
     rng = np.random.default_rng(seed)
     m = -math.inf
@@ -168,8 +170,20 @@ def simulate_head(tokens: int = 2**25, sigma: float = 1.0, equal_scores: bool = 
                 m = new_m
             w32 = np.exp((s[lo:hi] - m).astype(np.float32))
             wv32 = w32 * v[lo:hi].astype(np.float32)
-            c32_all[lo:hi] = np.cumsum(np.concatenate([[c32], w32]), dtype=np.float32)[1:]
-            a32_all[lo:hi] = np.cumsum(np.concatenate([[a32], wv32]), dtype=np.float32)[1:]
+            if chunk > 1:  # one addition per chunk, at the chunk's last token (the others are not reported)
+                ends = np.flatnonzero((np.arange(done + lo, done + hi) + 1) % chunk == 0)
+                if not len(ends) or ends[-1] != hi - lo - 1:
+                    ends = np.append(ends, hi - lo - 1)
+                starts_k = np.concatenate([[0], ends[:-1] + 1])
+                w32, wv32 = (np.add.reduceat(w32, starts_k, dtype=np.float32),
+                             np.add.reduceat(wv32, starts_k, dtype=np.float32))
+                c_k = np.cumsum(np.concatenate([[c32], w32]), dtype=np.float32)[1:]
+                a_k = np.cumsum(np.concatenate([[a32], wv32]), dtype=np.float32)[1:]
+                c32_all[lo:hi], a32_all[lo:hi] = np.nan, np.nan
+                c32_all[lo + ends], a32_all[lo + ends] = c_k, a_k
+            else:
+                c32_all[lo:hi] = np.cumsum(np.concatenate([[c32], w32]), dtype=np.float32)[1:]
+                a32_all[lo:hi] = np.cumsum(np.concatenate([[a32], wv32]), dtype=np.float32)[1:]
             w64 = np.exp(s[lo:hi] - m)
             c64_all[lo:hi] = c64 + np.cumsum(w64)
             a64_all[lo:hi] = a64 + np.cumsum(w64 * v[lo:hi])
@@ -183,7 +197,17 @@ def simulate_head(tokens: int = 2**25, sigma: float = 1.0, equal_scores: bool = 
                              "output_float64": o64, "output_abs_error": abs(o32 - o64)})
         done += n
     return {"tokens": tokens, "sigma": sigma, "equal_scores": equal_scores, "mean_value": mean_value,
-            "shift_at": shift_at, "shifted_mean": shifted_mean, "seed": seed, "checkpoints": rows}
+            "shift_at": shift_at, "shifted_mean": shifted_mean, "seed": seed, "chunk": chunk, "checkpoints": rows}
+
+
+def simulations(tokens: int = 2**25) -> list[dict]:
+    """The cases reported: all scores equal (c counts tokens), log-normal weights (sigma 1 and 3), each by the
+    step (chunk 1) and the chunk-16 entry; the value mean shifting 0 -> 1 at 2^24 + 2^22 tokens shows whether
+    the state still follows its input."""
+    shift = FP32_EXACT_COUNT + 2**22
+    cases = [{"equal_scores": True}, {"equal_scores": True, "shift_at": shift}, {"sigma": 1.0},
+             {"sigma": 1.0, "shift_at": shift}, {"sigma": 3.0}]
+    return [simulate_head(tokens, chunk=chunk, **kw) for chunk in (1, 16) for kw in cases]
 
 
 def main(argv: list[str]) -> None:
@@ -192,7 +216,7 @@ def main(argv: list[str]) -> None:
     import torch
 
     torch.set_num_threads(1)
-    p = argparse.ArgumentParser(prog="python -m edgekit.aaren_long", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="examples/aaren/long_stream_probe.py", description=__doc__.split("\n\n")[0])
     p.add_argument("bundle", type=Path)
     p.add_argument("--frames", type=int, default=1_000_000)
     p.add_argument("--chunk", type=int, default=16)
@@ -203,9 +227,7 @@ def main(argv: list[str]) -> None:
     report = {"long_stream": long_stream_state(args.bundle, args.frames, args.chunk, marks=marks,
                                                reference=not args.no_reference),
               "saturation_probe": saturation_probe(args.bundle),
-              "simulated_head": [simulate_head(args.simulate_tokens, **kw) for kw in (
-                  {"equal_scores": True}, {"equal_scores": True, "shift_at": 2**24 + 2**22},
-                  {"sigma": 1.0}, {"sigma": 1.0, "shift_at": 2**24 + 2**22}, {"sigma": 3.0})]}
+              "simulated_head": simulations(args.simulate_tokens)}
     load(args.bundle).record("long_stream.json", report)
     json.dump(report, sys.stdout, indent=1)
     print()

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from edgekit.artifact import load
-from edgekit.runtime import Session
+from edgekit.runtime import Session, require_frames
 
 HOP_SECONDS = 0.010  # one frame of the published audio front end: 10 ms shift
 
@@ -98,7 +98,7 @@ ENGINES = {"pytorch": _torch_engine, "onnxruntime": _onnxruntime_engine, "tvm": 
 def bench(bundle_path: Path, calls: int = 200, warmup: int = 20, engines: tuple[str, ...] = tuple(ENGINES),
           seed: int = 0, progress: Callable[[str], None] = lambda msg: None) -> dict:
     """Latency per frame for every engine and chunk size; saved as bench.json in the bundle."""
-    bundle = load(bundle_path)  # refuses a bundle for another machine: emulated timings would mislead
+    bundle = require_frames(load(bundle_path))  # for another machine: refused, emulated timings would mislead
     m = bundle.manifest
     sizes = sorted(e["frames"] for e in m["entries"].values() if e["frames"])
     rng = np.random.default_rng(seed)

@@ -178,8 +178,8 @@ def validate(bundle: Path, frames: int, chunk: int, seed: int, atol: float, rtol
                                                    if "runtime_startup_seconds" in report else ""))
     r = report["rss_bytes"]
     mib = lambda b: f"{b / 2**20:.1f} MiB" if b is not None else "n/a"  # noqa: E731
-    console.print(f"state {report['state_bytes']} bytes; RSS at T/10 {mib(r['at_T/10'])}, at T {mib(r['at_T'])} "
-                  f"(growth {r['growth'] / 2**20:+.2f} MiB), peak {mib(r['peak'])}")
+    console.print(f"state {report['state_bytes']} bytes; artifact process RSS at T/10 {mib(r['at_T/10'])}, at T "
+                  f"{mib(r['at_T'])} (change {r['growth'] / 2**20:+.2f} MiB)")
     for check, ok in report["checks"].items():
         console.print(f"  {'[green]pass[/]' if ok else '[red]FAIL[/]'} {check}")
     console.print(f"report: {Path(report['bundle']) / 'validation.json'}")
@@ -299,7 +299,8 @@ def compare_kv(bundle: Path, lengths: tuple[int, ...], engines: tuple[str, ...],
 @click.option("--config", help="a named HMT config with seeded random weights instead (see `edgekit models`)")
 @click.option("--engine", type=click.Choice(["tvm", "pytorch"]), default="tvm", show_default=True,
               help="tvm: the model compiled for this host (built on first use, cached); pytorch: eager")
-@click.option("--bundle", type=click.Path(path_type=Path), help="a built HMT library directory to run instead")
+@click.option("--bundle", type=click.Path(path_type=Path),
+              help="a bundle made by `edgekit compile hmt` to run instead")
 @click.option("--seed", type=int, default=0, show_default=True, help="sampling seed")
 def generate(prompt: str, tokens: int, temperature: float, checkpoint: Path | None, config: str | None, engine: str,
              bundle: Path | None, seed: int) -> None:
@@ -315,8 +316,7 @@ def generate(prompt: str, tokens: int, temperature: float, checkpoint: Path | No
     import numpy as np
     import torch
 
-    from edgekit.artifact import file_sha256
-    from edgekit.hmt_runtime import Generator, rss_bytes
+    from edgekit.hmt_runtime import Generator, host_bundle, load_engine, rss_bytes
     from edgekit.models import hmt
 
     if checkpoint and config:
@@ -334,18 +334,10 @@ def generate(prompt: str, tokens: int, temperature: float, checkpoint: Path | No
             raise EdgekitError(f"the shipped checkpoint {checkpoint} is missing",
                                "pass --checkpoint PATH or --config small (random weights)")
     with err_console.status("loading") as status:
-        if bundle is not None:
-            from edgekit.hmt_build import load_engine
-
-            eng = load_engine(bundle)
+        if bundle is not None or engine == "tvm":
+            eng = load_engine(bundle if bundle is not None else
+                              host_bundle(checkpoint, config, progress=lambda m: status.update(m)))
             state_bytes = eng.state_bytes
-        elif engine == "tvm":
-            from edgekit.hmt_build import cached_build, load_engine
-
-            model = hmt.build(config, checkpoint)
-            key = f"ck{file_sha256(checkpoint)[:16]}" if checkpoint else f"cfg-{config}"
-            eng = load_engine(cached_build(model, key, progress=lambda m: status.update(m)))
-            state_bytes = model.state_bytes()
         else:
             model = hmt.build(config, checkpoint)
             eng = hmt.TorchEngine(model)
@@ -365,7 +357,8 @@ def generate(prompt: str, tokens: int, temperature: float, checkpoint: Path | No
         gen.feed(t)
     t2 = time.perf_counter()
     sys.stdout.write("\n")
-    err_console.print(f"[dim]{'bundle' if bundle else engine}: prompt {len(data)} bytes in {t1 - t0:.2f} s, generated {tokens} bytes at "
+    source = "bundle" if bundle else engine
+    err_console.print(f"[dim]{source}: prompt {len(data)} bytes in {t1 - t0:.2f} s, generated {tokens} bytes at "
                       f"{tokens / max(t2 - t1, 1e-9):.1f} bytes/s ({gen.calls['segment']} segment, "
                       f"{gen.calls['decode']} decode calls); state {state_bytes} bytes between segments; "
                       f"RSS {rss_bytes() / 2**20:.0f} MiB[/]", highlight=False)

@@ -59,6 +59,22 @@ def import_entries(onnx_paths: dict[str, Path]):
     return bb.get()
 
 
+def frame_fields(net, batch: int, onnx_paths: dict[str, Path]) -> dict:
+    """The manifest's interface fields for a frame-level StreamingModel (a model may supply its own:
+    `manifest_fields(batch)`, e.g. a segment-level LM with unit, entries and state of its own)."""
+    return {
+        "unit": "frame",
+        "delay": net.delay,
+        "horizon": net.horizon,
+        "input": net.input_spec(batch).to_json(),
+        "outputs": [s.to_json() for s in net.output_spec(batch)],
+        "running_means": net.running_means,
+        "state": [s.to_json() for s in net.state_spec(batch)],
+        "state_bytes": sum(4 * math.prod(s.shape) for s in net.state_spec(batch)),
+        "entries": {e: {"frames": entry_frames(e), "onnx": f"onnx/{e}.onnx"} for e in onnx_paths},
+    }
+
+
 def versions() -> dict[str, str]:
     def v(pkg: str) -> str:
         try:
@@ -88,7 +104,7 @@ def compile(model: str, target: str, out: Path, config: str | None = None, check
     net = models.build(model, config, checkpoint)
     stage = staging_dir(out)
     try:
-        progress("exporting step, chunk and flush to ONNX (checked against ONNX Runtime)")
+        progress("exporting the entry points to ONNX (checked against ONNX Runtime)")
         onnx_paths = export(net, stage / "onnx", tuple(sorted(set(chunks))), batch)
         progress(f"importing into TVM Relax and building for {tgt.name}")
         from edgekit.pipeline import build
@@ -96,7 +112,9 @@ def compile(model: str, target: str, out: Path, config: str | None = None, check
         tvm_target = tgt.tvm_target()
         cuda = build(import_entries(onnx_paths), tvm_target, stage / LIBRARY, tgt.cc)
         torch.save(net.state_dict(), stage / "weights.pt")
-        write_golden(net, stage / GOLDEN)
+        own = hasattr(net, "manifest_fields")  # a model with its own interface (segment-level): no frame golden
+        if not own:
+            write_golden(net, stage / GOLDEN)
         manifest = {
             "schema": SCHEMA,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -109,16 +127,9 @@ def compile(model: str, target: str, out: Path, config: str | None = None, check
             "precision": "float32",
             "quantization": None,
             "batch": batch,
-            "delay": net.delay,
-            "horizon": net.horizon,
-            "input": net.input_spec(batch).to_json(),
-            "outputs": [s.to_json() for s in net.output_spec(batch)],
-            "running_means": net.running_means,
-            "state": [s.to_json() for s in net.state_spec(batch)],
-            "state_bytes": sum(4 * math.prod(s.shape) for s in net.state_spec(batch)),
-            "entries": {e: {"frames": entry_frames(e), "onnx": f"onnx/{e}.onnx"} for e in onnx_paths},
+            **(net.manifest_fields(batch) if own else frame_fields(net, batch, onnx_paths)),
             "library": LIBRARY,
-            "golden": {"file": GOLDEN, "frames": GOLDEN_FRAMES, "seed": 0},
+            "golden": None if own else {"file": GOLDEN, "frames": GOLDEN_FRAMES, "seed": 0},
             "compile_seconds": round(time.perf_counter() - t0, 2),
         }
         progress("writing the bundle")

@@ -60,18 +60,25 @@ def export_entry(model: StreamingModel, entry: str, path: Path, batch: int = 1, 
     frames = entry_frames(entry)
     wrapper = _Entry(model, frames).eval()
     inputs = example_inputs(model, frames, batch)
-    in_names = list(inputs)
     out_names = wrapper.output_names + [f"state_out.{n}" for n in wrapper.state_names]
+    return export_module(wrapper, inputs, out_names, path, f"edgekit {model.family} {entry}: state as explicit "
+                         "inputs/outputs", rtol, atol)
+
+
+def export_module(module: nn.Module, inputs: dict[str, np.ndarray], out_names: list[str], path: Path, doc: str,
+                  rtol: float = 1e-4, atol: float = 1e-5) -> Path:
+    """Any flat-tensor module as checked ONNX: inputs named and ordered as `inputs` (example values), outputs
+    named `out_names`; onnx.checker, then ONNX Runtime against eager on the examples."""
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, tuple(torch.from_numpy(v) for v in inputs.values()), buf,
-                          input_names=in_names, output_names=out_names, opset_version=OPSET, dynamo=False,
+        torch.onnx.export(module, tuple(torch.from_numpy(v) for v in inputs.values()), buf,
+                          input_names=list(inputs), output_names=out_names, opset_version=OPSET, dynamo=False,
                           do_constant_folding=True)
     proto = onnx.load_from_string(buf.getvalue())
-    proto.doc_string = f"edgekit {model.family} {entry}: state as explicit inputs/outputs"
+    proto.doc_string = doc
     onnx.checker.check_model(proto, full_check=True)
-    check_against_onnxruntime(proto, wrapper, inputs, out_names, rtol, atol, entry)
+    check_against_onnxruntime(proto, module, inputs, out_names, rtol, atol, path.stem)
     onnx.save(proto, path)
     return path
 
@@ -93,6 +100,12 @@ def check_against_onnxruntime(proto: onnx.ModelProto, wrapper: nn.Module, inputs
 
 def export(model: StreamingModel, out_dir: Path, chunks: tuple[int, ...] = (1, 16), batch: int = 1
            ) -> dict[str, Path]:
-    """Every entry point of the model as a checked ONNX file in out_dir: {entry: path}."""
+    """Every entry point of the model as a checked ONNX file in out_dir: {entry: path}. A model whose unit is not
+    a frame (a segment-level LM) lists its own entries: `export_entries(batch)` -> [(name, module, example
+    inputs, output names)]; `chunks` does not apply to it."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "export_entries"):
+        return {name: export_module(module, inputs, outs, out_dir / f"{name}.onnx",
+                                    f"edgekit {model.family} {name}: state as explicit inputs/outputs", 1e-4, 1e-4)
+                for name, module, inputs, outs in model.export_entries(batch)}
     return {e: export_entry(model, e, out_dir / f"{e}.onnx", batch) for e in entry_names(chunks, model.delay)}

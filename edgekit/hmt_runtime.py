@@ -3,7 +3,8 @@ bounded memory. Needs numpy, and the TVM runtime for a compiled library (no torc
 
 An engine provides `segment(tokens [L] int64, length, state) -> (logits [L, V], decode cache, next state)` and
 `decode(token, cache) -> (logits [V], cache)`; `models.hmt.TorchEngine` runs them in eager PyTorch and
-`TVMEngine` from a library built by `edgekit.hmt_build`.
+`TVMEngine` the library of a bundle made by `edgekit compile hmt` (`load_engine`; `host_bundle` compiles one on
+first use and caches it).
 
 The next-token distribution after every token is exactly the reference HMT run on the stream so far:
 - while the current segment holds at most j tokens, its summary (hence P) changes with every token, so the
@@ -15,6 +16,7 @@ Memory: the state (N memories, k tokens), one segment of token ids and one segme
 """
 from __future__ import annotations
 
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -22,43 +24,96 @@ from pathlib import Path
 
 import numpy as np
 
-SEGMENT_INPUTS = ("tokens", "length", "memory", "memory_valid", "write", "sensory", "sensory_len")
+# Entry signatures (models/hmt.py export_entries):
+#   segment(tokens, length, memory, memory_valid, write, sensory, sensory_len)
+#     -> (logits, memory_embedding, kv, kv_mask, slot, *the 5 state tensors after the segment)
+#   decode(token, kv, kv_mask, slot) -> (logits, kv, kv_mask, slot)
 SEGMENT_OUTPUTS = ("logits", "memory_embedding", "kv", "kv_mask", "slot")
-STATE = ("memory", "memory_valid", "write", "sensory", "sensory_len")
-DECODE_INPUTS = ("token", "kv", "kv_mask", "slot")
-DECODE_OUTPUTS = ("logits",)
-CACHE = ("kv", "kv_mask", "slot")
 
 
 class TVMEngine:
     """The `segment` and `decode` entries of a built library; state and KV cache stay on the device."""
 
-    def __init__(self, lib: str | Path, meta: dict, device: str = "cpu"):
+    def __init__(self, lib: str | Path, manifest: dict, device: str = "cpu"):
         from edgekit.tvm_runtime import load_vm
 
         self.vm = load_vm(lib, device)
         self.seg_fn, self.dec_fn = self.vm.raw("segment"), self.vm.raw("decode")
-        self.segment_length, self.summary_length = meta["segment"], meta["summary"]
-        self.state_specs = meta["state"]
-        self.state_bytes = meta["state_bytes"]
+        self.segment_length, self.summary_length = manifest["segment"], manifest["summary"]
+        self.state_specs = manifest["state"]
+        self.state_bytes = manifest["state_bytes"]
+        self.vocab = manifest["model"]["config"]["vocab"]
 
     def init_state(self) -> list:
         return [self.vm.tensor(np.zeros(s["shape"], dtype=s["dtype"])) for s in self.state_specs]
 
+    def _inputs(self, tokens: np.ndarray, length: int) -> list:
+        """Checked here: the compiled gathers do not bounds-check (an id >= 256 or a length > L reads out of range)."""
+        from edgekit.errors import InputShapeError
+
+        tokens = np.asarray(tokens).reshape(1, -1)
+        if tokens.shape[1] != self.segment_length or not 0 <= length <= self.segment_length:
+            raise InputShapeError(f"a segment is {self.segment_length} token ids with 0 <= length <= "
+                                  f"{self.segment_length}; got {tokens.shape[1]} ids, length {length}",
+                                  "pad the segment to L ids and pass the real count as length")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab):
+            raise InputShapeError(f"token ids must lie in [0, {self.vocab})", "pass bytes")
+        return [self.vm.tensor(tokens.astype(np.int64)), self.vm.tensor(np.array([length], dtype=np.int64))]
+
     def segment(self, tokens: np.ndarray, length: int, state: list) -> tuple[np.ndarray, list, list]:
-        out = self.seg_fn(self.vm.tensor(tokens.reshape(1, -1).astype(np.int64)),
-                          self.vm.tensor(np.array([length], dtype=np.int64)), *state)
+        out = self.seg_fn(*self._inputs(tokens, length), *state)
         return self.vm.numpy(out[0])[0], [out[2], out[3], out[4]], list(out[len(SEGMENT_OUTPUTS):])
 
     def segment_full(self, tokens: np.ndarray, length: int, state: list) -> tuple[dict, list]:
         """Logits and memory embedding as numpy (validation), and the next state."""
-        out = self.seg_fn(self.vm.tensor(tokens.reshape(1, -1).astype(np.int64)),
-                          self.vm.tensor(np.array([length], dtype=np.int64)), *state)
-        return {"logits": self.vm.numpy(out[0]), "memory_embedding": self.vm.numpy(out[1])}, list(out[5:])
+        out = self.seg_fn(*self._inputs(tokens, length), *state)
+        return ({"logits": self.vm.numpy(out[0]), "memory_embedding": self.vm.numpy(out[1])},
+                list(out[len(SEGMENT_OUTPUTS):]))
 
     def decode(self, token: int, cache: list) -> tuple[np.ndarray, list]:
+        if not 0 <= token < self.vocab:
+            from edgekit.errors import InputShapeError
+
+            raise InputShapeError(f"token id {token} is not in [0, {self.vocab})", "pass bytes")
         out = self.dec_fn(self.vm.tensor(np.array([token], dtype=np.int64)), *cache)
         return self.vm.numpy(out[0])[0], list(out[1:])
+
+
+def load_engine(bundle_dir: str | Path, device: str = "cpu") -> TVMEngine:
+    """The engine of a bundle made by `edgekit compile hmt ...` (checksums verified, target runnable here)."""
+    from edgekit.artifact import load
+    from edgekit.errors import BundleError
+
+    bundle = load(bundle_dir)
+    family = bundle.manifest.get("model", {}).get("family")
+    if family != "hmt" or set(bundle.manifest.get("entries", {})) != {"segment", "decode"}:
+        raise BundleError(f"{bundle.path} holds a {family!r} model, not an HMT byte LM (segment and decode entries)",
+                          "pass a bundle made by `edgekit compile hmt ...`")
+    return TVMEngine(bundle.library, bundle.manifest, device)
+
+
+def host_bundle(checkpoint: Path | None = None, config: str | None = None, progress=lambda m: None) -> Path:
+    """An HMT checkpoint (or named config, seeded weights) compiled for this host by `edgekit.compile.compile`,
+    on first use, into $EDGEKIT_CACHE (default ~/.cache/edgekit)/bundles/hmt-<sha256[:16] or cfg-NAME>-host-<version>.
+    Host side only: compiling needs torch and TVM's compiler."""
+    from edgekit import __version__
+    from edgekit.artifact import file_sha256
+    from edgekit.errors import BundleError
+
+    key = file_sha256(checkpoint)[:16] if checkpoint is not None else f"cfg-{config}"
+    cache = Path(os.environ.get("EDGEKIT_CACHE") or Path.home() / ".cache" / "edgekit")
+    out = cache / "bundles" / f"hmt-{key}-host-{__version__}"
+    if not out.is_dir():
+        from edgekit.compile import compile
+
+        progress(f"first use: compiling for this host into {out} (cached for next time)")
+        try:
+            compile("hmt", "host", out, config=None if checkpoint is not None else config, checkpoint=checkpoint,
+                    progress=progress)
+        except BundleError:
+            if not out.is_dir():  # not a concurrent compile that got there first
+                raise
+    return out
 
 
 @dataclass

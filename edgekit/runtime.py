@@ -20,6 +20,15 @@ from edgekit.errors import BundleError, EdgekitError, InputShapeError
 from edgekit.tvm_runtime import load_vm
 
 
+def require_frames(bundle: Bundle) -> Bundle:
+    """Frame-streaming stages (sessions, validate, bench) refuse bundles whose unit is a text segment."""
+    m = bundle.manifest
+    if m.get("unit", "frame") != "frame":
+        raise BundleError(f"{bundle.path} is a {m['model']['family']} bundle with {m['unit']}-level entries, "
+                          "not a frame-streaming model", "run it with `edgekit generate --bundle`")
+    return bundle
+
+
 class StreamSession:
     """What every session offers: step and flush (by the subclass), feed and run on top of them."""
 
@@ -28,7 +37,7 @@ class StreamSession:
     pid: int | None = None  # the process running the artifact, when it is not this one
 
     def __init__(self, bundle: Bundle):
-        m = bundle.manifest
+        m = require_frames(bundle).manifest
         self.bundle, self.input_size, self.batch = bundle, m["input"]["shape"][-1], m["batch"]
         self.outputs, self.state_specs, self.delay = [o["name"] for o in m["outputs"]], m["state"], m["delay"]
 
@@ -96,23 +105,20 @@ def _concat(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in pieces], axis=1) for k in pieces[0]}
 
 
-class EmulatedSession(StreamSession):
-    """The bundle's aarch64 library in an aarch64 Python under qemu-aarch64, driven over a pipe.
+class ProcessSession(StreamSession):
+    """The bundle's library in another Python process, driven over a pipe: an aarch64 Python under
+    qemu-aarch64 for ARM bundles on x86_64 (the board's bits; not its timings), or this machine's Python so that
+    the process's memory is the artifact's alone (validation measures it, with the reference elsewhere).
 
-    The emulated process imports this module (numpy + the TVM runtime library, no compiler) and serves steps;
-    results are the board's bits, its timings are not a board's."""
+    The child imports this module (numpy + the TVM runtime library, no compiler) and serves steps."""
 
-    execution = "qemu-aarch64 emulation (correctness check; timings are not board timings)"
-
-    def __init__(self, bundle: Bundle, progress=None):
-        from edgekit import emulator
-
+    def __init__(self, bundle: Bundle, python: list[str], execution: str):
         super().__init__(bundle)
-        root = emulator.prepare(progress=progress)
+        self.execution = execution
         package_parent = str(Path(__file__).resolve().parent.parent)
         code = f"import sys; sys.path.insert(0, {package_parent!r}); from edgekit.runtime import serve; serve()"
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen([*emulator.python_command(root), "-c", code, str(bundle.path.resolve())],
+        self.proc = subprocess.Popen([*python, "-c", code, str(bundle.path.resolve())],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.pid = self.proc.pid
         self._request({"op": np.array("hello")})
@@ -124,8 +130,8 @@ class EmulatedSession(StreamSession):
             reply = _receive(self.proc.stdout)
         except (BrokenPipeError, EOFError):
             err = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.poll() is not None else ""
-            raise BundleError(f"the emulated runtime for {self.bundle.path} stopped:\n{err}",
-                              "run `edgekit emulator setup` again, or check the bundle with `edgekit info`") from None
+            raise BundleError(f"the runtime process for {self.bundle.path} stopped:\n{err}",
+                              "check the bundle with `edgekit info`; for ARM bundles, `edgekit emulator setup`") from None
         if "error" in reply:
             raise EdgekitError(str(reply["error"]))
         return reply
@@ -149,13 +155,20 @@ class EmulatedSession(StreamSession):
             self.proc.kill()
 
 
-def open_session(path: Path | Bundle, progress=None) -> StreamSession:
-    """A session wherever this machine can run the bundle: natively, or emulated for aarch64 CPU bundles."""
+EMULATED = "qemu-aarch64 emulation (correctness check; timings are not board timings)"
+
+
+def open_session(path: Path | Bundle, isolated: bool = False, progress=None) -> StreamSession:
+    """A session wherever this machine can run the bundle: natively (in this process, or in a child process of
+    its own when `isolated`), or emulated for aarch64 CPU bundles on x86_64."""
     bundle = path if isinstance(path, Bundle) else load(path, check_machine=False)
     target, here = bundle.target, platform.machine()
     if target["arch"] == "aarch64" and here == "x86_64" and target["runs"] != "cuda":
-        return EmulatedSession(bundle, progress)
-    return Session(bundle)
+        from edgekit import emulator
+
+        return ProcessSession(bundle, emulator.python_command(emulator.prepare(progress=progress)), EMULATED)
+    check_runs_here(bundle)
+    return ProcessSession(bundle, [sys.executable], "native, own process") if isolated else Session(bundle)
 
 
 def serve() -> None:

@@ -4,8 +4,8 @@ The classifier was trained on 1 s clips from a zero state, and it classifies a c
 logits. Continuous detection keeps that exact setting: staggered sessions, one starting every `hop` frames, each
 fed one clip-length window from a fresh state and flushed, so each window's `mean_logits` is exactly the offline
 classification of that second of audio. Windows `hop` apart overlap, so every word lies whole inside some
-window near the position it had in training; consecutive windows that detect a keyword are merged into one
-detection. Cost: clip_frames / hop sessions stepping every frame (7 for a 98-frame clip and a 14-frame hop).
+window near the position it had in training; the most confident of neighbouring windows that detect a
+keyword is the detection. Cost: clip_frames / hop sessions stepping every frame (7 for a 98-frame clip and a 14-frame hop).
 """
 from __future__ import annotations
 
@@ -79,7 +79,6 @@ class Detection:
     time: float  # seconds from the start of the stream: centre of the most confident window
     label: str
     confidence: float
-    windows: int  # consecutive windows that agreed
 
 
 class StaggeredClassifier:
@@ -122,29 +121,37 @@ class StaggeredClassifier:
 
 
 class Merger:
-    """Turns per-window decisions into detections: a run of consecutive windows whose top class is a keyword
-    above `threshold` is one utterance; it is reported, with its most confident window, when the run ends."""
+    """Turns per-window decisions into detections by non-maximum suppression: windows whose top class is a
+    keyword above `threshold` are taken most confident first, each suppressing the windows within `radius` of it.
+    One detection per utterance, also for the same keyword said twice in a row (which a run of consecutive
+    detecting windows would merge into one). Suppression only acts within `radius`, so a group of detecting
+    windows is final once `radius` windows without a keyword follow it: that bounds the latency."""
 
-    def __init__(self, spec: ClipSpec, threshold: float):
-        self.spec, self.threshold = spec, threshold
-        self.run: list[Window] = []
+    def __init__(self, spec: ClipSpec, threshold: float, radius: int = 5):
+        self.spec, self.threshold, self.radius = spec, threshold, radius
+        self.group: list[tuple[int, Window, float]] = []  # (window index, window, score) since the last gap
+        self.index, self.gap = 0, 0
 
     def push(self, w: Window) -> list[Detection]:
         top = int(w.probs.argmax())
-        if self.spec.labels[top] not in NON_KEYWORDS and w.probs[top] >= self.threshold:
-            self.run.append(w)
+        score = float(w.probs[top]) if self.spec.labels[top] not in NON_KEYWORDS else 0.0
+        self.index += 1
+        if score >= self.threshold:
+            self.group.append((self.index, w, score))
+            self.gap = 0
             return []
-        return self.close()
+        self.gap += 1
+        return self.close() if self.gap > self.radius else []
 
     def close(self) -> list[Detection]:
-        if not self.run:
-            return []
-        best = max(self.run, key=lambda w: float(w.probs.max()))
-        top = int(best.probs.argmax())
-        det = Detection(round(best.time(self.spec.clip_frames), 3), self.spec.labels[top], float(best.probs[top]),
-                        len(self.run))
-        self.run = []
-        return [det]
+        """Decide the pending group (at a long enough gap, or at the end of the stream)."""
+        kept: list[tuple[int, Window, float]] = []
+        for i, w, score in sorted(self.group, key=lambda g: -g[2]):
+            if all(abs(i - j) > self.radius for j, _, _ in kept):
+                kept.append((i, w, score))
+        self.group = []
+        return [Detection(round(w.time(self.spec.clip_frames), 3), self.spec.labels[int(w.probs.argmax())], score)
+                for _, w, score in sorted(kept, key=lambda g: g[0])]
 
 
 @dataclass

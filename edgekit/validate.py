@@ -195,7 +195,7 @@ def validate(bundle_path: Path, frames: int = 10_000, chunk: int = 1, seed: int 
     if frames < 1 or (utterance is not None and utterance < 1):
         raise EdgekitError("--frames and --utterance must be positive")
     bundle = load(bundle_path, check_machine=False)
-    session = open_session(bundle)
+    session = open_session(bundle, isolated=True)  # the artifact's memory apart from the reference's
     source = FrameSource(session.input_size, seed)
     try:
         net = reference_model(bundle)
@@ -288,7 +288,7 @@ def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, chun
         "outputs": outputs, "spikes": spikes, "predictions": predictions,
         "state_bytes": bundle.manifest["state_bytes"],
         "rss_bytes": {"at_T/10": start, "at_T": end, "growth": growth,
-                      "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+                      "peak_validating_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
         "seconds": round(seconds, 2),
         "checks": checks,
         "passed": all(checks.values()),

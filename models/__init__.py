@@ -25,7 +25,7 @@ class Family:
 
 
 def _families() -> dict[str, Family]:
-    from edgekit.models import aaren, lmuformer, slmuformer
+    from edgekit.models import aaren, hmt, lmuformer, slmuformer
 
     return {f.name: f for f in [
         Family("lmuformer", lmuformer.LMUFormer, lmuformer.CONFIGS,
@@ -37,6 +37,9 @@ def _families() -> dict[str, Family]:
         Family("aaren", aaren.Aaren, aaren.CONFIGS,
                "Aaren (attention as an RNN): learned-query softmax attention as a scan; O(1) state per layer",
                aaren.infer_config),
+        Family("hmt", hmt.HMT, hmt.CONFIGS,
+               "HMT byte LM: segment recurrence with memory recall over N cached embeddings; segment + decode steps",
+               hmt.infer_config),
     ]}
 
 

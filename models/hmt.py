@@ -232,8 +232,8 @@ class HMT(nn.Module):
                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One segment, fixed shapes: tokens [B, L] int64 of which the first `length` [B] (0..L) are real.
 
-        Returns ({logits [B, L, V], memory [B, d] (M_n), kv, kv_mask, slot: the decode cache after the real
-        tokens}, state after the segment). A length-0 call leaves the state as it was.
+        Returns ({logits [B, L, V], memory_embedding [B, d] (M_n), kv, kv_mask, slot: the decode cache after the
+        real tokens}, state after the segment). A length-0 call leaves the state as it was.
         """
         b, L, k, N = tokens.shape[0], self.L, self.k, self.N
         dtype = self.embed.weight.dtype

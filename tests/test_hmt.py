@@ -6,8 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgekit.errors import CheckpointError
-from edgekit.hmt_runtime import Generator
+from edgekit.errors import CheckpointError, InputShapeError
+from edgekit.hmt_runtime import Generator, load_engine
 from edgekit.models import hmt
 from edgekit.models.hmt import CONFIGS, HMT, TorchEngine, infer_config
 
@@ -130,29 +130,20 @@ def test_checkpoint_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_library(tmp_path_factory):
-    """Both steps exported (checked against ONNX Runtime) and compiled for this host, once: through
-    `edgekit compile hmt` when the registry has the family (the generic export hook), else edgekit.hmt_build."""
-    from edgekit.models import FAMILIES
+    """Both steps exported (checked against ONNX Runtime) and compiled for this host, once, by the generic
+    `edgekit compile hmt --config tiny`; the model is the bundle's own weights.pt."""
+    from edgekit.compile import compile
 
-    model = sharp(torch.float32, std=0.3)
-    tmp = tmp_path_factory.mktemp("hmt")
-    if "hmt" in FAMILIES:
-        from edgekit.compile import compile
-
-        torch.save(model.state_dict(), tmp / "sharp.pt")
-        bundle = compile("hmt", "host", tmp / "bundle", checkpoint=tmp / "sharp.pt")
-        return model, bundle.path, bundle.manifest
-    from edgekit.hmt_build import build
-
-    (tmp / "tiny").mkdir()
-    return model, tmp / "tiny", build(model, tmp / "tiny", progress=lambda m: None)
+    bundle = compile("hmt", "host", tmp_path_factory.mktemp("hmt") / "bundle", config="tiny")
+    model = HMT(**bundle.manifest["model"]["config"]).eval()
+    model.load_state_dict(torch.load(bundle.path / bundle.manifest["model"]["weights"]))
+    return model, bundle.path, bundle.manifest
 
 
 def test_host_artifact_equals_reference_past_the_cache(tiny_library):
-    from edgekit.hmt_build import load_engine
-
     model, out, meta = tiny_library
     assert set(meta["entries"]) == {"segment", "decode"} and meta["state_bytes"] == model.state_bytes()
+    assert meta["model"]["family"] == "hmt" and meta["golden"] is None and "onnx/segment.onnx" in meta["files"]
     eng = load_engine(out)
     x = segments(model, 4 * model.N, extra=5, batch=1)
     with torch.no_grad():
@@ -166,11 +157,10 @@ def test_host_artifact_equals_reference_past_the_cache(tiny_library):
         mems.append(o["memory_embedding"][0])
     assert np.abs(np.concatenate(logits) - ref_logits[0].numpy()).max() < 1e-4
     assert np.abs(np.stack(mems) - ref_mem[0].numpy()).max() < 1e-4
+    assert float(ref_logits.std()) > 1e-2 and float(ref_mem.std()) > 1e-2  # 100x the tolerance: not trivial
 
 
 def test_host_artifact_generates_like_pytorch(tiny_library):
-    from edgekit.hmt_build import load_engine
-
     model, out, _ = tiny_library
     prompt = bytes(range(65, 65 + 11))
     torch_gen, tvm_gen = Generator(TorchEngine(model)), Generator(load_engine(out))
@@ -179,6 +169,11 @@ def test_host_artifact_generates_like_pytorch(tiny_library):
     assert a == b
     np.testing.assert_allclose(tvm_gen.last, torch_gen.last, atol=1e-4)
     assert tvm_gen.calls == torch_gen.calls
+    eng = tvm_gen.engine  # out-of-range inputs are refused before the unchecked compiled gathers
+    with pytest.raises(InputShapeError):
+        eng.segment(np.zeros(model.L, dtype=np.int64), model.L + 1, eng.init_state())
+    with pytest.raises(InputShapeError):
+        eng.segment(np.full(model.L, 256), model.L, eng.init_state())
 
 
 def test_cli_generate(tmp_path, monkeypatch):
@@ -191,3 +186,47 @@ def test_cli_generate(tmp_path, monkeypatch):
     assert r.output.startswith("Hello")
     r = CliRunner().invoke(main, ["generate", "--config", "tiny", "--checkpoint", "x.pt"])
     assert r.exit_code != 0 and "not both" in r.output
+
+
+def test_cli_generate_bundle_and_cache(tiny_library, tmp_path, monkeypatch):
+    """`--bundle` runs a bundle made by `edgekit compile hmt`; `--engine tvm` finds the same bundle in the cache
+    (keyed cfg-tiny) instead of compiling; both print what eager PyTorch prints at temperature 0."""
+    import shutil
+
+    from edgekit import __version__
+    from edgekit.cli import main
+
+    _, out, _ = tiny_library
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path))
+    args = ["generate", "--tokens", "25", "--temperature", "0", "--prompt", "Hello, memory"]
+    want = CliRunner().invoke(main, args + ["--config", "tiny", "--engine", "pytorch"])
+    assert want.exit_code == 0, want.output
+    assert want.stdout.startswith("Hello, memory") and len(want.stdout) > len("Hello, memory\n")
+    r = CliRunner().invoke(main, args + ["--bundle", str(out)])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == want.stdout
+    shutil.copytree(out, tmp_path / "bundles" / f"hmt-cfg-tiny-host-{__version__}")
+    r = CliRunner().invoke(main, args + ["--config", "tiny"])
+    assert r.exit_code == 0, r.output
+    assert "first use" not in r.output and r.stdout == want.stdout
+
+
+def test_cli_generate_refuses_other_bundles(tiny_library, tmp_path):
+    import json
+    import shutil
+
+    from edgekit.cli import main
+
+    _, out, _ = tiny_library
+    r = CliRunner().invoke(main, ["generate", "--bundle", str(tmp_path), "--tokens", "1"])
+    assert r.exit_code == 2 and "not an edgekit bundle" in " ".join(r.output.split())
+    other = tmp_path / "other"  # a valid bundle (checksums rewritten) whose manifest names another family
+    shutil.copytree(out, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["model"]["family"] = "lmuformer"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    r = CliRunner().invoke(main, ["generate", "--bundle", str(other), "--tokens", "1"])
+    assert r.exit_code == 2 and "not an HMT byte LM" in " ".join(r.output.split()), r.output
+    (other / "model.so").write_bytes(b"tampered")
+    r = CliRunner().invoke(main, ["generate", "--bundle", str(other), "--tokens", "1"])
+    assert r.exit_code == 2 and "sha256 mismatch" in " ".join(r.output.split()), r.output

@@ -89,7 +89,14 @@ def test_clip_spec_and_merger():
     with pytest.raises(EdgekitError, match="--labels"):
         ClipSpec.for_model(5, None)
     spec = ClipSpec(["_silence_", "_unknown_", "yes", "no"])
-    merge, p = Merger(spec, threshold=0.5), lambda i, v: np.eye(4)[i] * v + (1 - v) / 4
-    out = [d for s, (i, v) in enumerate([(2, 0.6), (2, 0.9), (3, 0.7), (1, 0.9), (0, 1.0), (3, 0.8)])
-           for d in merge.push(Window(14 * s, p(i, v)))] + merge.close()
-    assert [(d.label, d.windows) for d in out] == [("yes", 3), ("no", 1)]
+    p = lambda i, v: np.eye(4)[i] * v + (1 - v) / 4  # noqa: E731
+
+    def detections(seq: list[tuple[int, float]], radius: int) -> list[tuple[str, int]]:
+        merge = Merger(spec, threshold=0.5, radius=radius)
+        out = [d for s, (i, v) in enumerate(seq) for d in merge.push(Window(14 * s, p(i, v)))] + merge.close()
+        return [(d.label, round(d.time / 0.14 - 3.5)) for d in out]  # window index of each detection
+
+    # one detection at the most confident window; silence and unknown never detect; the last one is flushed
+    assert detections([(2, 0.6), (2, 0.9), (3, 0.7), (1, 0.9), (0, 1.0), (3, 0.8)], radius=2) == [("yes", 1), ("no", 5)]
+    # the same keyword twice in a row is two detections, even where the windows between them detect it too
+    assert detections([(2, 0.7), (2, 0.8), (2, 0.6), (2, 0.9), (2, 0.95)], radius=2) == [("yes", 1), ("yes", 4)]

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgekit.hmt_build import build, load_engine
-from edgekit.hmt_runtime import Generator, rss_bytes
+from edgekit.compile import compile
+from edgekit.hmt_runtime import Generator, load_engine, rss_bytes
 from edgekit.models import hmt
 
 
@@ -52,12 +52,13 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    meta = build(model, args.out, progress=lambda m: print(m, flush=True))
-    report["build"] = {"seconds": round(time.perf_counter() - t0, 1), "export_seconds": meta["export_seconds"],
-                       "compile_seconds": meta["compile_seconds"],
-                       "library_mib": round((args.out / "model.so").stat().st_size / 2**20, 2),
+    bundle = compile("hmt", "host", args.out / "bundle", config=None if args.checkpoint else args.config,
+                     checkpoint=args.checkpoint, force=True, progress=lambda m: print(m, flush=True))
+    meta = bundle.manifest
+    report["build"] = {"seconds": round(time.perf_counter() - t0, 1), "compile_seconds": meta["compile_seconds"],
+                       "bundle": str(bundle.path), "library_mib": round(bundle.library.stat().st_size / 2**20, 2),
                        "target": meta["target"]}
-    eng = load_engine(args.out)
+    eng = load_engine(bundle.path)
 
     # 1. accuracy over many segments
     data = text_stream(max(args.stream_tokens, args.segments * L + 1))

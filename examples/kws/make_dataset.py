@@ -127,12 +127,12 @@ def make_stream(minutes: float, split: str, keywords: list[str], others: list[st
     truth, t = [], int(rng.uniform(0.5, 1.5) * SAMPLE_RATE)
     while True:
         if rng.uniform() < 0.1:  # a burst of loud noise, no speech
-            word = sorted(bursts)[rng.integers(len(bursts))]
+            word, voice = sorted(bursts)[rng.integers(len(bursts))], None
             seg, kind = bursts[word][:int(rng.uniform(1.0, 3.0) * SAMPLE_RATE)] * rng.uniform(0.05, 0.3), "noise"
         else:
             word = str(rng.choice(keywords)) if rng.uniform() < 0.5 else str(rng.choice(others))
-            speech = synthesize(word, f"{rng.choice(ACCENTS)}+{rng.choice(speakers)}", int(rng.integers(120, 230)),
-                                int(rng.integers(15, 90)))
+            voice = f"{rng.choice(ACCENTS)}+{rng.choice(speakers)}"
+            speech = synthesize(word, voice, int(rng.integers(120, 230)), int(rng.integers(15, 90)))
             under = np.sqrt(np.mean(x[t:t + len(speech)] ** 2))
             gain = under * 10 ** (rng.uniform(*snr_db) / 20) / np.sqrt(np.mean(speech ** 2))
             seg, kind = speech * min(gain, 0.95 / np.abs(speech).max()), "keyword" if word in keywords else "other"
@@ -141,7 +141,7 @@ def make_stream(minutes: float, split: str, keywords: list[str], others: list[st
         snr = 20 * np.log10(np.sqrt(np.mean(seg ** 2)) / np.sqrt(np.mean(x[t:t + len(seg)] ** 2)))
         x[t:t + len(seg)] += seg
         truth.append({"start": round(t / SAMPLE_RATE, 3), "end": round((t + len(seg)) / SAMPLE_RATE, 3),
-                      "word": word, "kind": kind, "snr_db": round(float(snr), 1)})
+                      "word": word, "kind": kind, "voice": voice, "snr_db": round(float(snr), 1)})
         t += len(seg) + int(rng.uniform(0.4, 2.5) * SAMPLE_RATE)
     return np.clip(x, -1, 1).astype(np.float32), truth
 

@@ -4,8 +4,8 @@ The classifier was trained on 1 s clips from a zero state, and it classifies a c
 logits. Continuous detection keeps that exact setting: staggered sessions, one starting every `hop` frames, each
 fed one clip-length window from a fresh state and flushed, so each window's `mean_logits` is exactly the offline
 classification of that second of audio. Windows `hop` apart overlap, so every word lies whole inside some
-window near the position it had in training; the most confident of neighbouring windows that detect a
-keyword is the detection. Cost: clip_frames / hop sessions stepping every frame (7 for a 98-frame clip and a 14-frame hop).
+window near the position it had in training; non-maximum suppression over neighbouring windows turns them into
+one detection per utterance. Cost: clip_frames / hop sessions stepping every frame (7 for 98 frames, hop 14).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ SCV2_LABELS = ["backward", "follow", "five", "bed", "zero", "on", "learn", "two"
                "seven", "eight", "down", "six", "forward", "cat", "right", "visual", "four", "wow", "no", "nine",
                "off", "three", "left", "marvin", "yes", "up", "sheila", "happy", "bird", "go", "one"]
 NON_KEYWORDS = {"_silence_", "_unknown_"}
+SUPPRESS_FRAMES = 70  # detections closer than 0.7 s are one utterance (tuned on the validation stream)
 
 
 @dataclass(frozen=True)
@@ -124,11 +125,12 @@ class Merger:
     """Turns per-window decisions into detections by non-maximum suppression: windows whose top class is a
     keyword above `threshold` are taken most confident first, each suppressing the windows within `radius` of it.
     One detection per utterance, also for the same keyword said twice in a row (which a run of consecutive
-    detecting windows would merge into one). Suppression only acts within `radius`, so a group of detecting
-    windows is final once `radius` windows without a keyword follow it: that bounds the latency."""
+    detecting windows would merge into one). `radius` spans SUPPRESS_FRAMES at the windows' `hop`. Suppression
+    only acts within `radius`, so a group of detecting windows is final once `radius` windows without a keyword
+    follow it: that bounds the latency."""
 
-    def __init__(self, spec: ClipSpec, threshold: float, radius: int = 5):
-        self.spec, self.threshold, self.radius = spec, threshold, radius
+    def __init__(self, spec: ClipSpec, threshold: float, hop: int):
+        self.spec, self.threshold, self.radius = spec, threshold, max(1, round(SUPPRESS_FRAMES / hop))
         self.group: list[tuple[int, Window, float]] = []  # (window index, window, score) since the last gap
         self.index, self.gap = 0, 0
 
@@ -178,7 +180,7 @@ def detect(bundle: Bundle, spec: ClipSpec, blocks: Iterable[np.ndarray], hop: in
     classifier; detections are passed to `on_detection` as soon as they are final. One clip of digital silence
     after the end completes the windows still open. `windows`, when given, collects every window's
     probabilities (for plots and threshold studies)."""
-    front, clf, merge = audio.FrontEnd(), StaggeredClassifier(bundle, spec, hop), Merger(spec, threshold)
+    front, clf, merge = audio.FrontEnd(), StaggeredClassifier(bundle, spec, hop), Merger(spec, threshold, hop)
     report, pending = StreamReport(), np.zeros((0, audio.NUM_MEL_BINS), np.float32)
     tail = np.zeros(spec.clip_frames * audio.FRAME_SHIFT + audio.FRAME_LENGTH, np.float32)
     next_rss = 0.0

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from edgekit import audio
 from edgekit.cli import main
 from edgekit.errors import EdgekitError
-from edgekit.stream import DEMO_CHECKPOINT, SCV2_LABELS, ClipSpec, Merger, StaggeredClassifier, Window, host_bundle
+from edgekit.stream import (DEMO_CHECKPOINT, SCV2_LABELS, SUPPRESS_FRAMES, ClipSpec, Merger, StaggeredClassifier,
+                            Window, host_bundle)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "kws"))
 from make_dataset import make_dataset, split_of, synthesize  # noqa: E402
@@ -92,7 +93,8 @@ def test_clip_spec_and_merger():
     p = lambda i, v: np.eye(4)[i] * v + (1 - v) / 4  # noqa: E731
 
     def detections(seq: list[tuple[int, float]], radius: int) -> list[tuple[str, int]]:
-        merge = Merger(spec, threshold=0.5, radius=radius)
+        merge = Merger(spec, threshold=0.5, hop=SUPPRESS_FRAMES // radius)
+        assert merge.radius == radius
         out = [d for s, (i, v) in enumerate(seq) for d in merge.push(Window(14 * s, p(i, v)))] + merge.close()
         return [(d.label, round(d.time / 0.14 - 3.5)) for d in out]  # window index of each detection
 

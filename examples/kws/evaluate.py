@@ -38,7 +38,8 @@ def main() -> None:
         ref = torch.cat([model(torch.from_numpy(x[i:i + 256]))["mean_logits"][:, -1]
                          for i in range(0, len(x), 256)]).numpy()
     session = Session(host_bundle(a.checkpoint, print))
-    got = np.concatenate([session.run(x[i:i + 1], chunk=14)["mean_logits"][:, -1] for i in range(len(x))])
+    chunk = max(e["frames"] for e in session.bundle.manifest["entries"].values() if e["frames"])
+    got = np.concatenate([session.run(x[i:i + 1], chunk)["mean_logits"][:, -1] for i in range(len(x))])
     result = {"clips": len(x), "pytorch": float((ref.argmax(1) == split.labels).mean()),
               "bundle": float((got.argmax(1) == split.labels).mean()),
               "prediction_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),

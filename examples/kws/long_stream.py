@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edgekit import audio  # noqa: E402
-from edgekit.stream import DEMO_CHECKPOINT, Detection, Window, detect, open_model, wav_blocks  # noqa: E402
+from edgekit.stream import DEMO_CHECKPOINT, Detection, Merger, Window, detect, open_model, wav_blocks  # noqa: E402
 from make_dataset import SCV2_WORDS, make_stream  # noqa: E402
 from speech_commands import KEYWORDS  # noqa: E402
 
@@ -54,11 +54,11 @@ def single_session_baseline(bundle, spec, x: np.ndarray, threshold: float, hop: 
     """The cheap alternative to staggered windows: ONE session never reset; every `hop` frames, the mean of the
     last clip-length per-frame logits is classified. Same merging of windows into detections."""
     from edgekit.runtime import Session
-    from edgekit.stream import Merger, _softmax
+    from edgekit.stream import _softmax
 
     session = Session(bundle)
     logits = session.feed(audio.features(x)[None], 1)["logits"][0, session.delay:]
-    merge, out, w = Merger(spec, threshold), [], spec.clip_frames
+    merge, out, w = Merger(spec, threshold, hop), [], spec.clip_frames
     for start in range(0, len(logits) - w + 1, hop):
         out += merge.push(Window(start, _softmax(logits[start:start + w].mean(0))))
     return out + merge.close()
@@ -127,7 +127,7 @@ def main() -> None:
         windows: list[Window] = []
         report = detect(bundle, spec, wav_blocks(wav), hop=hop, threshold=min(a.threshold), windows=windows)
         for th in a.threshold:
-            dets = _redetect(spec, windows, th)
+            dets = _redetect(spec, windows, th, hop)
             s = score(dets, truth)
             results["runs"].append({"design": "staggered", "hop": hop, "sessions": spec.clip_frames // hop,
                                     "threshold": th, "rtf": round(report.rtf, 4), "cpu_rtf": round(report.cpu_rtf, 4),
@@ -156,11 +156,9 @@ def main() -> None:
     (a.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
-def _redetect(spec, windows: list[Window], threshold: float) -> list[Detection]:
+def _redetect(spec, windows: list[Window], threshold: float, hop: int) -> list[Detection]:
     """Detections at another threshold from the same windows (the classifier does not depend on it)."""
-    from edgekit.stream import Merger
-
-    merge, out = Merger(spec, threshold), []
+    merge, out = Merger(spec, threshold, hop), []
     for w in windows:
         out += merge.push(w)
     return out + merge.close()

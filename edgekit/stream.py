@@ -158,7 +158,7 @@ class Merger:
 
 @dataclass
 class StreamReport:
-    detections: list[Detection] = field(default_factory=list)
+    detections: int = 0  # counted, not kept: the stream may be endless (`on_detection` sees each one)
     audio_seconds: float = 0.0
     compute_seconds: float = 0.0  # wall clock
     cpu_seconds: float = 0.0  # this process's CPU time: the cost on a machine shared with other jobs
@@ -173,7 +173,7 @@ class StreamReport:
         return self.cpu_seconds / max(self.audio_seconds, 1e-9)
 
 
-def detect(bundle: Bundle, spec: ClipSpec, blocks: Iterable[np.ndarray], hop: int = 14, threshold: float = 0.8,
+def detect(bundle: Bundle, spec: ClipSpec, blocks: Iterable[np.ndarray], hop: int = 14, threshold: float = 0.5,
            on_detection: Callable[[Detection], None] = lambda d: None, rss_every: float = 60.0,
            windows: list[Window] | None = None) -> StreamReport:
     """Run a stream of float32 sample blocks (16 kHz, [-1, 1]) through the front end and the staggered
@@ -198,13 +198,13 @@ def detect(bundle: Bundle, spec: ClipSpec, blocks: Iterable[np.ndarray], hop: in
         report.cpu_seconds += time.process_time() - c0
         report.audio_seconds += real * len(samples) / audio.SAMPLE_RATE
         for d in found:
-            report.detections.append(d)
+            report.detections += 1
             on_detection(d)
         if report.audio_seconds >= next_rss:
             report.rss.append((round(report.audio_seconds, 1), rss_bytes()))
             next_rss += rss_every
     for d in merge.close():
-        report.detections.append(d)
+        report.detections += 1
         on_detection(d)
     report.rss.append((round(report.audio_seconds, 1), rss_bytes()))
     return report

@@ -133,6 +133,8 @@ def make_stream(minutes: float, split: str, keywords: list[str], others: list[st
             word = str(rng.choice(keywords)) if rng.uniform() < 0.5 else str(rng.choice(others))
             voice = f"{rng.choice(ACCENTS)}+{rng.choice(speakers)}"
             speech = synthesize(word, voice, int(rng.integers(120, 230)), int(rng.integers(15, 90)))
+            if not len(speech):  # espeak-ng said nothing (seen for rare voice/rate combinations)
+                continue
             under = np.sqrt(np.mean(x[t:t + len(speech)] ** 2))
             gain = under * 10 ** (rng.uniform(*snr_db) / 20) / np.sqrt(np.mean(speech ** 2))
             seg, kind = speech * min(gain, 0.95 / np.abs(speech).max()), "keyword" if word in keywords else "other"

@@ -17,13 +17,7 @@ from edgekit.models.aaren import NEG, Aaren, SoftmaxKVCache, combine, scan
 TINY = dict(input_size=8, d_model=32, layers=2, heads=4, ffn=64, num_classes=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Per-token ops are tiny here: intra-op threads only add synchronisation, which stalls on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(dtype: torch.dtype = torch.float64, sharpen: float = 4.0, config: dict = TINY) -> Aaren:

@@ -14,12 +14,7 @@ from edgekit.models.hmt import CONFIGS, HMT, TorchEngine, infer_config
 TINY = CONFIGS["tiny"]  # L 8, N 3, k 2, j 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sharp(dtype: torch.dtype = torch.float64, std: float = 0.5, config: dict = TINY, seed: int = 0) -> HMT:

@@ -1,5 +1,5 @@
-"""The Aaren vs KV-cache comparison: every engine computes the same network, the report has the expected shape,
-and the long-stream helpers see what fp32 does to the counter."""
+"""The Aaren vs KV-cache comparison: every engine computes the same network and the report has the expected
+shape."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,12 +11,7 @@ from edgekit.compile import compile
 from edgekit.validate import FrameSource, reference_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,7 @@ def test_dataset_layout(tmp_path):
     assert split.waves.shape == (6, 16000) and sorted(labels[i] for i in split.labels) == ["_silence_"] * 2 + [
         "no"] * 2 + ["yes"] * 2
     assert split_of(TEST_VOICE.split("+")[1]) == "testing"
+    assert np.array_equal(synthesize("go", TEST_VOICE, 150, 40), synthesize("go", TEST_VOICE, 150, 40))  # seeded
 
 
 def test_windows_are_offline_clip_classifications(cache, monkeypatch):

@@ -55,7 +55,8 @@ def synthesize(text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
     """espeak-ng speech as float32 at 16 kHz (sox resamples from espeak's 22.05 kHz), silence trimmed."""
     tts = subprocess.Popen(["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "--stdout", text],
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    raw = subprocess.run(["sox", "-q", "-t", "wav", "-", "-t", "raw", "-r", str(SAMPLE_RATE), "-e", "signed",
+    # -D: no dither, so that a seed always gives the same samples
+    raw = subprocess.run(["sox", "-q", "-D", "-t", "wav", "-", "-t", "raw", "-r", str(SAMPLE_RATE), "-e", "signed",
                           "-b", "16", "-c", "1", "-"], stdin=tts.stdout, capture_output=True, check=True).stdout
     tts.wait()
     x = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
@@ -125,7 +126,7 @@ def make_stream(minutes: float, split: str, keywords: list[str], others: list[st
                         for i in rng.permutation(int(np.ceil(minutes * 2)))])[:n]
     bursts = {k: make_noise(k, 10.0, rng) for k in ("white_noise", "pink_noise", "hum")}
     truth, t = [], int(rng.uniform(0.5, 1.5) * SAMPLE_RATE)
-    while True:
+    while t < n:
         if rng.uniform() < 0.1:  # a burst of loud noise, no speech
             word, voice = sorted(bursts)[rng.integers(len(bursts))], None
             seg, kind = bursts[word][:int(rng.uniform(1.0, 3.0) * SAMPLE_RATE)] * rng.uniform(0.05, 0.3), "noise"

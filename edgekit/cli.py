@@ -232,7 +232,7 @@ def info(bundle: Path) -> None:
 @click.option("--labels", help="class names in model order, comma-separated (when the model does not say)")
 @click.option("--hop", type=int, default=14, show_default=True, help="frames between window starts (10 ms each)")
 @click.option("--threshold", type=float, default=0.5, show_default=True,
-              help="keyword probability to detect (0.5: best F1 on the demo's validation stream)")
+              help="keyword probability to detect (0.5: chosen on the demo's validation streams)")
 @click.option("--repeat", type=int, default=1, show_default=True, help="play the WAV this many times (a long stream)")
 def stream(wav: Path | None, mic: bool, bundle: Path | None, checkpoint: Path | None, labels: str | None, hop: int,
            threshold: float, repeat: int) -> None:

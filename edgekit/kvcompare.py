@@ -17,7 +17,6 @@ parallel form, filling the cache), then `warmup` untimed and `window` timed sing
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import io
 import math
 import multiprocessing
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from edgekit.validate import rss_bytes
 
 LENGTHS = (1_000, 10_000, 100_000)
 ENGINES = ("pytorch-aaren", "pytorch-kvcache", "onnxruntime-aaren", "onnxruntime-kvcache", "tvm-aaren",
@@ -287,78 +288,69 @@ def torch_from_numpy(x: np.ndarray):
     return torch.from_numpy(x)
 
 
-class OrtKV(Engine):
+class CompiledKV(Engine):
+    """A compiled KV-cache step over a host-side cache: reaching a length and the first token run in torch (the
+    compiled graph needs t >= 1, a max over no scores); each later step runs `_compiled` on the cache in place."""
+
     kind = "kv-cache"
 
+    def __init__(self, net):
+        self.cache = _host_cache(net)
+
+    def reserve(self, tokens):
+        self.cache.reserve(tokens)
+
+    def reach(self, x):
+        self.cache.prefill(torch_from_numpy(x), chunk=REACH_CHUNK)
+
+    def step(self, x):
+        if not self.cache.length:
+            return self.cache.prefill(torch_from_numpy(x))[:, 0].numpy()
+        out = self._compiled(np.ascontiguousarray(x), self.cache.prefix())
+        self.cache.append(out[1:])
+        return out[0][:, 0]
+
+    def _compiled(self, x: np.ndarray, prefix: list[np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def memory_bytes(self):
+        return self.cache.cache_bytes()
+
+
+class OrtKV(CompiledKV):
     def __init__(self, net, onnx_path: Path, threads: int):
         import onnxruntime as ort
 
+        super().__init__(net)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         self.ort = ort
         self.sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.sess.get_inputs()]
         self.outputs = [o.name for o in self.sess.get_outputs()]
-        self.cache = _host_cache(net)
 
-    def reserve(self, tokens):
-        self.cache.reserve(tokens)
-
-    def reach(self, x):
-        self.cache.prefill(torch_from_numpy(x), chunk=REACH_CHUNK)
-
-    def step(self, x):
-        if not self.cache.length:  # the graph needs t >= 1 (a max over no scores): the first token in torch
-            return self.cache.prefill(torch_from_numpy(x))[:, 0].numpy()
+    def _compiled(self, x, prefix):
         feeds = {n: self.ort.OrtValue.ortvalue_from_numpy(a)  # shares the cache's memory: no copy per step
-                 for n, a in zip(self.names, [np.ascontiguousarray(x), *self.cache.prefix()])}
-        result = self.sess.run_with_ort_values(self.outputs, feeds)
-        out = [r.numpy() for r in result]
-        self.cache.append(out[1:])
-        return out[0][:, 0]
-
-    def memory_bytes(self):
-        return self.cache.cache_bytes()
+                 for n, a in zip(self.names, [x, *prefix])}
+        return [r.numpy() for r in self.sess.run_with_ort_values(self.outputs, feeds)]
 
 
-class TvmKV(Engine):
-    kind = "kv-cache"
-
+class TvmKV(CompiledKV):
     def __init__(self, net, lib_path: Path):
         import tvm_ffi
 
         from edgekit.tvm_runtime import load_vm
 
+        super().__init__(net)
         self.ffi, self.vm = tvm_ffi, load_vm(lib_path)
         self.func = self.vm.raw("kvstep")
-        self.cache = _host_cache(net)
 
-    def reserve(self, tokens):
-        self.cache.reserve(tokens)
-
-    def reach(self, x):
-        self.cache.prefill(torch_from_numpy(x), chunk=REACH_CHUNK)
-
-    def step(self, x):
-        if not self.cache.length:  # the compiled graph needs t >= 1 (a max over no scores): the first token here
-            return self.cache.prefill(torch_from_numpy(x))[:, 0].numpy()
-        args = [self.vm.tensor(x), *[self.ffi.from_dlpack(a) for a in self.cache.prefix()]]  # cache in place
-        out = [self.vm.numpy(r) for r in self.func(*args)]  # views of the VM's pooled memory: copied below
-        self.cache.append(out[1:])
-        return out[0][:, 0].copy()
-
-    def memory_bytes(self):
-        return self.cache.cache_bytes()
+    def _compiled(self, x, prefix):
+        args = [self.vm.tensor(x), *[self.ffi.from_dlpack(a) for a in prefix]]  # cache in place
+        return [self.vm.numpy(r).copy() for r in self.func(*args)]  # views of the VM's pooled memory
 
 
 # ------------------------------------------------------------------------------------------------- measurement
-def rss_bytes() -> int:
-    """Resident memory of this process after handing freed heap back to the system."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _make_engine(name: str, bundle_path: Path, kv_onnx: Path | None, kv_lib: Path | None, threads: int) -> Engine:
     from edgekit.artifact import load
     from edgekit.validate import reference_model

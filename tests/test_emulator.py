@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -91,22 +90,19 @@ def test_missing_qemu_names_the_package(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_emulated_aarch64_matches_host(tmp_path):
     root = emulator.prepare()
-    start = time.perf_counter()
-    assert emulator.prepare() == root and time.perf_counter() - start < 1, "a ready root must be reused"
+    marker = root / "edgekit-root.json"
+    built = marker.stat().st_mtime_ns
+    assert emulator.prepare() == root and marker.stat().st_mtime_ns == built, "a ready root must be reused"
 
     arm = build(AARCH64, tmp_path / "cell_aarch64.so", cc="aarch64-linux-gnu-gcc")
     assert open(arm, "rb").read(20)[18] == 183, "not an aarch64 ELF (e_machine EM_AARCH64)"
     host = load_vm(build(HOST, tmp_path / "cell_host.so"))
     args = inputs()
-    start = time.perf_counter()
     emulated = emulator.run(arm, args, root=root)
-    elapsed = time.perf_counter() - start
     assert len(emulated) == 2
     for got, want in zip(emulated, host["main"](*args)):
         assert got.shape == want.shape and got.dtype == want.dtype
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    # The runtime-only path starts in ~1.5 s here; a full `import tvm` under qemu takes 5-25 s.
-    assert elapsed < 10, f"emulated start-up took {elapsed:.1f} s"
 
 
 @pytest.mark.slow

@@ -118,8 +118,9 @@ def compile_cmd(model: str, checkpoint: Path | None, config: str | None, target:
     m = bundle.manifest
     size = sum((bundle.path / f).stat().st_size for f in m["files"])
     console.print(f"[green]built[/] {bundle.path}: {m['model']['family']} for {m['target']['name']} in "
-                  f"{m['compile_seconds']:.1f} s, {size / 2**20:.1f} MiB, state {m['state_bytes']} bytes, "
-                  f"delay {m['delay']} frames, entries {', '.join(m['entries'])}")
+                  f"{m['compile_seconds']:.1f} s, {size / 2**20:.1f} MiB, state {m['state_bytes']} bytes"
+                  + (f", {m['segment']}-byte segments" if m["unit"] == "segment" else f", delay {m['delay']} frames")
+                  + f", entries {', '.join(m['entries'])}", highlight=False)
 
 
 def _progress() -> Progress:
@@ -129,7 +130,7 @@ def _progress() -> Progress:
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--frames", "-n", type=int, default=10_000, show_default=True, help="stream length in frames")
+@click.option("--frames", "-n", type=int, help="stream length in frames  [default: 10000]")
 @click.option("--chunk", type=int, default=1, show_default=True, help="frames per call (a size the bundle was built for)")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the random input stream")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="max abs error allowed per output")
@@ -139,29 +140,43 @@ def _progress() -> Progress:
               help="spiking models: minimum fraction of agreeing spikes per layer")
 @click.option("--prediction-agreement", type=float, default=0.999, show_default=True,
               help="spiking models: minimum fraction of frames whose running-mean arg-max agrees")
-def validate(bundle: Path, frames: int, chunk: int, seed: int, atol: float, rtol: float, utterance: int | None,
-             spike_agreement: float, prediction_agreement: float) -> None:
+@click.option("--segments", type=int, help="segment-level LMs (HMT): stream length in segments  [default: 256]")
+@click.option("--decode-segments", type=int, default=2, show_default=True,
+              help="segment-level LMs: of those, the last ones fed byte by byte (the generation path)")
+@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="segment-level LMs: stream this file's bytes (repeated) instead of random bytes")
+def validate(bundle: Path, frames: int | None, chunk: int, seed: int, atol: float, rtol: float,
+             utterance: int | None, spike_agreement: float, prediction_agreement: float, segments: int | None,
+             decode_segments: int, text: Path | None) -> None:
     """Stream BUNDLE over --frames random frames against the float64 PyTorch reference.
 
     Reports max abs and relative error per output, error by stream decile (drift), spike agreement and
     sparsity per layer (spiking models), prediction agreement, state bytes and resident memory at T/10 and
     T. Exits 1 if a check fails. The report, with the criteria applied, is saved as validation.json.
+
+    A segment-level LM (`edgekit compile hmt`) streams --segments segments of bytes instead: logits and memory
+    embeddings of each segment, and for the last --decode-segments the byte-by-byte logits that generation
+    sees, against HMT's algorithm as written in float64.
     """
     from edgekit.validate import validate as run
 
     with _progress() as bar:
-        task = bar.add_task("streaming", total=frames)
+        task = bar.add_task("streaming", total=None)
         report = run(bundle, frames=frames, chunk=chunk, seed=seed, atol=atol, rtol=rtol, utterance=utterance,
-                     spike_agreement=spike_agreement, prediction_agreement=prediction_agreement,
-                     progress=lambda done, total: bar.update(task, completed=done))
-    table = Table(title=f"validation of {bundle} ({report['frames']} frames, chunk {chunk}, {report['seconds']} s)")
+                     spike_agreement=spike_agreement, prediction_agreement=prediction_agreement, segments=segments,
+                     decode_segments=decode_segments, text=text,
+                     progress=lambda done, total: bar.update(task, completed=done, total=total))
+    length = (f"{report['segments']} segments = {report['tokens']} bytes, the last {report['decode_segments']} byte "
+              "by byte" if "segments" in report else f"{report['frames']} frames, chunk {chunk}")
+    table = Table(title=f"validation of {bundle} ({length}, {report['seconds']} s)")
     for col in ("output", "max abs error", "max rel error", "error by decile (first .. last)"):
         table.add_column(col)
     for name, o in report["outputs"].items():
         d = o["error_by_decile"]
-        table.add_row(name, f"{o['max_abs_error']:.3g}", f"{o['max_rel_error']:.3g}", " ".join(f"{e:.1e}" for e in d))
+        table.add_row(name, f"{o['max_abs_error']:.3g}", f"{o['max_rel_error']:.3g}",
+                      " ".join("-" if e is None else f"{e:.1e}" for e in d))
     console.print(table)
-    if report["spikes"]:
+    if report.get("spikes"):
         spikes = Table(title="spikes per layer")
         for col in ("layer", "agreement", "sparsity (artifact)", "sparsity (reference)"):
             spikes.add_column(col)
@@ -172,7 +187,9 @@ def validate(bundle: Path, frames: int, chunk: int, seed: int, atol: float, rtol
             m = report["macs"]
             console.print(f"multiply-adds per frame {m['per_frame']:,}; fed by spikes {m['fed_by_spikes']:,}; "
                           f"skippable at this sparsity {m['skippable']:,} ({m['skippable_fraction']:.1%})")
-    for name, p in report["predictions"].items():
+    if "next_byte_agreement" in report:
+        console.print(f"next-byte arg-max agreement {report['next_byte_agreement']:.4%}")
+    for name, p in report.get("predictions", {}).items():
         console.print(f"prediction agreement ({name} arg-max): " + ", ".join(f"{k} {v:.4%}" for k, v in p.items()))
     console.print(f"ran: {report['execution']}" + (f", runtime start-up {report['runtime_startup_seconds']} s"
                                                    if "runtime_startup_seconds" in report else ""))
@@ -196,12 +213,18 @@ def bench(bundle: Path, calls: int, warmup: int, engines: tuple[str, ...]) -> No
     """Per-frame latency of BUNDLE's step in PyTorch, ONNX Runtime and TVM, same inputs, after warm-up.
 
     `tvm-compute` times the compiled function inside TVM without the Python call: the gap between it
-    and `tvm` is call overhead. Saved as bench.json in the bundle.
+    and `tvm` is call overhead. A segment-level LM (HMT) is timed per byte: its segment step (scoring),
+    its decode step, and generation (their mix). Saved as bench.json in the bundle.
     """
     from edgekit.bench import bench as run
 
     with console.status("benchmarking") as status:
         report = run(bundle, calls=calls, warmup=warmup, engines=engines, progress=lambda m: status.update(m))
+    console.print(_segment_bench_table(report) if report.get("unit") == "segment" else _frame_bench_table(report))
+    console.print(f"report: {Path(report['bundle']) / 'bench.json'}")
+
+
+def _frame_bench_table(report: dict) -> Table:
     table = Table(title=f"{report['model']} on {report['target']}: latency per frame (hop {report['hop_ms']:g} ms)")
     for col in ("engine", "chunk", "p50 us", "p90 us", "p99 us", "max us", "frames/s", "RTF"):
         table.add_column(col, justify="right" if col != "engine" else "left")
@@ -210,8 +233,18 @@ def bench(bundle: Path, calls: int, warmup: int, engines: tuple[str, ...]) -> No
         table.add_row(r["engine"], str(r["frames_per_call"]), fmt("p50_us") if "p50_us" in r else fmt("mean_us"),
                       fmt("p90_us"), fmt("p99_us"), fmt("max_us"), f"{r['frames_per_second']:.0f}",
                       f"{r['real_time_factor']:.4f}")
-    console.print(table)
-    console.print(f"report: {Path(report['bundle']) / 'bench.json'}")
+    return table
+
+
+def _segment_bench_table(report: dict) -> Table:
+    table = Table(title=f"{report['model']} on {report['target']}: latency per byte ({report['segment']}-byte "
+                        "segments; generate = the mix generation runs)")
+    for col in ("engine", "call", "bytes/call", "p50 us", "p90 us", "p99 us", "max us", "bytes/s"):
+        table.add_column(col, justify="right" if col not in ("engine", "call") else "left")
+    for r in report["results"]:
+        table.add_row(r["engine"], r["call"], str(r["bytes_per_call"]),
+                      *(f"{r[k]:.1f}" for k in ("p50_us", "p90_us", "p99_us", "max_us")), f"{r['bytes_per_second']:.0f}")
+    return table
 
 
 @main.command()

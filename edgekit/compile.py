@@ -15,7 +15,7 @@ import onnx
 from edgekit.artifact import LIBRARY, SCHEMA, Bundle, check_destination, file_sha256, load, publish, staging_dir
 from edgekit.errors import CompileError
 from edgekit.export import entry_frames, export
-from edgekit.validate import GOLDEN, GOLDEN_FRAMES, write_golden
+from edgekit.validate import GOLDEN, write_golden
 
 Progress = Callable[[str], None]
 
@@ -112,9 +112,8 @@ def compile(model: str, target: str, out: Path, config: str | None = None, check
         tvm_target = tgt.tvm_target()
         cuda = build(import_entries(onnx_paths), tvm_target, stage / LIBRARY, tgt.cc)
         torch.save(net.state_dict(), stage / "weights.pt")
-        own = hasattr(net, "manifest_fields")  # a model with its own interface (segment-level): no frame golden
-        if not own:
-            write_golden(net, stage / GOLDEN)
+        golden = write_golden(net, stage / GOLDEN)
+        own = hasattr(net, "manifest_fields")  # a model with its own interface (segment-level)
         manifest = {
             "schema": SCHEMA,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -129,7 +128,7 @@ def compile(model: str, target: str, out: Path, config: str | None = None, check
             "batch": batch,
             **(net.manifest_fields(batch) if own else frame_fields(net, batch, onnx_paths)),
             "library": LIBRARY,
-            "golden": None if own else {"file": GOLDEN, "frames": GOLDEN_FRAMES, "seed": 0},
+            "golden": golden,
             "compile_seconds": round(time.perf_counter() - t0, 2),
         }
         progress("writing the bundle")

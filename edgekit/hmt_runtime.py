@@ -60,15 +60,11 @@ class TVMEngine:
             raise InputShapeError(f"token ids must lie in [0, {self.vocab})", "pass bytes")
         return [self.vm.tensor(tokens.astype(np.int64)), self.vm.tensor(np.array([length], dtype=np.int64))]
 
-    def segment(self, tokens: np.ndarray, length: int, state: list) -> tuple[np.ndarray, list, list]:
+    def segment(self, tokens: np.ndarray, length: int, state: list) -> tuple[dict[str, np.ndarray], list, list]:
+        """({logits [L, V], memory_embedding [d]}, decode cache, next state) of one padded segment."""
         out = self.seg_fn(*self._inputs(tokens, length), *state)
-        return self.vm.numpy(out[0])[0], [out[2], out[3], out[4]], list(out[len(SEGMENT_OUTPUTS):])
-
-    def segment_full(self, tokens: np.ndarray, length: int, state: list) -> tuple[dict, list]:
-        """Logits and memory embedding as numpy (validation), and the next state."""
-        out = self.seg_fn(*self._inputs(tokens, length), *state)
-        return ({"logits": self.vm.numpy(out[0]), "memory_embedding": self.vm.numpy(out[1])},
-                list(out[len(SEGMENT_OUTPUTS):]))
+        return ({"logits": self.vm.numpy(out[0])[0], "memory_embedding": self.vm.numpy(out[1])[0]},
+                [out[2], out[3], out[4]], list(out[len(SEGMENT_OUTPUTS):]))
 
     def decode(self, token: int, cache: list) -> tuple[np.ndarray, list]:
         if not 0 <= token < self.vocab:
@@ -77,6 +73,91 @@ class TVMEngine:
             raise InputShapeError(f"token id {token} is not in [0, {self.vocab})", "pass bytes")
         out = self.dec_fn(self.vm.tensor(np.array([token], dtype=np.int64)), *cache)
         return self.vm.numpy(out[0])[0], list(out[1:])
+
+
+class ORTEngine:
+    """The bundle's ONNX entries in ONNX Runtime (what bench compares TVM with); numpy state and cache."""
+
+    def __init__(self, bundle):
+        import onnxruntime as ort
+
+        m = bundle.manifest
+        run = lambda entry: ort.InferenceSession(str(bundle.path / m["entries"][entry]["onnx"]),  # noqa: E731
+                                                 providers=["CPUExecutionProvider"]).run
+        self.seg_run, self.dec_run = run("segment"), run("decode")
+        self.segment_length, self.summary_length = m["segment"], m["summary"]
+        self.state_specs = m["state"]
+
+    def init_state(self) -> list[np.ndarray]:
+        return [np.zeros(s["shape"], dtype=s["dtype"]) for s in self.state_specs]
+
+    def segment(self, tokens: np.ndarray, length: int, state: list) -> tuple[dict[str, np.ndarray], list, list]:
+        feeds = {"tokens": np.asarray(tokens, np.int64).reshape(1, -1), "length": np.array([length], np.int64),
+                 **{s["name"]: v for s, v in zip(self.state_specs, state)}}
+        out = self.seg_run(None, feeds)
+        n = len(SEGMENT_OUTPUTS)
+        return {"logits": out[0][0], "memory_embedding": out[1][0]}, out[2:n], out[n:]
+
+    def decode(self, token: int, cache: list) -> tuple[np.ndarray, list]:
+        out = self.dec_run(None, {"token": np.array([token], np.int64), "kv": cache[0], "kv_mask": cache[1],
+                                  "slot": cache[2]})
+        return out[0][0], out[1:]
+
+
+class SegmentSession:
+    """One text stream through a segment bundle in this process, the state kept between calls: `score` whole
+    segments with the segment step alone, or `feed` bytes one at a time as generation does (the logits of the
+    next byte after each); both continue the same stream. What validation drives, here or in a Worker."""
+
+    OPS = ("reset", "score", "feed")  # what a Worker may run
+    execution, pid = "native", None
+
+    def __init__(self, bundle):
+        from edgekit.artifact import check_runs_here
+
+        check_runs_here(bundle)
+        self.bundle = bundle
+        self.engine = TVMEngine(bundle.library, bundle.manifest, "cuda" if bundle.target["runs"] == "cuda" else "cpu")
+        self.gen = Generator(self.engine)
+
+    def reset(self) -> None:
+        self.gen.reset()
+
+    def score(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """Whole segments of byte ids: {logits [1, segments, L, V], memory_embedding [1, segments, d]}."""
+        from edgekit.errors import InputShapeError
+
+        tokens, L = np.asarray(tokens, np.int64).reshape(-1), self.engine.segment_length
+        if self.gen.segment or tokens.size % L or not tokens.size:
+            raise InputShapeError(f"score takes whole segments of {L} bytes at a segment boundary; got {tokens.size} "
+                                  f"bytes with {len(self.gen.segment)} fed since the last boundary",
+                                  "feed the rest byte by byte")
+        outs = []
+        for s in range(0, tokens.size, L):
+            out, _, self.gen.state = self.engine.segment(tokens[s:s + L], L, self.gen.state)
+            outs.append(out)
+        return {k: np.stack([o[k] for o in outs])[None] for k in outs[0]}
+
+    def feed(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """Byte ids one by one: {logits [1, n, V]}, row i the distribution of the byte after tokens[i]."""
+        return {"logits": np.stack([self.gen.feed(int(t)) for t in np.asarray(tokens).reshape(-1)])[None]}
+
+
+class RemoteSegmentSession:
+    """A SegmentSession run by a `runtime.Worker` (another process: emulated aarch64, or validation's own)."""
+
+    def __init__(self, bundle, worker):
+        self.bundle, self.worker, self.execution, self.pid = bundle, worker, worker.execution, worker.pid
+        self.startup_seconds = worker.startup_seconds
+
+    def reset(self) -> None:
+        self.worker("reset")
+
+    def score(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        return self.worker("score", tokens=np.asarray(tokens, np.int64))
+
+    def feed(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        return self.worker("feed", tokens=np.asarray(tokens, np.int64))
 
 
 def load_engine(bundle_dir: str | Path, device: str = "cpu") -> TVMEngine:
@@ -138,13 +219,13 @@ class Generator:
         n = len(self.segment)
         padded = np.zeros(self.L, dtype=np.int64)
         padded[:n] = self.segment
-        logits, cache, state = self.engine.segment(padded, n, self.state)
+        out, cache, state = self.engine.segment(padded, n, self.state)
         self.calls["segment"] += 1
         if n == self.L:
             self.state, self.segment, self.cache = state, [], None
         else:
             self.cache = cache
-        return logits[n - 1]
+        return out["logits"][n - 1]
 
     def feed(self, token: int) -> np.ndarray:
         """Append one token; the logits [V] of the token after it."""

@@ -487,7 +487,7 @@ def compare(bundle_path: Path, lengths: tuple[int, ...] = LENGTHS, engines: tupl
               "machine": platform.machine(), "cpus": os.cpu_count(), "threads": threads, "seed": seed,
               "window": window, "warmup": warmup, "lengths": list(lengths),
               "aaren_state_bytes": {"artifact_state": m["state_bytes"],
-                                    "attention_state": sum(4 * a.heads * (a.d_head + 2) for a in blocks)},
+                                    "attention_state": sum(4 * a.heads * (2 * a.d_head + 3) for a in blocks)},
               "kv_cache_bytes_per_token": sum(2 * 4 * a.heads * a.d_head for a in blocks),
               "method": __doc__.split("\n\n", 1)[1].strip(), "engines": [], "skipped": {}}
     with tempfile.TemporaryDirectory(prefix="kvcompare-") as tmp:
@@ -534,7 +534,7 @@ def markdown(report: dict) -> str:
              "its chunked step; KV cache: `SoftmaxKVCache.prefill`, the parallel form filling the cache, preallocated "
              "to length + warm-up + window), so the timed steps sit at tokens L+warm-up .. L+warm-up+window.", "",
              f"Aaren state: {report['aaren_state_bytes']['artifact_state']} bytes in the artifact "
-             f"({report['aaren_state_bytes']['attention_state']} of them the attention's m, c, a), whatever the "
+             f"({report['aaren_state_bytes']['attention_state']} of them the attention's m and Kahan-compensated c, a), whatever the "
              f"length. KV cache: {report['kv_cache_bytes_per_token']} bytes per token.", "",
              "| engine | tokens | latency p50 (p10-p90) us | state / cache | RSS | RSS growth since warm-up "
              "| RSS growth since first length |", "|---|---:|---:|---:|---:|---:|---:|"]

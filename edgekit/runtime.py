@@ -77,6 +77,8 @@ class StreamSession:
 class Session(StreamSession):
     """The bundle's library in this process. State never leaves the device between calls."""
 
+    OPS = ("reset", "step", "flush")  # what a Worker may run
+
     def __init__(self, bundle: Bundle | Path):
         super().__init__(bundle if isinstance(bundle, Bundle) else load(bundle))
         check_runs_here(self.bundle)
@@ -105,28 +107,28 @@ def _concat(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in pieces], axis=1) for k in pieces[0]}
 
 
-class ProcessSession(StreamSession):
-    """The bundle's library in another Python process, driven over a pipe: an aarch64 Python under
-    qemu-aarch64 for ARM bundles on x86_64 (the board's bits; not its timings), or this machine's Python so that
-    the process's memory is the artifact's alone (validation measures it, with the reference elsewhere).
+class Worker:
+    """A bundle's session served by another Python process over a pipe: an aarch64 Python under qemu-aarch64 for
+    ARM bundles on x86_64 (the board's bits; not its timings), or this machine's Python so that the process's
+    memory is the artifact's alone (validation measures it, with the reference elsewhere).
 
-    The child imports this module (numpy + the TVM runtime library, no compiler) and serves steps."""
+    The child imports this module (numpy + the TVM runtime library, no compiler) and runs `serve`."""
 
     def __init__(self, bundle: Bundle, python: list[str], execution: str):
-        super().__init__(bundle)
-        self.execution = execution
+        self.bundle, self.execution = bundle, execution
         package_parent = str(Path(__file__).resolve().parent.parent)
         code = f"import sys; sys.path.insert(0, {package_parent!r}); from edgekit.runtime import serve; serve()"
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([*python, "-c", code, str(bundle.path.resolve())],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.pid = self.proc.pid
-        self._request({"op": np.array("hello")})
+        self("hello")
         self.startup_seconds = time.perf_counter() - t0
 
-    def _request(self, message: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, op: str, **arrays: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the session method `op` over there with these arguments; its outputs."""
         try:
-            _send(self.proc.stdin, message)
+            _send(self.proc.stdin, {"op": np.array(op), **arrays})
             reply = _receive(self.proc.stdout)
         except (BrokenPipeError, EOFError):
             err = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.poll() is not None else ""
@@ -135,15 +137,6 @@ class ProcessSession(StreamSession):
         if "error" in reply:
             raise EdgekitError(str(reply["error"]))
         return reply
-
-    def reset(self) -> None:
-        self._request({"op": np.array("reset")})
-
-    def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return self._request({"op": np.array("step"), "x": self.check_input(x)})
-
-    def flush(self) -> dict[str, np.ndarray]:
-        return self._request({"op": np.array("flush")})
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -155,26 +148,56 @@ class ProcessSession(StreamSession):
             self.proc.kill()
 
 
+class ProcessSession(StreamSession):
+    """A frame session whose library runs in a `Worker`."""
+
+    def __init__(self, bundle: Bundle, worker: Worker):
+        super().__init__(bundle)
+        self.worker, self.execution, self.pid = worker, worker.execution, worker.pid
+        self.startup_seconds = worker.startup_seconds
+
+    def reset(self) -> None:
+        self.worker("reset")
+
+    def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return self.worker("step", x=self.check_input(x))
+
+    def flush(self) -> dict[str, np.ndarray]:
+        return self.worker("flush")
+
+
 EMULATED = "qemu-aarch64 emulation (correctness check; timings are not board timings)"
 
 
-def open_session(path: Path | Bundle, isolated: bool = False, progress=None) -> StreamSession:
+def open_session(path: Path | Bundle, isolated: bool = False, progress=None):
     """A session wherever this machine can run the bundle: natively (in this process, or in a child process of
-    its own when `isolated`), or emulated for aarch64 CPU bundles on x86_64."""
+    its own when `isolated`), or emulated for aarch64 CPU bundles on x86_64. Frame bundles get a StreamSession;
+    segment-level LMs (unit "segment") a `hmt_runtime.SegmentSession` or its remote twin."""
     bundle = path if isinstance(path, Bundle) else load(path, check_machine=False)
+    local, remote = _session_classes(bundle)
     target, here = bundle.target, platform.machine()
     if target["arch"] == "aarch64" and here == "x86_64" and target["runs"] != "cuda":
         from edgekit import emulator
 
-        return ProcessSession(bundle, emulator.python_command(emulator.prepare(progress=progress)), EMULATED)
+        return remote(bundle, Worker(bundle, emulator.python_command(emulator.prepare(progress=progress)), EMULATED))
     check_runs_here(bundle)
-    return ProcessSession(bundle, [sys.executable], "native, own process") if isolated else Session(bundle)
+    return remote(bundle, Worker(bundle, [sys.executable], "native, own process")) if isolated else local(bundle)
+
+
+def _session_classes(bundle: Bundle) -> tuple[type, type]:
+    """(in-process, in-a-worker) session classes for the bundle's unit."""
+    if bundle.manifest.get("unit", "frame") == "segment":
+        from edgekit.hmt_runtime import RemoteSegmentSession, SegmentSession
+
+        return SegmentSession, RemoteSegmentSession
+    return Session, ProcessSession
 
 
 def serve() -> None:
-    """The emulated side: one Session over the bundle named in argv (checksums verified by the host already),
-    answering requests on stdin/stdout."""
-    session = Session(load(Path(sys.argv[-1]), verify=False))
+    """The worker side: one in-process session over the bundle named in argv (checksums verified by the parent
+    already), running the methods it lists in `OPS` as requests arrive on stdin, replying on stdout."""
+    bundle = load(Path(sys.argv[-1]), verify=False)
+    session = _session_classes(bundle)[0](bundle)
     out, inp = sys.stdout.buffer, sys.stdin.buffer
     while True:
         try:
@@ -183,8 +206,7 @@ def serve() -> None:
             return
         op = str(message.pop("op"))
         try:
-            reply = {"hello": lambda: {}, "reset": lambda: session.reset() or {},
-                     "step": lambda: session.step(message["x"]), "flush": session.flush}[op]()
+            reply = {} if op == "hello" else (getattr(session, op)(**message) if op in session.OPS else None) or {}
         except EdgekitError as e:
             reply = {"error": np.array(str(e))}
         _send(out, reply)

@@ -25,6 +25,15 @@ WINDOW = 4096  # frames of reference computed per forward call
 GOLDEN, GOLDEN_FRAMES = "reference.npz", 512  # reference outputs shipped in the bundle, for boards without torch
 WHOLE_SEQUENCE_LIMIT = WINDOW * 16  # a reference without a finite horizon and with a delay is computed in one piece
 DECILES = 10
+RSS_CHANGE_MAX = 5 * 2**20  # resident memory may move this much between T/10 and T
+
+
+def _seeded(seed: int, start: int, stop: int, block: int, draw: Callable[[np.random.Generator], np.ndarray]
+            ) -> np.ndarray:
+    """Items [start, stop) along axis 1 of a stream drawn block by block from default_rng([seed, block index])."""
+    blocks = range(start // block, (stop - 1) // block + 1)
+    data = np.concatenate([draw(np.random.default_rng([seed, b])) for b in blocks], axis=1)
+    return data[:, start - blocks[0] * block:stop - blocks[0] * block]
 
 
 class FrameSource:
@@ -36,11 +45,23 @@ class FrameSource:
     def frames(self, start: int, stop: int, batch: int = 1) -> np.ndarray:
         if stop <= start:
             return np.zeros((batch, 0, self.features), np.float32)
-        blocks = range(start // self.block, (stop - 1) // self.block + 1)
-        data = np.concatenate([np.random.default_rng([self.seed, b]).standard_normal(
-            (batch, self.block, self.features), dtype=np.float32) for b in blocks], axis=1)
-        first = blocks[0] * self.block
-        return data[:, start - first:stop - first]
+        return _seeded(self.seed, start, stop, self.block,
+                       lambda g: g.standard_normal((batch, self.block, self.features), dtype=np.float32))
+
+
+class TokenSource:
+    """Deterministic byte ids by index range: seeded uniform random bytes, or a text file's bytes, repeated."""
+
+    def __init__(self, seed: int, text: Path | None = None, block: int = WINDOW):
+        self.seed, self.block = seed, block
+        self.text = np.frombuffer(Path(text).read_bytes(), np.uint8).astype(np.int64) if text is not None else None
+        if self.text is not None and not self.text.size:
+            raise EdgekitError(f"{text} is empty", "pass a text file with at least one byte")
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        if self.text is not None:
+            return self.text[np.arange(start, stop) % self.text.size]
+        return _seeded(self.seed, start, stop, self.block, lambda g: g.integers(0, 256, (1, self.block)))[0]
 
 
 def reference_model(bundle: Bundle):
@@ -55,16 +76,19 @@ def reference_model(bundle: Bundle):
     return net.double().eval()
 
 
-def write_golden(net, path: Path) -> None:
-    """The float64 reference outputs of the first GOLDEN_FRAMES frames of the seed-0 stream, so that a board
-    with only the runtime installed can still validate the bundle against PyTorch's numbers."""
+def write_golden(net, path: Path) -> dict:
+    """The float64 reference outputs of the start of the seed-0 stream, so that a board with only the runtime
+    installed can still validate the bundle against PyTorch's numbers; returns the manifest's record of it."""
     import torch
 
+    if getattr(net, "unit", "frame") == "segment":
+        return _write_segment_golden(net, path)
     x = torch.from_numpy(FrameSource(net.input_size, 0).frames(0, GOLDEN_FRAMES)).double()
     with torch.no_grad():
         y = net.double().forward_frames(x)
     net.float()
     np.savez(path, **{k: v.numpy() for k, v in y.items()})
+    return {"file": GOLDEN, "frames": GOLDEN_FRAMES, "seed": 0}
 
 
 class Reference:
@@ -148,7 +172,7 @@ class Tally:
                 s = self.spikes.setdefault(name, np.zeros(4, np.int64))
                 s += [(g == w).sum(), g.size, (g == 0).sum(), (w == 0).sum()]
                 continue
-            e = self.error.setdefault(name, np.zeros(DECILES))
+            e = self.error.setdefault(name, np.full(DECILES, -np.inf))  # -inf: no frame of that decile yet
             diff = np.abs(g.astype(np.float64) - w).max(axis=tuple(i for i in range(w.ndim) if i != 1))
             np.maximum.at(e, (frames * DECILES) // self.frames, diff)
             self.peak[name] = max(self.peak.get(name, 0.0), float(np.abs(w).max()))
@@ -180,11 +204,12 @@ def rss_bytes(pid: int | None = None) -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def validate(bundle_path: Path, frames: int = 10_000, chunk: int = 1, seed: int = 0, atol: float = 1e-4,
+def validate(bundle_path: Path, frames: int | None = None, chunk: int = 1, seed: int = 0, atol: float = 1e-4,
              rtol: float = 1e-3, utterance: int | None = None, spike_agreement: float = 0.999,
-             prediction_agreement: float = 0.999, progress: Callable[[int, int], None] = lambda done, total: None
-             ) -> dict:
-    """Stream the bundle over `frames` frames against the float64 reference; return (and save) the report.
+             prediction_agreement: float = 0.999, segments: int | None = None, decode_segments: int = 2,
+             text: Path | None = None, progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
+    """Stream the bundle over `frames` frames (default 10,000) against the float64 reference; return (and save)
+    the report. A segment-level LM's bundle is streamed over `segments` segments instead (`_validate_segments`).
 
     utterance=N splits the stream into independent utterances of N frames, each from a fresh state and flushed
     (as a keyword spotter sees them); otherwise it is one stream. Pass criteria: real-valued outputs within
@@ -192,9 +217,19 @@ def validate(bundle_path: Path, frames: int = 10_000, chunk: int = 1, seed: int 
     logits, the prediction criterion replaces this); each spike layer's agreement >= spike_agreement; the
     running-mean predictions' agreement >= prediction_agreement; resident memory at T within 5 MiB of T/10.
     """
+    bundle = load(bundle_path, check_machine=False)
+    if bundle.manifest.get("unit", "frame") == "segment":
+        if frames is not None or utterance is not None or chunk != 1:
+            raise EdgekitError(f"{bundle.path} holds a segment-level LM: it streams text segments, not frames",
+                               "use --segments (and --decode-segments, --text) instead of --frames/--chunk/--utterance")
+        return _validate_segments(bundle, 256 if segments is None else segments, decode_segments, seed, text,
+                                  atol, rtol, progress)
+    if segments is not None or text is not None:
+        raise EdgekitError(f"{bundle.path} holds a frame-streaming model: --segments and --text are for "
+                           "segment-level LMs", "use --frames")
+    frames = 10_000 if frames is None else frames
     if frames < 1 or (utterance is not None and utterance < 1):
         raise EdgekitError("--frames and --utterance must be positive")
-    bundle = load(bundle_path, check_machine=False)
     session = open_session(bundle, isolated=True)  # the artifact's memory apart from the reference's
     source = FrameSource(session.input_size, seed)
     try:
@@ -257,24 +292,21 @@ def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, chun
             utterance: int | None, seconds: float, atol: float, rtol: float, spike_agreement: float,
             prediction_agreement: float) -> dict:
     spiking = bool(tally.spikes)
-    outputs = {o: {"max_abs_error": float(e.max()), "reference_max_abs": tally.peak[o],
-                   "max_rel_error": float(e.max() / max(tally.peak[o], 1e-30)),
-                   "error_by_decile": [float(v) for v in e]} for o, e in tally.error.items()}
+    outputs = _errors(tally)
     spikes = {o.removeprefix("spikes."): {"agreement": int(a) / int(n), "sparsity_artifact": int(za) / int(n),
                                           "sparsity_reference": int(zr) / int(n)}
               for o, (a, n, za, zr) in tally.spikes.items()}
     predictions = {o: {"agreement_per_frame": int(a) / int(n),
                        "agreement_per_utterance" if utterance else "agreement_at_end": int(ae) / int(ne)}
                    for o, (a, n, ae, ne) in tally.predictions.items()}
-    start, end = rss.get(max(1, frames // 10)), rss.get(frames)
-    growth = end - start if start is not None and end is not None else 0
+    memory = _memory(rss, frames)
     checks = {
         **({} if spiking else {f"{o}_error": r["max_abs_error"] <= atol or r["max_rel_error"] <= rtol
                                for o, r in outputs.items()}),
         **{f"spikes.{o}_agreement": s["agreement"] >= spike_agreement for o, s in spikes.items()},
         **({f"{o}_prediction": p["agreement_per_frame"] >= prediction_agreement for o, p in predictions.items()}
            if spiking else {}),
-        "constant_memory": abs(growth) <= 5 * 2**20,
+        "constant_memory": memory["constant"],
     }
     report = {
         "bundle": str(bundle.path), "target": bundle.target["name"], "frames": frames, "chunk": chunk,
@@ -284,13 +316,150 @@ def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, chun
                      "for a causal model without a horizon, its parallel chunk form carrying the state)",
         "criteria": {"atol": atol, "rtol": rtol, "real_valued_outputs_judged": not spiking,
                      "spike_agreement_min": spike_agreement, "prediction_agreement_min": prediction_agreement,
-                     "rss_change_max_bytes": 5 * 2**20},
+                     "rss_change_max_bytes": RSS_CHANGE_MAX},
         "outputs": outputs, "spikes": spikes, "predictions": predictions,
         "state_bytes": bundle.manifest["state_bytes"],
-        "rss_bytes": {"at_T/10": start, "at_T": end, "growth": growth,
-                      "peak_validating_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
+        "rss_bytes": memory["rss_bytes"],
         "seconds": round(seconds, 2),
         "checks": checks,
         "passed": all(checks.values()),
     }
+    return report
+
+
+def _errors(tally: Tally) -> dict:
+    return {o: {"max_abs_error": float(e.max()), "reference_max_abs": tally.peak[o],
+                "max_rel_error": float(e.max() / max(tally.peak[o], 1e-30)),
+                "error_by_decile": [float(v) if v >= 0 else None for v in e]} for o, e in tally.error.items()}
+
+
+def _memory(rss: dict[int, int], total: int) -> dict:
+    """The artifact process's RSS at T/10 and T (T in frames or segments) and whether it stayed flat."""
+    start, end = rss.get(max(1, total // 10)), rss.get(total)
+    growth = end - start if start is not None and end is not None else 0
+    return {"constant": abs(growth) <= RSS_CHANGE_MAX,
+            "rss_bytes": {"at_T/10": start, "at_T": end, "growth": growth,
+                          "peak_validating_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}
+
+
+# ---- segment-level LMs (HMT): text in segments of L bytes, and byte by byte as generation runs -----------------
+
+SEGMENT_BLOCK = 16  # segments per scoring call
+
+
+class SegmentReference:
+    """The float64 eager HMT reference (the algorithm as written, growing-then-truncated cache) continuing one
+    stream, in the two ways a segment bundle runs it: `score` whole segments, or `feed` one segment byte by byte,
+    where each byte's next-byte distribution may depend only on the bytes so far (while a segment holds fewer than
+    j bytes its summary, hence its recalled memory, is over those bytes alone)."""
+
+    def __init__(self, net):
+        self.net, self.carry = net, None
+
+    def _run(self, tokens: np.ndarray):
+        import torch
+
+        with torch.no_grad():
+            return self.net.reference_carry(torch.from_numpy(tokens).view(1, -1), carry=self.carry)
+
+    def score(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        logits, memories, self.carry = self._run(tokens)
+        return {"logits": logits.view(1, -1, self.net.L, logits.shape[-1]).numpy(),
+                "memory_embedding": memories.numpy()}
+
+    def feed(self, segment: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        prefixes = [self._run(segment[:n])[0][0, n - 1] for n in range(1, self.net.j)]
+        logits, _, self.carry = self._run(segment)
+        return {"logits": torch.stack([*prefixes, *logits[0, self.net.j - 1:]])[None].numpy()}
+
+
+class GoldenSegmentReference:
+    """SegmentReference's outputs read from the bundle's golden record (no torch needed)."""
+
+    def __init__(self, bundle: Bundle):
+        with np.load(bundle.path / bundle.manifest["golden"]["file"]) as f:
+            self.record = {k: f[k] for k in f.files}
+        self.done = 0
+
+    def score(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        n = tokens.size // self.record["logits"].shape[2]
+        out = {k: self.record[k][:, self.done:self.done + n] for k in ("logits", "memory_embedding")}
+        self.done += n
+        return out
+
+    def feed(self, segment: np.ndarray) -> dict[str, np.ndarray]:
+        return {"logits": self.record["fed_logits"]}
+
+
+def _write_segment_golden(net, path: Path) -> dict:
+    """N + 4 segments of the seed-0 byte stream (the memory cache wraps), the last one fed byte by byte."""
+    segments, L = net.N + 4, net.L
+    tokens = TokenSource(0).tokens(0, segments * L)
+    ref = SegmentReference(net.double())
+    scored = ref.score(tokens[:-L])
+    np.savez(path, **scored, fed_logits=ref.feed(tokens[-L:])["logits"])
+    net.float()
+    return {"file": GOLDEN, "segments": segments, "decode_segments": 1, "seed": 0}
+
+
+def _validate_segments(bundle: Bundle, segments: int, decode_segments: int, seed: int, text: Path | None,
+                       atol: float, rtol: float, progress: Callable[[int, int], None]) -> dict:
+    """One stream of `segments` segments: all but the last `decode_segments` scored by the segment step, those
+    fed byte by byte (the generation path: segment steps while the summary grows, then decode steps); logits and
+    memory embeddings against the float64 reference, the artifact's RSS at T/10 and T, next-byte agreement."""
+    if segments < 1 or not 0 <= decode_segments <= segments:
+        raise EdgekitError(f"need --segments >= 1 and 0 <= --decode-segments <= --segments; got {segments}, "
+                           f"{decode_segments}")
+    source = TokenSource(seed, text)
+    session = open_session(bundle, isolated=True)
+    try:
+        ref = SegmentReference(reference_model(bundle))
+    except ImportError:
+        golden = bundle.manifest["golden"]
+        if seed != golden["seed"] or text is not None:
+            raise EdgekitError("without PyTorch, validation compares with the bundle's golden record: "
+                               f"{golden['segments']} segments of seed {golden['seed']}",
+                               "drop --seed/--text, or install edgekit[compile] for any stream") from None
+        segments, decode_segments, ref = golden["segments"], golden["decode_segments"], GoldenSegmentReference(bundle)
+    L, scored = bundle.manifest["segment"], segments - decode_segments
+    pieces = [(s, min(scored, s + SEGMENT_BLOCK), "score") for s in range(0, scored, SEGMENT_BLOCK)]
+    pieces += [(s, s + 1, "feed") for s in range(scored, segments)]
+    tally, rss, agree, t0 = Tally(segments), {}, np.zeros(2, np.int64), time.perf_counter()
+    session.reset()
+    for start, stop, how in pieces:
+        tokens = source.tokens(start * L, stop * L)
+        got, want = getattr(session, how)(tokens), getattr(ref, how)(tokens)
+        if how == "feed":  # one segment's L byte-by-byte distributions, tallied as one segment
+            got, want = ({"logits_byte_by_byte": d["logits"][:, None]} for d in (got, want))
+        tally.add(got, want, start, [])
+        name = next(iter(got))
+        agree += [(got[name].argmax(-1) == want[name].argmax(-1)).sum(), got[name][..., 0].size]
+        for mark in {max(1, segments // 10), segments}:
+            if start < mark <= stop:
+                rss[mark] = rss_bytes(session.pid)
+        progress(stop, segments)
+    memory = _memory(rss, segments)
+    outputs = _errors(tally)
+    checks = {**{f"{o}_error": r["max_abs_error"] <= atol or r["max_rel_error"] <= rtol for o, r in outputs.items()},
+              "constant_memory": memory["constant"]}
+    report = {
+        "bundle": str(bundle.path), "target": bundle.target["name"], "segments": segments,
+        "decode_segments": decode_segments, "segment_length": L, "tokens": segments * L, "seed": seed,
+        "input": f"the bytes of {text}, repeated" if text is not None else
+                 "uniform random bytes, numpy default_rng([seed, block]) per 4096-byte block",
+        "reference": "PyTorch in float64: HMT's algorithm as written (growing-then-truncated memory cache), one "
+                     "stream; byte by byte, each byte's distribution given only the bytes before it",
+        "criteria": {"atol": atol, "rtol": rtol, "rss_change_max_bytes": RSS_CHANGE_MAX},
+        "outputs": outputs, "next_byte_agreement": int(agree[0]) / int(agree[1]),
+        "state_bytes": bundle.manifest["state_bytes"], "rss_bytes": memory["rss_bytes"],
+        "seconds": round(time.perf_counter() - t0, 2), "checks": checks, "passed": all(checks.values()),
+        "execution": session.execution,
+    }
+    if isinstance(ref, GoldenSegmentReference):
+        report["reference"] += ", read from the bundle's golden record (computed at compile time)"
+    if hasattr(session, "startup_seconds"):
+        report["runtime_startup_seconds"] = round(session.startup_seconds, 2)
+    bundle.record("validation.json", report)
     return report

@@ -4,7 +4,9 @@ Each layer attends with a learned, input-independent query per head over every p
 softmax is an associative scan over (m, u, w) = (running max score, sum of e^{s-m}, sum of v e^{s-m}), so one
 operator serves three forms that must agree: the parallel reference (a log-depth scan over time), the step
 (the O(1)-memory recurrence: the carried state combined with one token) and the chunked step (a scan over
-the chunk combined with the carried state). `SoftmaxKVCache` runs the same weights as ordinary softmax
+the chunk combined with the carried state). The carried u and w grow with the stream (u up to the token count),
+so the step and the chunk add into them with Kahan compensation: a plain fp32 u stops counting at 2^24 tokens
+while w goes on, and the output w / u drifts. `SoftmaxKVCache` runs the same weights as ordinary softmax
 attention over a growing KV cache: the baseline Aaren's constant memory is measured against.
 """
 from __future__ import annotations
@@ -28,17 +30,51 @@ CONFIGS = {
 NEG = -1e30
 
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # m [..., H], u [..., H], w [..., H, D]
+# A triple plus the Kahan carries of u and w (u - du and w - dw are the sums): one layer's streamed state.
+Carried = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # m, u, w, du, dw
+
+
+def align(ma: torch.Tensor, ua: torch.Tensor, mb: torch.Tensor, ub: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The common max m of two sides and their factors e^{ma - m}, e^{mb - m}. A side with u == 0 is empty
+    whatever its m holds (0 from a zero-initialised state, -inf, NEG): its m is replaced by NEG, so it neither
+    sets the max nor makes NaN, and the first real token gets weight e^0 = 1 exactly."""
+    ma, mb = torch.where(ua > 0, ma, NEG), torch.where(ub > 0, mb, NEG)
+    m = torch.maximum(ma, mb)
+    return m, torch.exp(ma - m), torch.exp(mb - m)
 
 
 def combine(a: Triple, b: Triple) -> Triple:
-    """(m, u, w) of token set A followed by token set B. A side with u == 0 is empty whatever its m holds
-    (0 from a zero-initialised state, -inf, NEG): its m is replaced by NEG, so it neither sets the max nor
-    makes NaN, and the first real token gets weight e^0 = 1 exactly."""
+    """(m, u, w) of token set A followed by token set B."""
     (ma, ua, wa), (mb, ub, wb) = a, b
-    ma, mb = torch.where(ua > 0, ma, NEG), torch.where(ub > 0, mb, NEG)
-    m = torch.maximum(ma, mb)
-    ea, eb = torch.exp(ma - m), torch.exp(mb - m)
+    m, ea, eb = align(ma, ua, mb, ub)
     return m, ua * ea + ub * eb, wa * ea.unsqueeze(-1) + wb * eb.unsqueeze(-1)
+
+
+def kahan_add(total: torch.Tensor, carry: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """total + value, the part rounding drops kept in the carry: (sum, carry) means sum - carry, as for
+    edgekit.streaming's running means."""
+    v = value - carry
+    t = total + v
+    return t, (t - total) - v
+
+
+def absorb(state: Carried, new: Triple) -> Carried:
+    """combine(state, new) for the streamed state. u sums a weight e^{s-m} <= 1 per token, so while the max holds
+    it grows with the stream (to the token count when scores are equal), and w with it; in fp32 a plain u + 1
+    rounds back to u from 2^24 on. u and w are therefore Kahan-summed, the carries rescaled with their sums."""
+    (m, u, w, du, dw), (mb, ub, wb) = state, new
+    m, ea, eb = align(m, u, mb, ub)
+    u, du = kahan_add(u * ea, du * ea, ub * eb)
+    ea, eb = ea.unsqueeze(-1), eb.unsqueeze(-1)
+    w, dw = kahan_add(w * ea, dw * ea, wb * eb)
+    return m, u, w, du, dw
+
+
+def start(summary: Triple) -> Carried:
+    """A triple as streamed state: nothing lost to rounding yet."""
+    m, u, w = summary
+    return m, u, w, torch.zeros_like(u), torch.zeros_like(w)
 
 
 def scan(s: torch.Tensor, v: torch.Tensor) -> Triple:
@@ -80,14 +116,17 @@ class AarenAttention(nn.Module):
         s = k.to(acc).unsqueeze(-2) @ self.query.to(acc).unsqueeze(-1)  # [..., H, 1, D] @ [H, D, 1]
         return s[..., 0, 0] / math.sqrt(self.d_head)
 
-    def mix(self, h: torch.Tensor, carry: Triple | None) -> tuple[torch.Tensor, Triple]:
+    def mix(self, h: torch.Tensor, carry: Carried | None) -> tuple[torch.Tensor, Carried]:
         """Attention outputs [B, K, H*D] over every prefix of h (after the tokens `carry` summarises), and the
-        triple after the last token. With K = 1 this is the recurrence m_k = max(m_{k-1}, s_k) etc."""
+        state after the last token. With K = 1 this is the recurrence m_k = max(m_{k-1}, s_k) etc."""
         k, v = self.keys_values(h)
         m, u, w = scan(self.scores(k), v.to(accumulator(v.dtype)))
-        if carry is not None:
-            m, u, w = combine(tuple(c.to(m.dtype).unsqueeze(1) for c in carry), (m, u, w))
-        return (w / u.unsqueeze(-1)).flatten(-2).to(h.dtype), (m[:, -1], u[:, -1], w[:, -1])
+        if carry is None:
+            last = start((m[:, -1], u[:, -1], w[:, -1]))
+        else:
+            m, u, w, du, dw = absorb(tuple(c.to(m.dtype).unsqueeze(1) for c in carry), (m, u, w))
+            last = (m[:, -1], u[:, -1], w[:, -1], du[:, -1], dw[:, -1])
+        return (w / u.unsqueeze(-1)).flatten(-2).to(h.dtype), last
 
 
 class Block(nn.Module):
@@ -105,11 +144,18 @@ class Block(nn.Module):
 Attend = Callable[[int, AarenAttention, torch.Tensor], torch.Tensor]
 
 
+def carried_names(j: int) -> tuple[str, ...]:
+    """State names of layer j's (m, u, w, du, dw)."""
+    return f"m{j}", f"sum.c{j}", f"sum.a{j}", f"carry.c{j}", f"carry.a{j}"
+
+
 class Aaren(StreamingModel):
     """Aaren encoder with a per-frame classification head; outputs `logits` and `mean_logits`.
 
-    State per layer j: m{j}, c{j} [H] and a{j} [H, D], in fp32 (fp64 for a fp64 model). The all-zero state
-    is the empty one (c == 0), so the base `init_state` and a runtime that zero-fills the state both start it.
+    State per layer j: m{j} [H], the Kahan pairs sum.c{j}, carry.c{j} [H] (u) and sum.a{j}, carry.a{j} [H, D]
+    (w), in fp32 (fp64 for a fp64 model); the pairs are named like the running means' so that the export check
+    compares them by their compensated value. The all-zero state is the empty one (c == 0), so the base
+    `init_state` and a runtime that zero-fills the state both start it.
     """
 
     family = "aaren"
@@ -146,15 +192,16 @@ class Aaren(StreamingModel):
     def frame_state_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         shapes = {}
         for j, blk in enumerate(self.blocks):
-            h, d = blk.attn.heads, blk.attn.d_head
-            shapes.update({f"m{j}": ((h,), "float32"), f"c{j}": ((h,), "float32"), f"a{j}": ((h, d), "float32")})
+            head, vec = ((blk.attn.heads,), "float32"), ((blk.attn.heads, blk.attn.d_head), "float32")
+            shapes.update(zip(carried_names(j), (head, head, vec, head, vec)))
         return shapes
 
     def advance_chunk(self, x: torch.Tensor, state: State) -> tuple[dict[str, torch.Tensor], State]:
-        """K frames folded into the state: per layer, a scan over the chunk combined with the carried triple."""
+        """K frames folded into the state: per layer, a scan over the chunk combined with the carried state."""
         def attend(j: int, attn: AarenAttention, h: torch.Tensor) -> torch.Tensor:
-            o, (state[f"m{j}"], state[f"c{j}"], state[f"a{j}"]) = attn.mix(
-                h, (state[f"m{j}"], state[f"c{j}"], state[f"a{j}"]))
+            names = carried_names(j)
+            o, carried = attn.mix(h, tuple(state[n] for n in names))
+            state.update(zip(names, carried))
             return o
 
         return {"logits": self.network(x, attend)}, state
@@ -242,7 +289,7 @@ class SoftmaxKVCache:
         """Logits [B, T, classes] of frames [B, T, F] appended to the stream, computed in parallel per chunk
         (each layer's attention by the scan, carried across chunks), the cache filled with their keys and values.
         Exact softmax attention like `step`, without T sequential calls: how a long context is reached."""
-        carry: list[Triple | None] = [None] * len(self.keys)
+        carry: list[Carried | None] = [None] * len(self.keys)
         outs = []
 
         def attend(j: int, attn: AarenAttention, h: torch.Tensor) -> torch.Tensor:
@@ -250,7 +297,7 @@ class SoftmaxKVCache:
                 keys = self.keys[j][:, :, :self.length].transpose(1, 2)  # [B, t, H, D]
                 values = self.values[j][:, :, :self.length].transpose(1, 2)
                 m, u, w = scan(attn.scores(keys), values.to(accumulator(values.dtype)))
-                carry[j] = (m[:, -1], u[:, -1], w[:, -1])
+                carry[j] = start((m[:, -1], u[:, -1], w[:, -1]))
             o, carry[j] = attn.mix(h, carry[j])
             self._append(j, *attn.keys_values(h))
             return o

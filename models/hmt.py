@@ -83,7 +83,7 @@ class Block(nn.Module):
 
 
 class HMT(nn.Module):
-    family = "hmt"
+    family, unit = "hmt", "segment"
 
     def __init__(self, vocab: int = VOCAB, d_model: int = 256, layers: int = 4, heads: int = 4, ffn: int = 1024,
                  segment: int = 64, memory: int = 16, sensory: int = 8, summary: int | None = None,
@@ -320,7 +320,7 @@ class HMT(nn.Module):
         """What a bundle's manifest says about this model's interface (in place of the frame-level fields)."""
         kv = self.kv_spec(batch)
         return {
-            "unit": "segment", "delay": 0, "horizon": None, "segment": self.L, "summary": self.j,
+            "unit": self.unit, "delay": 0, "horizon": None, "segment": self.L, "summary": self.j,
             "input": TensorSpec("tokens", (batch, self.L), "int64").to_json(),
             "outputs": [TensorSpec("logits", (batch, self.L, self._config["vocab"])).to_json(),
                         TensorSpec("memory_embedding", (batch, self.d)).to_json()],
@@ -358,10 +358,10 @@ class TorchEngine:
         return self.model.init_state(1, self.model.embed.weight.dtype)
 
     @torch.no_grad()
-    def segment(self, tokens: np.ndarray, length: int, state: dict) -> tuple[np.ndarray, dict, dict]:
+    def segment(self, tokens: np.ndarray, length: int, state: dict) -> tuple[dict[str, np.ndarray], dict, dict]:
         out, new = self.model.segment_step(torch.from_numpy(tokens).view(1, -1), torch.tensor([length]), state)
         cache = {n: out[n] for n in ("kv", "kv_mask", "slot")}
-        return out["logits"][0].numpy(), cache, new
+        return {n: out[n][0].numpy() for n in ("logits", "memory_embedding")}, cache, new
 
     @torch.no_grad()
     def decode(self, token: int, cache: dict) -> tuple[np.ndarray, dict]:

@@ -30,6 +30,15 @@ def tiny(dtype: torch.dtype = torch.float64, sharpen: float = 4.0, config: dict 
     return model
 
 
+def equal_scores(model: Aaren) -> Aaren:
+    """Keys zeroed: every score is 0, so every token weighs e^0 = 1 and c counts tokens exactly."""
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.key.weight.zero_()
+            blk.attn.key.bias.zero_()
+    return model
+
+
 @torch.no_grad()
 def stepped(model: Aaren, x: torch.Tensor) -> dict[str, torch.Tensor]:
     state, outs = model.init_state(x.shape[0]), []
@@ -96,30 +105,38 @@ def test_kv_cache_prefill_matches_stepping():
         assert max_err(a[:, :90], b[:, :90]) < 1e-12
 
 
-def test_fp32_counter_saturates_at_2_24():
-    """Documents fp32's limit: with every score at the running max (weight 1 per token), c counts tokens exactly
-    up to 2^24 = 16,777,216; there c + 1 is a tie and rounds back, so the step stops counting, while a chunk
-    of 16 adds 16 at once (exact up to 2^28). The output stays finite; see examples/aaren/long_stream_probe.py."""
-    model = tiny(torch.float32)
+def compensated(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The value of the Kahan pair sum.<name>, carry.<name>, in float64."""
+    return state[f"sum.{name}"].double() - state[f"carry.{name}"].double()
+
+
+@pytest.mark.parametrize("count", [2.0**24 - 8, 2.0**24, 2.0**26])
+def test_fp32_state_keeps_counting_past_2_24(count: float):
+    """In fp32, c + 1 rounds back to c from 2^24 = 16,777,216 on (c + 16, a chunk's sum, from 2^28): a plain sum
+    stops counting while a goes on, and a / c drifts. From a state injected as if `count` tokens of weight 1 had
+    been seen (a scaled alike, so the outputs are unchanged), 64 more tokens by the step and by chunks of 16 leave
+    the compensated c at count + 64 exactly and a where float64 math from the same state puts it.
+    See examples/aaren/long_stream_probe.py for the compiled artifact."""
+    model = equal_scores(tiny(torch.float32))
+    x = torch.randn(1, 80, model.input_size)
+    layers = range(len(model.blocks))
     with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.key.weight.zero_()
-            blk.attn.key.bias.zero_()
-    x = torch.randn(1, 16, model.input_size)
-    state = model.init_state()
-    with torch.no_grad():
-        _, state = model.step(x[:, 0], state)
-        for j in range(len(model.blocks)):
-            state[f"a{j}"] = state[f"a{j}"] * 2.0**24 - 8.0 * state[f"a{j}"]
-            state[f"c{j}"] = torch.full_like(state[f"c{j}"], 2.0**24 - 8)
-        stepped = dict(state)
-        for t in range(16):
+        _, state = model.step_chunk(x[:, :16], model.init_state())
+        for j in layers:
+            state[f"sum.a{j}"] = state[f"sum.a{j}"] * (count / 16)
+            state[f"sum.c{j}"] = torch.full_like(state[f"sum.c{j}"], count)
+        stepped, chunked = dict(state), dict(state)
+        for t in range(16, 80):
             y, stepped = model.step(x[:, t], stepped)
-        chunked = model.step_chunk(x, dict(state))[1]
-    for j in range(len(model.blocks)):
-        assert torch.equal(stepped[f"c{j}"], torch.full_like(state[f"c{j}"], 2.0**24))  # 8 counted, 8 lost
-        assert torch.equal(chunked[f"c{j}"], torch.full_like(state[f"c{j}"], 2.0**24 + 8))
-    assert torch.isfinite(y["logits"]).all()
+        for t in range(16, 80, 16):
+            _, chunked = model.step_chunk(x[:, t:t + 16], chunked)
+        y64, want = copy.deepcopy(model).double().step_chunk(x[:, 16:].double(),
+                                                             {k: v.double() for k, v in state.items()})
+    for got in (stepped, chunked):
+        for j in layers:
+            assert torch.equal(compensated(got, f"c{j}"), torch.full_like(compensated(want, f"c{j}"), count + 64))
+            torch.testing.assert_close(compensated(got, f"a{j}"), compensated(want, f"a{j}"), rtol=0, atol=1e-3)
+    torch.testing.assert_close(y["logits"].double(), y64["logits"][:, -1], rtol=1e-4, atol=1e-5)
 
 
 def test_chunk_is_parallel_not_unrolled():
@@ -171,8 +188,9 @@ def test_first_token_gets_weight_one():
         _, state = model.step(x, model.init_state(3))
         attn = model.blocks[0].attn
         k, v = attn.keys_values(model.blocks[0].norm1(model.embed(x)))
-    assert torch.equal(state["c0"], torch.ones_like(state["c0"]))
-    assert torch.equal(state["a0"], v)
+    assert torch.equal(state["sum.c0"], torch.ones_like(state["sum.c0"]))
+    assert torch.equal(state["sum.a0"], v)
+    assert not state["carry.c0"].any() and not state["carry.a0"].any()
     assert torch.equal(state["m0"], attn.scores(k))
 
 
@@ -218,21 +236,17 @@ def test_state_dtype(dtype: torch.dtype, state_dtype: torch.dtype):
     with torch.no_grad():
         _, state = model.step(x[:, 0], model.init_state())
         _, state = model.step_chunk(x, state)
-    assert all(state[f"{n}{j}"].dtype == state_dtype for n in "mca" for j in range(len(model.blocks)))
+    assert all(state[n].dtype == state_dtype for n in model.frame_state_shapes())
 
 
 def test_fp16_weights_count_past_fp16_range():
     """c counts tokens (exactly, when all scores are equal): 70,000 tokens overflow fp16 but not the fp32 state."""
-    model = tiny(torch.float16)
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.key.weight.zero_()
-            blk.attn.key.bias.zero_()
+    model = equal_scores(tiny(torch.float16))
     state, x = model.init_state(), torch.randn(1, 70_000, model.input_size, dtype=torch.float16)
     with torch.no_grad():
         for t in range(0, x.shape[1], 10_000):
             y, state = model.step_chunk(x[:, t:t + 10_000], state)
-    assert torch.equal(state["c1"], torch.full_like(state["c1"], 70_000.0))
+    assert torch.equal(state["sum.c1"], torch.full_like(state["sum.c1"], 70_000.0))
     assert torch.isfinite(y["logits"]).all()
 
 

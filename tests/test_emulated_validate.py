@@ -27,7 +27,7 @@ def test_arm_bundle_streams_under_emulation_like_pytorch(arm_bundle):
     with torch.no_grad():
         ref = build("lmuformer", "tiny")(torch.from_numpy(x))
     assert np.abs(out["mean_logits"] - ref["mean_logits"].numpy()).max() < 1e-5
-    session.close()
+    session.worker.close()
 
 
 def test_validate_runs_the_arm_bundle_emulated_and_says_so(arm_bundle):
@@ -35,3 +35,11 @@ def test_validate_runs_the_arm_bundle_emulated_and_says_so(arm_bundle):
     assert report["passed"], report["checks"]
     assert report["execution"].startswith("qemu-aarch64 emulation") and report["runtime_startup_seconds"] > 0
     assert report["rss_bytes"]["at_T"] is not None
+
+
+def test_hmt_arm_bundle_validates_under_emulation(tmp_path):
+    """The segment-level LM's ARM build: scored past the memory cache wrap and fed byte by byte, under qemu."""
+    bundle = compile("hmt", "rpi5", tmp_path / "hmt-rpi5", config="tiny")
+    report = validate(bundle.path, segments=8, decode_segments=1)
+    assert report["passed"], report["checks"]
+    assert report["execution"] == EMULATED and report["outputs"]["logits"]["max_abs_error"] < 1e-4

@@ -1,12 +1,14 @@
 """HMT: the eager reference, the fixed-shape segment step, token-by-token generation and the host artifact agree."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
-from edgekit.errors import CheckpointError, InputShapeError
+from edgekit.errors import CheckpointError, EdgekitError, InputShapeError
 from edgekit.hmt_runtime import Generator, load_engine
 from edgekit.models import hmt
 from edgekit.models.hmt import CONFIGS, HMT, TorchEngine, infer_config
@@ -138,7 +140,8 @@ def tiny_library(tmp_path_factory):
 def test_host_artifact_equals_reference_past_the_cache(tiny_library):
     model, out, meta = tiny_library
     assert set(meta["entries"]) == {"segment", "decode"} and meta["state_bytes"] == model.state_bytes()
-    assert meta["model"]["family"] == "hmt" and meta["golden"] is None and "onnx/segment.onnx" in meta["files"]
+    assert meta["model"]["family"] == "hmt" and "onnx/segment.onnx" in meta["files"]
+    assert meta["golden"]["segments"] == model.N + 4  # the golden record wraps the memory cache
     eng = load_engine(out)
     x = segments(model, 4 * model.N, extra=5, batch=1)
     with torch.no_grad():
@@ -147,9 +150,9 @@ def test_host_artifact_equals_reference_past_the_cache(tiny_library):
     state, logits, mems = eng.init_state(), [], []
     for s in range(0, x.shape[1], model.L):
         seg = x[0, s:s + model.L].numpy()
-        o, state = eng.segment_full(np.pad(seg, (0, model.L - len(seg))), len(seg), state)
-        logits.append(o["logits"][0, :len(seg)])
-        mems.append(o["memory_embedding"][0])
+        o, _, state = eng.segment(np.pad(seg, (0, model.L - len(seg))), len(seg), state)
+        logits.append(o["logits"][:len(seg)])
+        mems.append(o["memory_embedding"])
     assert np.abs(np.concatenate(logits) - ref_logits[0].numpy()).max() < 1e-4
     assert np.abs(np.stack(mems) - ref_mem[0].numpy()).max() < 1e-4
     assert float(ref_logits.std()) > 1e-2 and float(ref_mem.std()) > 1e-2  # 100x the tolerance: not trivial
@@ -225,3 +228,64 @@ def test_cli_generate_refuses_other_bundles(tiny_library, tmp_path):
     (other / "model.so").write_bytes(b"tampered")
     r = CliRunner().invoke(main, ["generate", "--bundle", str(other), "--tokens", "1"])
     assert r.exit_code == 2 and "sha256 mismatch" in " ".join(r.output.split()), r.output
+
+
+def test_validate_segment_bundle_scores_and_decodes_against_the_reference(tiny_library, tmp_path):
+    """`edgekit validate` on a segment bundle: past the cache wrap, the last segments fed byte by byte (the
+    generation path), in the artifact's own process; a reference one weight away fails it."""
+    from edgekit import validate as v
+    from edgekit.validate import validate
+
+    model, out, _ = tiny_library
+    report = validate(out, segments=3 * model.N + 2, decode_segments=2)
+    assert report["passed"], report["checks"]
+    assert set(report["outputs"]) == {"logits", "memory_embedding", "logits_byte_by_byte"}
+    assert report["outputs"]["logits"]["max_abs_error"] < 1e-4 and report["next_byte_agreement"] > 0.99
+    assert report["execution"] == "native, own process" and report["rss_bytes"]["at_T"] is not None
+    assert report["outputs"]["logits_byte_by_byte"]["error_by_decile"][0] is None  # only the last segments fed
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"the quick brown fox " * 7)
+    assert validate(out, segments=5, decode_segments=1, text=text)["passed"]
+    with pytest.raises(EdgekitError, match="segment-level"):
+        validate(out, frames=100)
+    real = v.reference_model
+
+    def perturbed(bundle):
+        net = real(bundle)
+        with torch.no_grad():
+            net.first_memory[0] += 0.1
+        return net
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(v, "reference_model", perturbed)
+        bad = validate(out, segments=model.N + 2, decode_segments=0)
+    assert not bad["passed"] and not bad["checks"]["logits_error"]
+    with pytest.raises(EdgekitError, match="decode-segments"):
+        validate(out, segments=2, decode_segments=3)
+
+
+def test_validate_segment_bundle_without_torch_uses_the_golden_record(tiny_library, monkeypatch):
+    """On a board without torch the bundle's golden record is the reference; it is the float64 reference."""
+    from edgekit import validate as v
+
+    _, out, meta = tiny_library
+
+    def no_torch(bundle):
+        raise ImportError("torch")
+
+    monkeypatch.setattr(v, "reference_model", no_torch)
+    report = v.validate(out, segments=999)
+    assert report["passed"] and report["segments"] == meta["golden"]["segments"] and "golden" in report["reference"]
+    with pytest.raises(EdgekitError, match="golden record"):
+        v.validate(out, seed=1)
+
+
+def test_bench_segment_bundle(tiny_library):
+    from edgekit.bench import bench
+
+    _, out, _ = tiny_library
+    report = bench(out, calls=20, warmup=2)
+    rows = {(r["engine"], r["call"]) for r in report["results"]}
+    assert rows == {(e, c) for e in ("pytorch", "onnxruntime", "tvm") for c in ("segment", "decode", "generate")}
+    assert all(r["bytes_per_second"] > 0 for r in report["results"])
+    assert (Path(out) / "bench.json").is_file()

@@ -4,7 +4,10 @@ running sums past 2^24 = 16,777,216 tokens.
 Each layer and head carries m (running max score), c (sum of e^{s-m}: at most the token count) and a (sum of
 v e^{s-m}). In fp32, c + w rounds w to a multiple of ulp(c) = c * 2^-23 (roughly); once c reaches 2^24 an
 increment of 1 (a token at the running max) is a tie and rounds back down: c stops counting. a does not stop
-with it when the values average near zero (|a| stays far below c), so the output a / c drifts.
+with it when the values average near zero (|a| stays far below c), so the output a / c drifts. The model keeps
+c and a as Kahan pairs (c = sum.c{j} - carry.c{j}, likewise a), the carry holding what rounding dropped, so
+they go on counting; the checks below read the pairs' values, and the simulation runs the plain fp32 sums
+(the model before the pairs) next to the compensated ones.
 
     python examples/aaren/long_stream_probe.py BUNDLE [--frames N] [--chunk K]   # prints the JSON of all three checks
 """
@@ -32,18 +35,41 @@ def _write_state(session: Session, state: dict[str, np.ndarray]) -> None:
     session.state = [session.vm.tensor(state[s["name"]].astype(s["dtype"])) for s in session.state_specs]
 
 
+def _layers(state: dict[str, np.ndarray]) -> list[int]:
+    return sorted(int(k[1:]) for k in state if k.startswith("m") and k[1:].isdigit())
+
+
+def _pair(state: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """The value of the Kahan pair sum.<name>, carry.<name> (c{j}, a{j}, a running mean's sum or count), float64."""
+    return state[f"sum.{name}"].astype(np.float64) - state[f"carry.{name}"].astype(np.float64)
+
+
+def _set_pair(state: dict[str, np.ndarray], name: str, value: np.ndarray) -> None:
+    """The pair set to value rounded to fp32, nothing carried."""
+    state[f"sum.{name}"] = value.astype(np.float32)
+    state[f"carry.{name}"] = np.zeros_like(state[f"sum.{name}"])
+
+
 def summarize_state(state: dict[str, np.ndarray], tokens: int) -> dict:
     """Per layer: range of m, range of c (and c / tokens, the mean weight e^{s-m}), max |a| and |a / c|."""
-    layers = sorted(int(k[1:]) for k in state if k.startswith("m") and k[1:].isdigit())
     out = {"tokens": tokens, "finite": bool(all(np.isfinite(v).all() for v in state.values())), "layers": {}}
-    for j in layers:
-        m, c, a = state[f"m{j}"], state[f"c{j}"], state[f"a{j}"]
+    for j in _layers(state):
+        m, c, a = state[f"m{j}"], _pair(state, f"c{j}"), _pair(state, f"a{j}")
         out["layers"][j] = {"m": [float(m.min()), float(m.max())], "c": [float(c.min()), float(c.max())],
                             "c_per_token": [float(c.min()) / tokens, float(c.max()) / tokens],
                             "max_abs_a": float(np.abs(a).max()), "max_abs_a_over_c": float(np.abs(a / c[..., None]).max())}
     if "sum.count" in state:
-        out["count"] = float(state["sum.count"].reshape(-1)[0])
+        out["count"] = float(_pair(state, "count").reshape(-1)[0])
     return out
+
+
+def _vs_float64(got: dict[str, np.ndarray], want: dict[str, np.ndarray], j: int) -> dict:
+    """Layer j's c (relative), output a / c and m (absolute) against the float64 state, max over heads."""
+    c, c64 = _pair(got, f"c{j}"), _pair(want, f"c{j}")
+    return {"c_rel_error": float(np.abs(c / c64 - 1).max()),
+            "output_abs_error": float(np.abs(_pair(got, f"a{j}") / c[..., None]
+                                             - _pair(want, f"a{j}") / c64[..., None]).max()),
+            "m_abs_error": float(np.abs(got[f"m{j}"] - want[f"m{j}"]).max())}
 
 
 def long_stream_state(bundle_path: Path, frames: int = 1_000_000, chunk: int = 16, seed: int = 0,
@@ -76,12 +102,7 @@ def long_stream_state(bundle_path: Path, frames: int = 1_000_000, chunk: int = 1
                 row = summarize_state(got, stop)
                 if net is not None:
                     want = {k: v.numpy() for k, v in state64.items()}
-                    row["vs_float64"] = {
-                        f"layer{j}": {"c_rel_error": float(np.abs(got[f"c{j}"] / want[f"c{j}"] - 1).max()),
-                                      "output_abs_error": float(np.abs(got[f"a{j}"] / got[f"c{j}"][..., None]
-                                                                       - want[f"a{j}"] / want[f"c{j}"][..., None]).max()),
-                                      "m_abs_error": float(np.abs(got[f"m{j}"] - want[f"m{j}"]).max())}
-                        for j in row["layers"]}
+                    row["vs_float64"] = {f"layer{j}": _vs_float64(got, want, j) for j in row["layers"]}
                 results.append(row)
     return {"bundle": str(bundle.path), "frames": frames, "chunk": chunk, "seed": seed,
             "outputs_finite": outputs_finite, "checkpoints": results}
@@ -103,50 +124,69 @@ def saturation_probe(bundle_path: Path, c_value: float = FP32_EXACT_COUNT, token
     chunks = sorted(e["frames"] for e in bundle.manifest["entries"].values() if e["frames"])
     session.feed(source.frames(0, prefix), chunks[-1])
     state = _read_state(session)
-    for name in [k for k in state if k.startswith("c") and k[1:].isdigit()]:
-        j = name[1:]
-        scale = c_value / state[name]
-        state[f"a{j}"] = (state[f"a{j}"].astype(np.float64) * scale[..., None]).astype(np.float32)
-        state[name] = np.full_like(state[name], c_value)
+    layers = _layers(state)
+    for j in layers:
+        scale = c_value / _pair(state, f"c{j}")
+        _set_pair(state, f"a{j}", _pair(state, f"a{j}") * scale[..., None])
+        _set_pair(state, f"c{j}", np.full_like(scale, c_value))
     if "sum.count" in state:
-        for k in [k for k in state if k.startswith("sum.")]:
-            state[k] = (state[k].astype(np.float64) * c_value / state["sum.count"].reshape(-1)[0]).astype(np.float32)
-            state[k.replace("sum.", "carry.")] = np.zeros_like(state[k])
-        state["sum.count"] = np.full_like(state["sum.count"], c_value)
+        count = _pair(state, "count").reshape(-1)[0]
+        attention = {f"{x}{j}" for x in "ca" for j in layers}
+        for name in {k.removeprefix("sum.") for k in state if k.startswith("sum.")} - attention:  # count, mean sums
+            _set_pair(state, name, _pair(state, name) * c_value / count)
     x = source.frames(prefix, prefix + tokens)
     net = reference_model(bundle)
     with torch.no_grad():
         y64, after64 = net.step_chunk(torch.from_numpy(x).double(),
                                       {k: torch.from_numpy(v.astype(np.float64)) for k, v in state.items()})
-    result = {"c_value": c_value, "tokens": tokens, "prefix": prefix, "entries": {}}
-    cs = [k for k in state if k.startswith("c") and k[1:].isdigit()]
-    result["float64"] = {"c_growth": {k: (after64[k].numpy() - state[k]).tolist() for k in cs},
-                         **({"count_growth": float(after64["sum.count"][0, 0]) - c_value} if "sum.count" in state else {})}
+    after64 = {k: v.numpy() for k, v in after64.items()}
+
+    def growth(after: dict[str, np.ndarray]) -> dict:
+        count = {"count_growth": float(_pair(after, "count").reshape(-1)[0]) - c_value} if "sum.count" in state else {}
+        return {"c_growth": {f"c{j}": (_pair(after, f"c{j}") - c_value).tolist() for j in layers}, **count}
+
+    result = {"c_value": c_value, "tokens": tokens, "prefix": prefix, "entries": {}, "float64": growth(after64)}
     for chunk in sorted({1, chunks[-1]}):
         _write_state(session, state)
         y = session.feed(x, chunk)
         after = _read_state(session)
         result["entries"][f"chunk{chunk}"] = {
-            "c_growth": {k: (after[k].astype(np.float64) - state[k]).tolist() for k in cs},
-            **({"count_growth": float(after["sum.count"].reshape(-1)[0]) - c_value} if "sum.count" in state else {}),
+            **growth(after),
             "max_abs_error": {k: float(np.abs(v - y64[k].numpy()).max()) for k, v in y.items()},
             "finite": bool(all(np.isfinite(v).all() for v in [*y.values(), *after.values()]))}
     return result
 
 
+def _running_sums(total: np.float32, carry: np.float32, terms: np.ndarray, compensated: bool
+                  ) -> tuple[np.ndarray, np.float32]:
+    """The fp32 sums after each of `terms` added in order to `total`, and the carry after the last: plain
+    (np.cumsum in float32 accumulates in order, in float32; the carry stays as it is) or Kahan-compensated as the
+    model's state is (a Python loop, about 0.3 us a term)."""
+    if not compensated:
+        return np.cumsum(np.concatenate([[total], terms]), dtype=np.float32)[1:], carry
+    out = np.empty(len(terms), np.float32)
+    for i, x in enumerate(terms):
+        v = x - carry
+        t = total + v
+        carry, total = (t - total) - v, t
+        out[i] = t
+    return out, carry
+
+
 def simulate_head(tokens: int = 2**25, sigma: float = 1.0, equal_scores: bool = False, mean_value: float = 0.0,
                   shift_at: int | None = None, shifted_mean: float = 1.0, seed: int = 0, block: int = 2**22,
-                  chunk: int = 1, checkpoints: tuple[int, ...] = (10**6, 10**7, FP32_EXACT_COUNT, 2**25)) -> dict:
-    """One head's step recurrence run as the compiled step does it in fp32, next to float64, over `tokens`
-    tokens: scores N(0, sigma^2) (or all equal), scalar values N(mean_value, 1) (mean `shifted_mean` from token
-    `shift_at` on). While the running max stays put the fp32 update is c + w, a + w v in sequence (np.cumsum in
-    float32 accumulates in order, in float32); at a new max both are rescaled first. With chunk K > 1, the K
-    weights of each chunk (aligned to multiples of K) are summed in fp32 first and that sum is added to c, as the
-    chunk entry does (it scans the chunk, then combines); checkpoints should be multiples of K.
-    Returns, at each checkpoint, c in both precisions and the output a / c's error."""
+                  chunk: int = 1, compensated: bool = True,
+                  checkpoints: tuple[int, ...] = (10**6, 10**7, FP32_EXACT_COUNT, 2**25)) -> dict:
+    """One head's step recurrence run as the compiled step does it in fp32 (with `compensated`; without, as it
+    did before c and a became Kahan pairs), next to float64, over `tokens` tokens: scores N(0, sigma^2) (or all
+    equal), scalar values N(mean_value, 1) (mean `shifted_mean` from token `shift_at` on). While the running max
+    stays put the fp32 update is c + w, a + w v in sequence; at a new max both (and their carries) are rescaled
+    first. With chunk K > 1, the K weights of each chunk (aligned to multiples of K) are summed in fp32 first and
+    that sum is added to c, as the chunk entry does (it scans the chunk, then combines); checkpoints should be
+    multiples of K. Returns, at each checkpoint, c in both precisions and the output a / c's error."""
     rng = np.random.default_rng(seed)
     m = -math.inf
-    c32 = a32 = np.float32(0)
+    c32 = a32 = dc = da = np.float32(0)
     c64 = a64 = 0.0
     rows, done, marks = [], 0, sorted(k for k in checkpoints if k <= tokens)
     while done < tokens:
@@ -165,11 +205,12 @@ def simulate_head(tokens: int = 2**25, sigma: float = 1.0, equal_scores: bool = 
             new_m = run_max[lo]
             if new_m > m:  # rescale the carried sums to the new max (exp of a non-positive number)
                 e = math.exp(m - new_m) if m > -math.inf else 0.0
-                c32, a32 = np.float32(c32 * np.float32(e)), np.float32(a32 * np.float32(e))
+                c32, a32, dc, da = (np.float32(y * np.float32(e)) for y in (c32, a32, dc, da))
                 c64, a64 = c64 * e, a64 * e
                 m = new_m
             w32 = np.exp((s[lo:hi] - m).astype(np.float32))
             wv32 = w32 * v[lo:hi].astype(np.float32)
+            ends = np.arange(hi - lo)
             if chunk > 1:  # one addition per chunk, at the chunk's last token (the others are not reported)
                 ends = np.flatnonzero((np.arange(done + lo, done + hi) + 1) % chunk == 0)
                 if not len(ends) or ends[-1] != hi - lo - 1:
@@ -177,13 +218,10 @@ def simulate_head(tokens: int = 2**25, sigma: float = 1.0, equal_scores: bool = 
                 starts_k = np.concatenate([[0], ends[:-1] + 1])
                 w32, wv32 = (np.add.reduceat(w32, starts_k, dtype=np.float32),
                              np.add.reduceat(wv32, starts_k, dtype=np.float32))
-                c_k = np.cumsum(np.concatenate([[c32], w32]), dtype=np.float32)[1:]
-                a_k = np.cumsum(np.concatenate([[a32], wv32]), dtype=np.float32)[1:]
                 c32_all[lo:hi], a32_all[lo:hi] = np.nan, np.nan
-                c32_all[lo + ends], a32_all[lo + ends] = c_k, a_k
-            else:
-                c32_all[lo:hi] = np.cumsum(np.concatenate([[c32], w32]), dtype=np.float32)[1:]
-                a32_all[lo:hi] = np.cumsum(np.concatenate([[a32], wv32]), dtype=np.float32)[1:]
+            c_run, dc = _running_sums(c32, dc, w32, compensated)
+            a_run, da = _running_sums(a32, da, wv32, compensated)
+            c32_all[lo + ends], a32_all[lo + ends] = c_run, a_run
             w64 = np.exp(s[lo:hi] - m)
             c64_all[lo:hi] = c64 + np.cumsum(w64)
             a64_all[lo:hi] = a64 + np.cumsum(w64 * v[lo:hi])
@@ -197,17 +235,19 @@ def simulate_head(tokens: int = 2**25, sigma: float = 1.0, equal_scores: bool = 
                              "output_float64": o64, "output_abs_error": abs(o32 - o64)})
         done += n
     return {"tokens": tokens, "sigma": sigma, "equal_scores": equal_scores, "mean_value": mean_value,
-            "shift_at": shift_at, "shifted_mean": shifted_mean, "seed": seed, "chunk": chunk, "checkpoints": rows}
+            "shift_at": shift_at, "shifted_mean": shifted_mean, "seed": seed, "chunk": chunk,
+            "compensated": compensated, "checkpoints": rows}
 
 
 def simulations(tokens: int = 2**25) -> list[dict]:
     """The cases reported: all scores equal (c counts tokens), log-normal weights (sigma 1 and 3), each by the
-    step (chunk 1) and the chunk-16 entry; the value mean shifting 0 -> 1 at 2^24 + 2^22 tokens shows whether
-    the state still follows its input."""
+    step (chunk 1) and the chunk-16 entry, with plain and with compensated sums; the value mean shifting 0 -> 1
+    at 2^24 + 2^22 tokens shows whether the state still follows its input."""
     shift = FP32_EXACT_COUNT + 2**22
     cases = [{"equal_scores": True}, {"equal_scores": True, "shift_at": shift}, {"sigma": 1.0},
              {"sigma": 1.0, "shift_at": shift}, {"sigma": 3.0}]
-    return [simulate_head(tokens, chunk=chunk, **kw) for chunk in (1, 16) for kw in cases]
+    return [simulate_head(tokens, chunk=chunk, compensated=compensated, **kw)
+            for compensated in (False, True) for chunk in (1, 16) for kw in cases]
 
 
 def main(argv: list[str]) -> None:

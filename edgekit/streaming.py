@@ -169,14 +169,18 @@ class StreamingModel(nn.Module):
         return {k: torch.cat([o[k] for o in outs], dim=1)[:, self.delay:] for k in outs[0]}
 
 
-def _kahan_add(state: State, name: str, value: torch.Tensor) -> torch.Tensor:
-    """Add value to the running sum `sum.<name>`, keeping the lost low-order part in `carry.<name>`."""
-    total, carry = state[f"sum.{name}"], state[f"carry.{name}"]
+def kahan_add(total: torch.Tensor, carry: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """total + value with the low-order part rounding drops kept in the carry: the pair (sum, carry) means
+    sum - carry. Sums that grow with the stream stay exact in fp32 past 2^24 terms this way."""
     v = value - carry
     t = total + v
-    state[f"carry.{name}"] = (t - total) - v
-    state[f"sum.{name}"] = t
-    return t
+    return t, (t - total) - v
+
+
+def _kahan_add(state: State, name: str, value: torch.Tensor) -> torch.Tensor:
+    """Add value to the running sum `sum.<name>`, keeping the lost low-order part in `carry.<name>`."""
+    state[f"sum.{name}"], state[f"carry.{name}"] = kahan_add(state[f"sum.{name}"], state[f"carry.{name}"], value)
+    return state[f"sum.{name}"]
 
 
 def _stack(outs: list[Outputs]) -> Outputs:

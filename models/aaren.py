@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from edgekit.errors import CheckpointError
-from edgekit.streaming import State, StreamingModel
+from edgekit.streaming import State, StreamingModel, kahan_add
 
 CONFIGS = {
     "small": dict(input_size=16, d_model=64, layers=2, heads=4, ffn=128, num_classes=10),
@@ -49,14 +49,6 @@ def combine(a: Triple, b: Triple) -> Triple:
     (ma, ua, wa), (mb, ub, wb) = a, b
     m, ea, eb = align(ma, ua, mb, ub)
     return m, ua * ea + ub * eb, wa * ea.unsqueeze(-1) + wb * eb.unsqueeze(-1)
-
-
-def kahan_add(total: torch.Tensor, carry: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """total + value, the part rounding drops kept in the carry: (sum, carry) means sum - carry, as for
-    edgekit.streaming's running means."""
-    v = value - carry
-    t = total + v
-    return t, (t - total) - v
 
 
 def absorb(state: Carried, new: Triple) -> Carried:

@@ -5,8 +5,6 @@ centred (not causal): streaming runs it with a fixed delay of one frame per conv
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -245,11 +243,38 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict:
 
 
 def _infer_theta(a: torch.Tensor, b: torch.Tensor) -> float:
-    """theta from the stored B: for ZOH, B[0] ~ 1/theta for large theta; refined to the closest integer match."""
-    guess = 1.0 / max(float(b[0, 0]), 1e-12)
-    candidates = sorted({round(guess), max(1, math.floor(guess)), math.ceil(guess)})
-    errors = {th: float((lmu_matrices(a.shape[0], th)[0].float() - a).abs().max()) for th in candidates}
-    return float(min(errors, key=errors.get))
+    """theta (>= 1, any real: the public code takes any) of ZOH LMU matrices; check_buffers refuses other matrices.
+
+    B[0] is the memory's step response at tau = 1/theta: smooth and increasing from 0 up to about 1 at theta = 1
+    (under one frame it rings near 1, so theta is not identifiable there), with slope (A B_c)[0], B_c the continuous
+    B at theta = 1. Newton's method on it finds theta to float32 precision at any order in a few steps, starting from
+    1/B[0], which is only theta's large-order limit: a few frames off at small orders (order 16, theta 128: 126.6).
+    The shortest rounding that reproduces A and B to float32 rounding is returned, so configs read 128.
+    """
+    order, b0 = a.shape[0], float(b[0, 0])
+    if not b0 > 0:
+        raise CheckpointError(f"block.0.attn.lmu.B[0] is {b0:g}: not a zero-order-hold LMU matrix for any theta")
+    q = torch.arange(order, dtype=torch.float64)
+    b_c, tau = (2 * q + 1) * (-1.0) ** q, b0
+    for _ in range(20):
+        ad, bd = lmu_matrices(order, 1 / tau)
+        step = (float(bd[0, 0]) - b0) / float(ad[0] @ b_c)
+        new = min(max(tau - step, b0 / 2), 1.0)  # stays where B[0] is monotone in tau
+        if abs(new - tau) < 1e-12 * tau:
+            break
+        tau = new
+    for digits in range(7):
+        theta = round(1 / tau, digits)
+        if _reproduces(a, b, theta):
+            return theta
+    return 1 / tau
+
+
+def _reproduces(a: torch.Tensor, b: torch.Tensor, theta: float) -> bool:
+    """Whether A, B are the ZOH matrices of theta up to float32 rounding (one ulp of each matrix's largest entry)."""
+    eps = torch.finfo(torch.float32).eps
+    return all(float((want - got.double()).abs().max()) <= eps * float(got.abs().max())
+               for want, got in zip(lmu_matrices(a.shape[0], theta), (a, b)))
 
 
 def check_buffers(model: LMUFormer, tol: float = 1e-4) -> None:

@@ -9,6 +9,8 @@ from edgekit.errors import CheckpointError
 from edgekit.models import build
 from edgekit.models.lmuformer import CONFIGS, LMUFormer, lmu_matrices
 
+SMALL = dict(input_size=4, dim=8, mlp_ratio=1, num_classes=2, seq_len=8, embed_layers=1)
+
 
 def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Non-trivial BatchNorm statistics, so folding and affine forms are really exercised."""
@@ -58,13 +60,29 @@ def test_scv2_has_the_published_parameter_count(scv2):
     assert sum(p.numel() for p in scv2.parameters()) == 1_621_796
 
 
-def test_lmu_matrices_equal_scipy_zoh_as_in_the_public_code():
-    q = np.arange(256, dtype=np.float64).reshape(-1, 1)
-    r = (2 * q + 1) / 128
+def public_lmu(order: int, theta: float, method: str = "zoh") -> tuple[np.ndarray, np.ndarray]:
+    """A, B as the public LMUFFTCell.stateSpaceMatrices builds them (scipy, float64; it then casts to float32)."""
+    q = np.arange(order, dtype=np.float64).reshape(-1, 1)
+    r = (2 * q + 1) / theta
     i, j = np.meshgrid(q, q, indexing="ij")
     a = r * np.where(i < j, -1, (-1.0) ** (i - j + 1))
     b = r * ((-1.0) ** q)
-    ad, bd, *_ = cont2discrete((a, b, np.ones((1, 256)), np.zeros((1,))), dt=1.0, method="zoh")
+    ad, bd, *_ = cont2discrete((a, b, np.ones((1, order)), np.zeros((1,))), dt=1.0, method=method)
+    return ad, bd
+
+
+def save_public_checkpoint(path, order: int, theta: float, method: str = "zoh") -> None:
+    """A small lmu_rnn_conv1d checkpoint whose LMU buffers (float32 A, B, H, fft_H) are built like the public code."""
+    sd = LMUFormer(**SMALL, theta=1.0, order=order).state_dict()
+    a, b = (torch.from_numpy(m).float() for m in public_lmu(order, theta, method))
+    h = torch.cat([torch.linalg.matrix_power(a, t) @ b for t in range(SMALL["seq_len"])], dim=-1)
+    sd.update({"block.0.attn.lmu.A": a, "block.0.attn.lmu.B": b, "block.0.attn.lmu.H": h,
+               "block.0.attn.lmu.fft_H": torch.fft.rfft(h, n=2 * h.shape[1], dim=-1)})
+    torch.save(sd, path)
+
+
+def test_lmu_matrices_equal_scipy_zoh_as_in_the_public_code():
+    ad, bd = public_lmu(256, 128)
     a_ours, b_ours = lmu_matrices(256, 128.0)
     assert np.abs(a_ours.numpy() - ad).max() < 1e-10 and np.abs(b_ours.numpy() - bd).max() < 1e-10
 
@@ -132,14 +150,17 @@ def test_wrong_shapes_are_listed(scv2, tmp_path):
         build("lmuformer", checkpoint=tmp_path / "bad.pt")
 
 
-def test_euler_lmu_matrices_are_refused(scv2, tmp_path):
-    sd = dict(scv2.state_dict())
-    q = torch.arange(256, dtype=torch.float64)
-    r = ((2 * q + 1) / 128).view(-1, 1)
-    i, j = torch.meshgrid(q, q, indexing="ij")
-    a = r * torch.where(i < j, -1.0, (-1.0) ** (i - j + 1))
-    sd["block.0.attn.lmu.A"] = (torch.eye(256) + a / 128).float()
-    torch.save(sd, tmp_path / "euler.pt")
+@pytest.mark.parametrize("order", [1, 4, 16, 64])
+@pytest.mark.parametrize("theta", [1.0, 5.0, 127.0, 128.0, 1000.0, 4096.0, 2.5])
+def test_theta_is_recovered_from_public_lmu_matrices(tmp_path, order, theta):
+    """1/B[0] misses theta by a few frames at small orders (order 16, theta 128 was read as 127 and refused)."""
+    save_public_checkpoint(tmp_path / "lmu.pt", order, theta)
+    assert build("lmuformer", checkpoint=tmp_path / "lmu.pt").config()["theta"] == theta
+
+
+@pytest.mark.parametrize("order,theta", [(4, 5.0), (16, 128.0), (64, 100.0), (256, 128.0)])
+def test_euler_lmu_matrices_are_refused(tmp_path, order, theta):
+    save_public_checkpoint(tmp_path / "euler.pt", order, theta, method="euler")
     with pytest.raises(CheckpointError, match="block.0.attn.lmu.A is not the zero-order-hold"):
         build("lmuformer", checkpoint=tmp_path / "euler.pt")
 

@@ -30,7 +30,6 @@ def unsupported_ops(graph: onnx.ModelProto) -> list[str]:
 
 def import_entries(onnx_paths: dict[str, Path]):
     """One Relax IRModule with a public function per entry; helper PrimFuncs get entry-prefixed names."""
-    import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 

@@ -12,20 +12,29 @@ from tvm.relax.backend.cuda import pipeline as cuda
 from tvm.s_tir import dlight
 
 from edgekit import cuda as offline_cuda
+from edgekit.kernels.cpu_fastmath import FastErfSoftmax
 from edgekit.kernels.cpu_gemv import PackedGEMVSchedule, PackGEMVWeights
+from edgekit.kernels.cpu_injective import InlineInjective
+from edgekit.kernels.cpu_matmul import BatchMatmulSchedule
+from edgekit.kernels.cpu_reduction import RowReductionSchedule
 
 
 def cpu_passes(target: tvm.target.Target) -> list:
+    """TVM's CPU pipeline plus edgekit.kernels: constant weights packed and erf/softmax made vectorizable before
+    legalization; after fusion each kernel takes the first rule that matches it (products with constant weights,
+    products of two tensors, row reductions, data movement); the rest keep TVM's default loops."""
     return [
         *cpu.library_dispatch_passes(target),
         relax.transform.FoldConstant(),
         PackGEMVWeights,
+        FastErfSoftmax,
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
-        dlight.ApplyDefaultSchedule(PackedGEMVSchedule()),
+        dlight.ApplyDefaultSchedule(PackedGEMVSchedule(), BatchMatmulSchedule(), RowReductionSchedule(),
+                                    InlineInjective()),
         *cpu.dataflow_lower_passes(target),
         *cpu.finalize_passes(target),
     ]

@@ -1,0 +1,126 @@
+"""The CPU kernels (edgekit.kernels) on small shapes: each schedule rule takes the op it was written for, and the
+host build computes what numpy does."""
+from __future__ import annotations
+
+from math import erf
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from edgekit import targets
+from edgekit.pipeline import cpu_passes, pipeline
+
+TARGET = targets.get("host").tvm_target()
+RNG = np.random.default_rng(0)
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    return x * 0.5 * (1 + np.vectorize(erf)(x.astype(np.float64) / np.sqrt(2)))
+
+
+def relax_gelu(x: relax.Expr) -> relax.Expr:
+    """GELU as the ONNX importer gives it for torch's (opset 17: Div, Erf, Add, Mul, Mul)."""
+    erf_ = relax.op.erf(relax.op.divide(x, relax.const(np.float32(np.sqrt(2)))))
+    return relax.op.multiply(relax.op.multiply(x, relax.op.add(erf_, relax.const(np.float32(1)))),
+                             relax.const(np.float32(0.5)))
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def module(shapes: list[tuple[int, ...]], body) -> tvm.IRModule:
+    """`main(*inputs)` returning body(*input vars), as one Relax dataflow block."""
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"x{i}", relax.TensorType(shape, "float32")) for i, shape in enumerate(shapes)]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(body(*params))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def run(mod: tvm.IRModule, *inputs: np.ndarray) -> np.ndarray:
+    vm = relax.VirtualMachine(tvm.compile(mod, target=TARGET, relax_pipeline=pipeline(TARGET)), tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) for a in inputs]).numpy()
+
+
+def scheduled(mod: tvm.IRModule) -> dict[str, str]:
+    """TVMScript of every PrimFunc right after the schedule rules ran, by name."""
+    passes = cpu_passes(TARGET)
+    end = [p.info.name for p in passes].index("ApplyDefaultSchedule") + 1
+    with TARGET:
+        mod = tvm.transform.Sequential(passes[:end])(mod)
+    return {gv.name_hint: f.script() for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+@pytest.mark.parametrize("rows", [1, 13])
+def test_packed_matmul_with_gelu_matches_numpy(rows):
+    """1 row (a vector) and 13 (padded to a tile of 8, 3 rows dropped), bias and GELU fused."""
+    w, b = RNG.standard_normal((40, 48), dtype=np.float32), RNG.standard_normal(48, dtype=np.float32)
+    x = RNG.standard_normal((rows, 40), dtype=np.float32)
+    mod = module([x.shape], lambda v: relax_gelu(relax.op.add(relax.op.matmul(v, relax.const(w)), relax.const(b))))
+    ((name, kernel),) = [(name, s) for name, s in scheduled(mod).items() if "packed_gemv" in name]
+    assert "fast_erf" in name and "T.vectorized(T.int64(16))" in kernel  # GELU fused, computed per tile
+    np.testing.assert_allclose(run(mod, x), gelu(x @ w + b), rtol=1e-5, atol=2e-5)
+
+
+def test_packed_matmul_flattens_leading_dims():
+    w, x = RNG.standard_normal((24, 32), dtype=np.float32), RNG.standard_normal((2, 7, 24), dtype=np.float32)
+    mod = module([x.shape], lambda v: relax.op.matmul(v, relax.const(w)))
+    assert any("packed_gemv" in name for name in scheduled(mod))
+    np.testing.assert_allclose(run(mod, x), x @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_matmuls_and_softmax_match_numpy():
+    """q @ k^T (keys padded 21 -> 32), scale, causal mask, softmax over 21 keys, @ v: one head of attention."""
+    q, k, v = (RNG.standard_normal((1, 3, 21, 8), dtype=np.float32) for _ in range(3))
+    mask = np.tril(np.ones((21, 21), bool))
+
+    def attention(q_, k_, v_):
+        s = relax.op.divide(relax.op.matmul(q_, relax.op.permute_dims(k_, [0, 1, 3, 2])), relax.const(np.float32(3)))
+        s = relax.op.where(relax.const(mask), s, relax.const(np.float32(-1e9)))
+        return relax.op.matmul(relax.op.nn.softmax(s, axis=-1), v_)
+
+    mod = module([q.shape, k.shape, v.shape], attention)
+    funcs = scheduled(mod)
+    assert any("matmul_intermediate_pad" in s and "T.vectorized(T.int64(16))" in s for s in funcs.values())
+    assert any(name.startswith("fast_softmax") and "_rf" in s for name, s in funcs.items())
+    ref = softmax(np.where(mask, q @ k.transpose(0, 1, 3, 2) / 3, -1e9)) @ v
+    np.testing.assert_allclose(run(mod, q, k, v), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_norm_is_vectorized_and_matches_numpy():
+    x = RNG.standard_normal((1, 5, 64), dtype=np.float32) * 3 + 1
+    gamma, beta = RNG.standard_normal(64, dtype=np.float32), RNG.standard_normal(64, dtype=np.float32)
+    mod = module([x.shape], lambda v: relax.op.nn.layer_norm(v, relax.const(gamma), relax.const(beta), axes=[-1]))
+    (script,) = [s for name, s in scheduled(mod).items() if "layer_norm" in name]
+    assert "_rf" in script and "T.vectorized(T.int64(16))" in script
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * gamma + beta
+    np.testing.assert_allclose(run(mod, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_data_movement_is_inlined_into_one_pass():
+    """Two transposes feeding a concatenate: one loop nest, no intermediate tensors."""
+    a, b = RNG.standard_normal((3, 5, 16), dtype=np.float32), RNG.standard_normal((3, 5, 16), dtype=np.float32)
+    mod = module([a.shape, b.shape], lambda x, y: relax.op.concat(
+        [relax.op.permute_dims(x, [1, 0, 2]), relax.op.permute_dims(y, [1, 0, 2])], axis=2))
+    ((script,),) = [[s] for name, s in scheduled(mod).items() if "concatenate" in name]
+    assert "sblock_alloc_buffer" not in script
+    np.testing.assert_array_equal(run(mod, a, b), np.concatenate([a.transpose(1, 0, 2), b.transpose(1, 0, 2)], 2))
+
+
+@pytest.mark.parametrize("target", ["host", "rpi5"])
+def test_row_tiles_fit_the_registers_and_survive_padding(target):
+    """AVX-512 takes tiles of 8 or 6 rows, NEON of 4; the schedule finds the tile again from the padded count."""
+    from edgekit.kernels.cpu_gemv import _accumulators, _row_tile
+
+    tvm_target = targets.get(target).tvm_target()
+    for rows in range(1, 100):
+        tile = _row_tile(rows, tvm_target)
+        assert tile <= _accumulators(tvm_target)
+        assert _row_tile(-(-rows // tile) * tile, tvm_target) == tile
+    assert _row_tile(74, tvm_target) == (8 if target == "host" else 4)

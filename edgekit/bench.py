@@ -57,8 +57,7 @@ def _onnxruntime_engine(bundle, frames: int):
     import onnxruntime as ort
 
     entry = bundle.entry_for(frames)
-    opts = ort.SessionOptions()
-    sess = ort.InferenceSession(str(bundle.path / bundle.manifest["entries"][entry]["onnx"]), opts,
+    sess = ort.InferenceSession(str(bundle.path / bundle.manifest["entries"][entry]["onnx"]), ort_options(),
                                 providers=["CPUExecutionProvider"])
     names = [s["name"] for s in bundle.manifest["state"]]
     outs = [o["name"] for o in bundle.manifest["outputs"]]
@@ -71,6 +70,42 @@ def _onnxruntime_engine(bundle, frames: int):
         return result[:len(outs)]
 
     return call
+
+
+THREADS: dict[str, int | None] = {"requested": None}  # set once per bench run by `use_threads`
+
+
+def use_threads(threads: int | None) -> dict:
+    """One thread count for every engine (None: each engine's own default: TVM counts physical cores, ONNX
+    Runtime and PyTorch their own way). TVM reads TVM_NUM_THREADS when its thread pool starts, so this must run
+    before the first TVM call of the process. Returns the counts in effect, for the report."""
+    import os
+
+    from edgekit.tvm_runtime import num_threads
+
+    THREADS["requested"] = threads
+    if threads is not None:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    counts = {"requested": threads, "tvm": num_threads()}
+    try:
+        import torch
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        counts["pytorch"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    counts["onnxruntime"] = threads if threads is not None else "its default (one per physical core)"
+    return counts
+
+
+def ort_options():
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if THREADS["requested"] is not None:
+        opts.intra_op_num_threads = THREADS["requested"]
+    return opts
 
 
 def _tvm_engine(bundle, frames: int):
@@ -99,12 +134,14 @@ ENGINES = {"pytorch": _torch_engine, "onnxruntime": _onnxruntime_engine, "tvm": 
 
 
 def bench(bundle_path: Path, calls: int = 200, warmup: int = 20, engines: tuple[str, ...] = tuple(ENGINES),
-          seed: int = 0, progress: Callable[[str], None] = lambda msg: None) -> dict:
-    """Latency per frame for every engine and chunk size; saved as bench.json in the bundle."""
+          seed: int = 0, threads: int | None = None, progress: Callable[[str], None] = lambda msg: None) -> dict:
+    """Latency per frame for every engine and chunk size; saved as bench.json in the bundle. `threads`: one
+    thread count for all engines (None: each engine's default; the counts in effect are in the report)."""
     bundle = load(bundle_path)  # for another machine: refused, emulated timings would mislead
     m = bundle.manifest
+    counts = use_threads(threads)
     if m.get("unit", "frame") == "segment":
-        return _bench_segments(bundle, calls, warmup, engines, seed, progress)
+        return _bench_segments(bundle, calls, warmup, engines, seed, counts, progress)
     sizes = sorted(e["frames"] for e in m["entries"].values() if e["frames"])
     rng = np.random.default_rng(seed)
     results = []
@@ -118,7 +155,7 @@ def bench(bundle_path: Path, calls: int = 200, warmup: int = 20, engines: tuple[
         if "tvm" in engines:
             results.append({"engine": "tvm-compute", **_tvm_vm_only(bundle, frames, n)})
     report = {"bundle": str(bundle.path), "target": m["target"]["name"], "model": m["model"]["family"],
-              "hop_ms": HOP_SECONDS * 1e3, "batch": m["batch"], "results": results,
+              "hop_ms": HOP_SECONDS * 1e3, "batch": m["batch"], "threads": counts, "results": results,
               "note": "per-frame latency = call latency / frames per call; real-time factor = p50 per frame / hop"}
     bundle.record("bench.json", report)
     return report
@@ -131,11 +168,11 @@ def _segment_engines(bundle) -> dict[str, Callable[[], object]]:
     from edgekit.validate import reference_model
 
     return {"pytorch": lambda: TorchEngine(reference_model(bundle).float()),
-            "onnxruntime": lambda: hmt_runtime.ORTEngine(bundle),
+            "onnxruntime": lambda: hmt_runtime.ORTEngine(bundle, ort_options()),
             "tvm": lambda: hmt_runtime.TVMEngine(bundle.library, bundle.manifest)}
 
 
-def _bench_segments(bundle, calls: int, warmup: int, engines: tuple[str, ...], seed: int,
+def _bench_segments(bundle, calls: int, warmup: int, engines: tuple[str, ...], seed: int, threads: dict,
                     progress: Callable[[str], None]) -> dict:
     """Per engine: the segment step over whole segments (scoring), the decode step (generation inside a segment),
     and generation itself (both, as `Generator` mixes them: a segment step per byte while the summary grows)."""
@@ -175,7 +212,7 @@ def _bench_segments(bundle, calls: int, warmup: int, engines: tuple[str, ...], s
         results.append({"engine": name, "call": "generate", **summarize(times, 1, "byte", None),
                         "steps": dict(gen.calls)})
     report = {"bundle": str(bundle.path), "target": m["target"]["name"], "model": m["model"]["family"],
-              "unit": "segment", "segment": L, "summary": j, "results": results,
+              "unit": "segment", "segment": L, "summary": j, "threads": threads, "results": results,
               "note": "latency per byte = call latency / bytes per call; generate feeds bytes one at a time from a "
                       "segment boundary (a segment step per byte for the first j bytes of a segment, decode steps "
                       "after, a segment step at its end), so bytes_per_second is the mean generation speed"}

@@ -209,7 +209,9 @@ def validate(bundle: Path, frames: int | None, chunk: int, seed: int, atol: floa
 @click.option("--warmup", type=int, default=30, show_default=True, help="untimed calls first")
 @click.option("--engine", "engines", multiple=True, type=click.Choice(["pytorch", "onnxruntime", "tvm"]),
               default=("pytorch", "onnxruntime", "tvm"), show_default=True)
-def bench(bundle: Path, calls: int, warmup: int, engines: tuple[str, ...]) -> None:
+@click.option("--threads", type=click.IntRange(min=1),
+              help="threads for every engine  [default: each engine's own; TVM counts physical cores]")
+def bench(bundle: Path, calls: int, warmup: int, engines: tuple[str, ...], threads: int | None) -> None:
     """Per-frame latency of BUNDLE's step in PyTorch, ONNX Runtime and TVM, same inputs, after warm-up.
 
     `tvm-compute` times the compiled function inside TVM without the Python call: the gap between it
@@ -219,8 +221,10 @@ def bench(bundle: Path, calls: int, warmup: int, engines: tuple[str, ...]) -> No
     from edgekit.bench import bench as run
 
     with console.status("benchmarking") as status:
-        report = run(bundle, calls=calls, warmup=warmup, engines=engines, progress=lambda m: status.update(m))
+        report = run(bundle, calls=calls, warmup=warmup, engines=engines, threads=threads,
+                     progress=lambda m: status.update(m))
     console.print(_segment_bench_table(report) if report.get("unit") == "segment" else _frame_bench_table(report))
+    console.print("threads: " + ", ".join(f"{k} {v}" for k, v in report["threads"].items() if k != "requested"))
     console.print(f"report: {Path(report['bundle']) / 'bench.json'}")
 
 

@@ -78,11 +78,11 @@ class TVMEngine:
 class ORTEngine:
     """The bundle's ONNX entries in ONNX Runtime (what bench compares TVM with); numpy state and cache."""
 
-    def __init__(self, bundle):
+    def __init__(self, bundle, options=None):
         import onnxruntime as ort
 
         m = bundle.manifest
-        run = lambda entry: ort.InferenceSession(str(bundle.path / m["entries"][entry]["onnx"]),  # noqa: E731
+        run = lambda entry: ort.InferenceSession(str(bundle.path / m["entries"][entry]["onnx"]), options,  # noqa: E731
                                                  providers=["CPUExecutionProvider"]).run
         self.seg_run, self.dec_run = run("segment"), run("decode")
         self.segment_length, self.summary_length = m["segment"], m["summary"]

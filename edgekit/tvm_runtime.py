@@ -26,6 +26,12 @@ _DLPACK_DEVICE = {"cpu": 1, "cuda": 2}
 _POOLED_ALLOCATOR = 2  # tvm.relax.VirtualMachine.POOLED_ALLOCATOR, its default
 
 
+def num_threads() -> int:
+    """Threads TVM's parallel CPU loops run on: TVM_NUM_THREADS, else TVM's count of physical cores."""
+    _load_runtime("cpu")
+    return int(tvm_ffi.get_global_func("runtime.NumThreads")())
+
+
 @functools.cache
 def _load_runtime(device: str) -> None:
     """Loads libtvm_runtime (and the CUDA runtime sidecar) from the tvm wheel, as tvm/base.py does,

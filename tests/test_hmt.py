@@ -280,11 +280,13 @@ def test_validate_segment_bundle_without_torch_uses_the_golden_record(tiny_libra
         v.validate(out, seed=1)
 
 
-def test_bench_segment_bundle(tiny_library):
+def test_bench_segment_bundle(tiny_library, monkeypatch):
     from edgekit.bench import bench
 
     _, out, _ = tiny_library
-    report = bench(out, calls=20, warmup=2)
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")  # restored afterwards: bench sets it for the run
+    report = bench(out, calls=20, warmup=2, threads=1)
+    assert report["threads"]["requested"] == 1 and report["threads"]["tvm"] >= 1
     rows = {(r["engine"], r["call"]) for r in report["results"]}
     assert rows == {(e, c) for e in ("pytorch", "onnxruntime", "tvm") for c in ("segment", "decode", "generate")}
     assert all(r["bytes_per_second"] > 0 for r in report["results"])

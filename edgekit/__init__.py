@@ -9,7 +9,12 @@ Stages import their heavy dependencies lazily, so a board with only the TVM runt
 """
 from __future__ import annotations
 
+import os
 from importlib import import_module
+
+# TVM's thread pool otherwise pins the calling thread to one core when it starts (with one worker, here: a 2-vCPU
+# machine), and every thread the process makes afterwards inherits that: PyTorch then ran 100x slower beside it.
+os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 __version__ = "0.1.0"
 

@@ -81,12 +81,8 @@ def use_threads(threads: int | None) -> dict:
     before the first TVM call of the process. Returns the counts in effect, for the report."""
     import os
 
-    from edgekit.tvm_runtime import num_threads
-
     THREADS["requested"] = threads
-    if threads is not None:
-        os.environ["TVM_NUM_THREADS"] = str(threads)
-    counts = {"requested": threads, "tvm": num_threads()}
+    counts: dict = {"requested": threads}
     try:
         import torch
 
@@ -95,6 +91,11 @@ def use_threads(threads: int | None) -> dict:
         counts["pytorch"] = torch.get_num_threads()
     except ImportError:
         pass
+    if threads is not None:
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+    from edgekit.tvm_runtime import num_threads
+
+    counts["tvm"] = num_threads()
     counts["onnxruntime"] = threads if threads is not None else "its default (one per physical core)"
     return counts
 

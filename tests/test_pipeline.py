@@ -1,6 +1,9 @@
 """Export -> compile -> bundle -> validate -> bench on the host, and the errors users get on bad input."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -184,3 +187,12 @@ def test_validate_without_torch_uses_the_golden_record(tiny_bundle, monkeypatch)
     assert report["outputs"]["mean_logits"]["max_abs_error"] < 1e-5
     with pytest.raises(EdgekitError, match="golden record"):
         v.validate(tiny_bundle.path, utterance=100)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning is only visible with 2+ CPUs")
+def test_tvm_thread_pool_leaves_the_process_on_all_its_cpus():
+    """TVM's pool would pin the calling thread to one core on start; PyTorch's threads then shared that core."""
+    code = ("import os, edgekit; from edgekit.tvm_runtime import num_threads; before = os.sched_getaffinity(0); "
+            "num_threads(); print(before == os.sched_getaffinity(0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"

@@ -12,11 +12,23 @@ from tvm.relax.backend.cuda import pipeline as cuda
 from tvm.s_tir import dlight
 
 from edgekit import cuda as offline_cuda
+from edgekit.kernels import call_rewrite_pass
 from edgekit.kernels.cpu_fastmath import FastErfSoftmax
 from edgekit.kernels.cpu_gemv import PackedGEMVSchedule, PackGEMVWeights
 from edgekit.kernels.cpu_injective import InlineInjective
 from edgekit.kernels.cpu_matmul import BatchMatmulSchedule
 from edgekit.kernels.cpu_reduction import RowReductionSchedule
+
+
+def _clip_take(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    if call.op != tvm.ir.Op.get("relax.take") or call.attrs.mode != "fast":
+        return call
+    return relax.op.take(call.args[0], call.args[1], call.attrs.axis, mode="clip")
+
+
+# Gathers (embeddings, ONNX Gather) clamp their indices instead of reading out of bounds: a bad id in a user's
+# input cannot crash the process or read foreign memory (and TVM stops warning, at every build, that it could).
+ClipTakeIndices = call_rewrite_pass("ClipTakeIndices", _clip_take)
 
 
 def cpu_passes(target: tvm.target.Target) -> list:
@@ -25,6 +37,7 @@ def cpu_passes(target: tvm.target.Target) -> list:
     products of two tensors, row reductions, data movement); the rest keep TVM's default loops."""
     return [
         *cpu.library_dispatch_passes(target),
+        ClipTakeIndices,
         relax.transform.FoldConstant(),
         PackGEMVWeights,
         FastErfSoftmax,
@@ -45,6 +58,7 @@ def cuda_passes(target: tvm.target.Target) -> list:
     is bound to blocks and threads (a kernel left unbound would run as one GPU thread, or fail to build)."""
     return [
         *cuda.library_dispatch_passes(target),
+        ClipTakeIndices,
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

@@ -1,7 +1,10 @@
 """Hand-scheduled TVM kernels (TVMScript/TIR), one module per op and target."""
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from typing import Callable
+
+import tvm
+from tvm import relax, s_tir, tirx
 
 
 def fused_blocks(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, list] | None:
@@ -20,3 +23,24 @@ def fused_blocks(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, list] | None:
 
 def extent(sch: s_tir.Schedule, loop) -> int:
     return int(sch.get(loop).extent)
+
+
+def call_rewrite_pass(name: str, rewrite: Callable[[relax.BlockBuilder, relax.Call], relax.Expr]
+                      ) -> tvm.transform.Pass:
+    """A module pass applying rewrite(builder, call) -> expr to every call of every Relax function, inner calls
+    first (the rewrite returns the call itself to keep it)."""
+
+    @relax.expr_functor.mutator
+    class Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call: relax.Call) -> relax.Expr:
+            return rewrite(self.builder_, super().visit_call_(call))
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        rewriter = Rewriter(mod)
+        for gv, func in mod.functions.items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+    return run

@@ -11,24 +11,15 @@ from __future__ import annotations
 import tvm
 from tvm import relax, topi
 
-
-@relax.expr_functor.mutator
-class _Rewriter(relax.PyExprMutator):
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        if call.op == tvm.ir.Op.get("relax.erf"):
-            return self.builder_.call_te(topi.fast_erf, call.args[0], primfunc_name_hint="fast_erf")
-        if call.op == tvm.ir.Op.get("relax.nn.softmax"):
-            return self.builder_.call_te(topi.nn.fast_softmax, call.args[0], int(call.attrs.axis),
-                                         primfunc_name_hint="fast_softmax")
-        return call
+from edgekit.kernels import call_rewrite_pass
 
 
-@tvm.transform.module_pass(opt_level=0, name="FastErfSoftmax")
-def FastErfSoftmax(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (a pass, named like TVM's)
-    """Rewrite `erf` and `softmax` into TVM's vectorizable fast_erf and fast_softmax."""
-    rewriter = _Rewriter(mod)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return rewriter.builder_.get()
+def _fast(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    if call.op == tvm.ir.Op.get("relax.erf"):
+        return bb.call_te(topi.fast_erf, call.args[0], primfunc_name_hint="fast_erf")
+    if call.op == tvm.ir.Op.get("relax.nn.softmax"):
+        return bb.call_te(topi.nn.fast_softmax, call.args[0], int(call.attrs.axis), primfunc_name_hint="fast_softmax")
+    return call
+
+
+FastErfSoftmax = call_rewrite_pass("FastErfSoftmax", _fast)  # erf, softmax -> TVM's vectorizable fast forms

@@ -20,9 +20,9 @@ import numpy as np
 import tvm
 from tvm import relax, s_tir, te, tirx
 from tvm.s_tir import dlight
-
-from edgekit.kernels import extent, fused_blocks
 from tvm.target.codegen import llvm_get_vector_width
+
+from edgekit.kernels import call_rewrite_pass, extent, fused_blocks
 
 LANES = 16
 KERNEL = "packed_gemv"
@@ -67,33 +67,24 @@ def _static_shape(expr: relax.Expr) -> list[int] | None:
     return [int(s) for s in shape]
 
 
-@relax.expr_functor.mutator
-class _Rewriter(relax.PyExprMutator):
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        if call.op != tvm.ir.Op.get("relax.matmul") or not isinstance(call.args[1], tvm.ir.expr.Constant):
-            return call
-        x, w = call.args[0], call.args[1].value.numpy()
-        shape = _static_shape(x)
-        if w.ndim != 2 or w.shape[1] % LANES or shape is None or len(shape) < 2 or str(x.ty.dtype) != str(w.dtype):
-            return call
-        k, n = w.shape
-        panels = np.ascontiguousarray(w.reshape(k, n // LANES, LANES).transpose(1, 0, 2))
-        rows = x if len(shape) == 2 else self.builder_.emit(relax.op.reshape(x, (math.prod(shape[:-1]), k)))
-        tile = _row_tile(math.prod(shape[:-1]), tvm.target.Target.current())
-        y = self.builder_.call_te(_packed_gemv, rows, relax.const(panels), tile, primfunc_name_hint=KERNEL)
-        return y if len(shape) == 2 else relax.op.reshape(self.builder_.emit(y), (*shape[:-1], n))
+def _pack(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    if call.op != tvm.ir.Op.get("relax.matmul") or not isinstance(call.args[1], tvm.ir.expr.Constant):
+        return call
+    x, w = call.args[0], call.args[1].value.numpy()
+    shape = _static_shape(x)
+    if w.ndim != 2 or w.shape[1] % LANES or shape is None or len(shape) < 2 or str(x.ty.dtype) != str(w.dtype):
+        return call
+    k, n = w.shape
+    panels = np.ascontiguousarray(w.reshape(k, n // LANES, LANES).transpose(1, 0, 2))
+    rows = x if len(shape) == 2 else bb.emit(relax.op.reshape(x, (math.prod(shape[:-1]), k)))
+    tile = _row_tile(math.prod(shape[:-1]), tvm.target.Target.current())
+    y = bb.call_te(_packed_gemv, rows, relax.const(panels), tile, primfunc_name_hint=KERNEL)
+    return y if len(shape) == 2 else relax.op.reshape(bb.emit(y), (*shape[:-1], n))
 
 
-@tvm.transform.module_pass(opt_level=0, name="PackGEMVWeights")
-def PackGEMVWeights(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # noqa: N802 (a pass, named like TVM's)
-    """Rewrite `matmul(x, constant W)` (x of any rank >= 2, N a multiple of 16) into the packed-panel kernel
-    (run under the build's target: the row tile depends on its vector registers)."""
-    rewriter = _Rewriter(mod)
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return rewriter.builder_.get()
+# `matmul(x, constant W)` (x of any rank >= 2, N a multiple of 16) -> the packed-panel kernel (run under the
+# build's target: the row tile depends on its vector registers)
+PackGEMVWeights = call_rewrite_pass("PackGEMVWeights", _pack)
 
 
 class PackedGEMVSchedule(dlight.ScheduleRule):

@@ -124,3 +124,19 @@ def test_row_tiles_fit_the_registers_and_survive_padding(target):
         assert tile <= _accumulators(tvm_target)
         assert _row_tile(-(-rows // tile) * tile, tvm_target) == tile
     assert _row_tile(74, tvm_target) == (8 if target == "host" else 4)
+
+
+def test_gathers_clamp_out_of_range_indices():
+    """A bad id reaching a compiled gather reads the nearest row, never outside the table."""
+    from edgekit.pipeline import pipeline
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 3), "float32"))
+    i = relax.Var("i", relax.TensorType((2,), "int64"))
+    with bb.function("main", [x, i]):
+        bb.emit_func_output(bb.emit(relax.op.take(x, i, axis=0)))
+    target = tvm.target.Target("llvm")
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=target, relax_pipeline=pipeline(target)), tvm.cpu())
+    table = np.arange(12, dtype=np.float32).reshape(4, 3)
+    got = vm["main"](tvm.runtime.tensor(table), tvm.runtime.tensor(np.array([1, 1000], np.int64))).numpy()
+    np.testing.assert_array_equal(got, table[[1, 3]])

@@ -57,7 +57,7 @@ def _onnxruntime_engine(bundle, frames: int):
     import onnxruntime as ort
 
     entry = bundle.entry_for(frames)
-    sess = ort.InferenceSession(str(bundle.path / bundle.manifest["entries"][entry]["onnx"]), ort_options(),
+    sess = ort.InferenceSession(str(bundle.path / bundle.manifest["entries"][entry]["onnx"]), ort_options(THREADS["requested"]),
                                 providers=["CPUExecutionProvider"])
     names = [s["name"] for s in bundle.manifest["state"]]
     outs = [o["name"] for o in bundle.manifest["outputs"]]
@@ -100,12 +100,13 @@ def use_threads(threads: int | None) -> dict:
     return counts
 
 
-def ort_options():
+def ort_options(threads: int | None):
+    """ONNX Runtime session options running each graph on `threads` threads (None: its default)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    if THREADS["requested"] is not None:
-        opts.intra_op_num_threads = THREADS["requested"]
+    if threads is not None:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     return opts
 
 
@@ -169,7 +170,7 @@ def _segment_engines(bundle) -> dict[str, Callable[[], object]]:
     from edgekit.validate import reference_model
 
     return {"pytorch": lambda: TorchEngine(reference_model(bundle).float()),
-            "onnxruntime": lambda: hmt_runtime.ORTEngine(bundle, ort_options()),
+            "onnxruntime": lambda: hmt_runtime.ORTEngine(bundle, ort_options(THREADS["requested"])),
             "tvm": lambda: hmt_runtime.TVMEngine(bundle.library, bundle.manifest)}
 
 

@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgekit.bench import ort_options, use_threads
 from edgekit.validate import rss_bytes
 
 LENGTHS = (1_000, 10_000, 100_000)
@@ -190,8 +191,7 @@ class OrtAaren(Engine):
         import onnxruntime as ort
 
         m = bundle.manifest
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts = ort_options(threads)
         self.sessions = {e["frames"]: ort.InferenceSession(str(bundle.path / e["onnx"]), opts,
                                                            providers=["CPUExecutionProvider"])
                          for e in m["entries"].values() if e["frames"]}
@@ -322,8 +322,7 @@ class OrtKV(CompiledKV):
         import onnxruntime as ort
 
         super().__init__(net)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        opts = ort_options(threads)
         self.ort = ort
         self.sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.sess.get_inputs()]
@@ -369,12 +368,9 @@ def _make_engine(name: str, bundle_path: Path, kv_onnx: Path | None, kv_lib: Pat
 def measure_engine(name: str, bundle_path: Path, lengths: tuple[int, ...], window: int, warmup: int, seed: int,
                    threads: int, kv_onnx: Path | None = None, kv_lib: Path | None = None) -> dict:
     """One engine's run (meant for a fresh process): per stream length, step latency there, memory and RSS."""
-    os.environ["TVM_NUM_THREADS"] = str(threads)
-    import torch
-
     from edgekit.validate import FrameSource
 
-    torch.set_num_threads(threads)
+    use_threads(threads)
     engine = _make_engine(name, Path(bundle_path), kv_onnx, kv_lib, threads)
     source = FrameSource(torch_input_size(bundle_path), seed)
     pos, rows = 0, []

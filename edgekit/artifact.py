@@ -77,6 +77,11 @@ class Bundle:
     def target(self) -> dict:
         return self.manifest["target"]
 
+    @property
+    def device(self) -> str:
+        """Where the library's kernels run: "cuda" or "cpu"."""
+        return "cuda" if self.target["runs"] == "cuda" else "cpu"
+
     def entry_for(self, frames: int) -> str:
         for name, entry in self.manifest["entries"].items():
             if entry["frames"] == frames:

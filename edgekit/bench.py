@@ -36,7 +36,7 @@ def time_calls(fn: Callable[[np.ndarray], object], xs: np.ndarray, warmup: int) 
     return times
 
 
-def _torch_engine(bundle, frames: int):
+def _torch_engine(bundle, frames: int, threads: int | None):
     import torch
 
     from edgekit.validate import reference_model
@@ -53,11 +53,11 @@ def _torch_engine(bundle, frames: int):
     return call
 
 
-def _onnxruntime_engine(bundle, frames: int):
+def _onnxruntime_engine(bundle, frames: int, threads: int | None):
     import onnxruntime as ort
 
     entry = bundle.entry_for(frames)
-    sess = ort.InferenceSession(str(bundle.path / bundle.manifest["entries"][entry]["onnx"]), ort_options(THREADS["requested"]),
+    sess = ort.InferenceSession(str(bundle.path / bundle.manifest["entries"][entry]["onnx"]), ort_options(threads),
                                 providers=["CPUExecutionProvider"])
     names = [s["name"] for s in bundle.manifest["state"]]
     outs = [o["name"] for o in bundle.manifest["outputs"]]
@@ -72,16 +72,12 @@ def _onnxruntime_engine(bundle, frames: int):
     return call
 
 
-THREADS: dict[str, int | None] = {"requested": None}  # set once per bench run by `use_threads`
-
-
 def use_threads(threads: int | None) -> dict:
     """One thread count for every engine (None: each engine's own default: TVM counts physical cores, ONNX
     Runtime and PyTorch their own way). TVM reads TVM_NUM_THREADS when its thread pool starts, so this must run
     before the first TVM call of the process. Returns the counts in effect, for the report."""
     import os
 
-    THREADS["requested"] = threads
     counts: dict = {"requested": threads}
     try:
         import torch
@@ -110,7 +106,7 @@ def ort_options(threads: int | None):
     return opts
 
 
-def _tvm_engine(bundle, frames: int):
+def _tvm_engine(bundle, frames: int, threads: int | None):
     return Session(bundle).step
 
 
@@ -120,7 +116,7 @@ def _tvm_vm_only(bundle, frames: int, calls: int) -> dict:
     from tvm import relax
 
     m = bundle.manifest
-    dev = tvm.cuda() if m["target"]["runs"] == "cuda" else tvm.cpu()
+    dev = tvm.device(bundle.device)
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(bundle.library)), dev)
     entry = bundle.entry_for(frames)
     args = [np.zeros((m["batch"], frames, m["input"]["shape"][-1]), np.float32),
@@ -143,7 +139,7 @@ def bench(bundle_path: Path, calls: int = 200, warmup: int = 20, engines: tuple[
     m = bundle.manifest
     counts = use_threads(threads)
     if m.get("unit", "frame") == "segment":
-        return _bench_segments(bundle, calls, warmup, engines, seed, counts, progress)
+        return _bench_segments(bundle, calls, warmup, engines, seed, threads, counts, progress)
     sizes = sorted(e["frames"] for e in m["entries"].values() if e["frames"])
     rng = np.random.default_rng(seed)
     results = []
@@ -152,8 +148,8 @@ def bench(bundle_path: Path, calls: int = 200, warmup: int = 20, engines: tuple[
         xs = rng.standard_normal((n, m["batch"], frames, m["input"]["shape"][-1]), dtype=np.float32)
         for engine in engines:
             progress(f"{engine}, chunk {frames}: {n} calls")
-            results.append({"engine": engine, **summarize(time_calls(ENGINES[engine](bundle, frames), xs, warmup),
-                                                          frames)})
+            call = ENGINES[engine](bundle, frames, threads)
+            results.append({"engine": engine, **summarize(time_calls(call, xs, warmup), frames)})
         if "tvm" in engines:
             results.append({"engine": "tvm-compute", **_tvm_vm_only(bundle, frames, n)})
     report = {"bundle": str(bundle.path), "target": m["target"]["name"], "model": m["model"]["family"],
@@ -163,19 +159,19 @@ def bench(bundle_path: Path, calls: int = 200, warmup: int = 20, engines: tuple[
     return report
 
 
-def _segment_engines(bundle) -> dict[str, Callable[[], object]]:
+def _segment_engines(bundle, threads: int | None) -> dict[str, Callable[[], object]]:
     """The three engines behind `hmt_runtime.Generator`'s interface, built on demand."""
     from edgekit import hmt_runtime
     from edgekit.models.hmt import TorchEngine
     from edgekit.validate import reference_model
 
     return {"pytorch": lambda: TorchEngine(reference_model(bundle).float()),
-            "onnxruntime": lambda: hmt_runtime.ORTEngine(bundle, ort_options(THREADS["requested"])),
-            "tvm": lambda: hmt_runtime.TVMEngine(bundle.library, bundle.manifest)}
+            "onnxruntime": lambda: hmt_runtime.ORTEngine(bundle, ort_options(threads)),
+            "tvm": lambda: hmt_runtime.TVMEngine(bundle)}
 
 
-def _bench_segments(bundle, calls: int, warmup: int, engines: tuple[str, ...], seed: int, threads: dict,
-                    progress: Callable[[str], None]) -> dict:
+def _bench_segments(bundle, calls: int, warmup: int, engines: tuple[str, ...], seed: int, threads: int | None,
+                    counts: dict, progress: Callable[[str], None]) -> dict:
     """Per engine: the segment step over whole segments (scoring), the decode step (generation inside a segment),
     and generation itself (both, as `Generator` mixes them: a segment step per byte while the summary grows)."""
     from edgekit.hmt_runtime import Generator
@@ -187,7 +183,7 @@ def _bench_segments(bundle, calls: int, warmup: int, engines: tuple[str, ...], s
     text = rng.integers(0, 256, (segments + warmup) * L)
     results = []
     for name in engines:
-        engine = _segment_engines(bundle)[name]()
+        engine = _segment_engines(bundle, threads)[name]()
         progress(f"{name}: {segments} segment steps")
         state = engine.init_state()
 
@@ -214,7 +210,7 @@ def _bench_segments(bundle, calls: int, warmup: int, engines: tuple[str, ...], s
         results.append({"engine": name, "call": "generate", **summarize(times, 1, "byte", None),
                         "steps": dict(gen.calls)})
     report = {"bundle": str(bundle.path), "target": m["target"]["name"], "model": m["model"]["family"],
-              "unit": "segment", "segment": L, "summary": j, "threads": threads, "results": results,
+              "unit": "segment", "segment": L, "summary": j, "threads": counts, "results": results,
               "note": "latency per byte = call latency / bytes per call; generate feeds bytes one at a time from a "
                       "segment boundary (a segment step per byte for the first j bytes of a segment, decode steps "
                       "after, a segment step at its end), so bytes_per_second is the mean generation speed"}

@@ -34,10 +34,11 @@ SEGMENT_OUTPUTS = ("logits", "memory_embedding", "kv", "kv_mask", "slot")
 class TVMEngine:
     """The `segment` and `decode` entries of a built library; state and KV cache stay on the device."""
 
-    def __init__(self, lib: str | Path, manifest: dict, device: str = "cpu"):
+    def __init__(self, bundle):
         from edgekit.tvm_runtime import load_vm
 
-        self.vm = load_vm(lib, device)
+        manifest = bundle.manifest
+        self.vm = load_vm(bundle.library, bundle.device)
         self.seg_fn, self.dec_fn = self.vm.raw("segment"), self.vm.raw("decode")
         self.segment_length, self.summary_length = manifest["segment"], manifest["summary"]
         self.state_specs = manifest["state"]
@@ -117,7 +118,7 @@ class SegmentSession:
 
         check_runs_here(bundle)
         self.bundle = bundle
-        self.engine = TVMEngine(bundle.library, bundle.manifest, "cuda" if bundle.target["runs"] == "cuda" else "cpu")
+        self.engine = TVMEngine(bundle)
         self.gen = Generator(self.engine)
 
     def reset(self) -> None:
@@ -160,7 +161,7 @@ class RemoteSegmentSession:
         return self.worker("feed", tokens=np.asarray(tokens, np.int64))
 
 
-def load_engine(bundle_dir: str | Path, device: str = "cpu") -> TVMEngine:
+def load_engine(bundle_dir: str | Path) -> TVMEngine:
     """The engine of a bundle made by `edgekit compile hmt ...` (checksums verified, target runnable here)."""
     from edgekit.artifact import load
     from edgekit.errors import BundleError
@@ -170,7 +171,7 @@ def load_engine(bundle_dir: str | Path, device: str = "cpu") -> TVMEngine:
     if family != "hmt" or set(bundle.manifest.get("entries", {})) != {"segment", "decode"}:
         raise BundleError(f"{bundle.path} holds a {family!r} model, not an HMT byte LM (segment and decode entries)",
                           "pass a bundle made by `edgekit compile hmt ...`")
-    return TVMEngine(bundle.library, bundle.manifest, device)
+    return TVMEngine(bundle)
 
 
 def host_bundle(checkpoint: Path | None = None, config: str | None = None, progress=lambda m: None) -> Path:

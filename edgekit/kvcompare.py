@@ -530,8 +530,8 @@ def markdown(report: dict) -> str:
              "its chunked step; KV cache: `SoftmaxKVCache.prefill`, the parallel form filling the cache, preallocated "
              "to length + warm-up + window), so the timed steps sit at tokens L+warm-up .. L+warm-up+window.", "",
              f"Aaren state: {report['aaren_state_bytes']['artifact_state']} bytes in the artifact "
-             f"({report['aaren_state_bytes']['attention_state']} of them the attention's m and Kahan-compensated c, a), whatever the "
-             f"length. KV cache: {report['kv_cache_bytes_per_token']} bytes per token.", "",
+             f"({report['aaren_state_bytes']['attention_state']} of them the attention's m and Kahan-compensated "
+             f"c, a), whatever the length. KV cache: {report['kv_cache_bytes_per_token']} bytes per token.", "",
              "| engine | tokens | latency p50 (p10-p90) us | state / cache | RSS | RSS growth since warm-up "
              "| RSS growth since first length |", "|---|---:|---:|---:|---:|---:|---:|"]
     for e in report["engines"]:

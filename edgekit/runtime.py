@@ -82,7 +82,7 @@ class Session(StreamSession):
     def __init__(self, bundle: Bundle | Path):
         super().__init__(bundle if isinstance(bundle, Bundle) else load(bundle))
         check_runs_here(self.bundle)
-        self.vm = load_vm(self.bundle.library, "cuda" if self.bundle.target["runs"] == "cuda" else "cpu")
+        self.vm = load_vm(self.bundle.library, self.bundle.device)
         self.funcs = {name: self.vm.raw(name) for name in self.bundle.manifest["entries"]}
         self.reset()
 
@@ -206,7 +206,9 @@ def serve() -> None:
             return
         op = str(message.pop("op"))
         try:
-            reply = {} if op == "hello" else (getattr(session, op)(**message) if op in session.OPS else None) or {}
+            if op not in ("hello", *session.OPS):
+                raise EdgekitError(f"the runtime process has no operation {op!r}")
+            reply = (getattr(session, op)(**message) if op != "hello" else None) or {}
         except EdgekitError as e:
             reply = {"error": np.array(str(e))}
         _send(out, reply)

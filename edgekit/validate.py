@@ -277,11 +277,16 @@ def validate(bundle_path: Path, frames: int | None = None, chunk: int = 1, seed:
         done += seg
     report = _report(bundle, tally, rss, frames, chunk, seed, utterance, time.perf_counter() - t0,
                      atol, rtol, spike_agreement, prediction_agreement)
-    report["execution"] = session.execution
-    if net is None:
-        report["reference"] += ", read from the bundle's golden record (computed at compile time)"
-    elif report["spikes"] and hasattr(net, "spike_fanout"):
+    if net is not None and report["spikes"] and hasattr(net, "spike_fanout"):
         report["macs"] = skippable_macs(net, report["spikes"])
+    return _finish(bundle, report, session, golden=net is None)
+
+
+def _finish(bundle: Bundle, report: dict, session, golden: bool) -> dict:
+    """Where it ran and against what, then saved beside the bundle as validation.json."""
+    report["execution"] = session.execution
+    if golden:
+        report["reference"] += ", read from the bundle's golden record (computed at compile time)"
     if hasattr(session, "startup_seconds"):
         report["runtime_startup_seconds"] = round(session.startup_seconds, 2)
     bundle.record("validation.json", report)
@@ -455,11 +460,5 @@ def _validate_segments(bundle: Bundle, segments: int, decode_segments: int, seed
         "outputs": outputs, "next_byte_agreement": int(agree[0]) / int(agree[1]),
         "state_bytes": bundle.manifest["state_bytes"], "rss_bytes": memory["rss_bytes"],
         "seconds": round(time.perf_counter() - t0, 2), "checks": checks, "passed": all(checks.values()),
-        "execution": session.execution,
     }
-    if isinstance(ref, GoldenSegmentReference):
-        report["reference"] += ", read from the bundle's golden record (computed at compile time)"
-    if hasattr(session, "startup_seconds"):
-        report["runtime_startup_seconds"] = round(session.startup_seconds, 2)
-    bundle.record("validation.json", report)
-    return report
+    return _finish(bundle, report, session, golden=isinstance(ref, GoldenSegmentReference))

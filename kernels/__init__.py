@@ -25,6 +25,17 @@ def extent(sch: s_tir.Schedule, loop) -> int:
     return int(sch.get(loop).extent)
 
 
+def epilogue_at(sch: s_tir.Schedule, steps: list, loop):
+    """The elementwise steps after a product (bias, GELU; scale, mask) as one block computed under `loop`, so they
+    run on each tile while it is in cache; returns that block (None without steps)."""
+    for step in steps[:-1]:
+        sch.compute_inline(step)
+    if not steps:
+        return None
+    sch.reverse_compute_at(steps[-1], loop)
+    return steps[-1]
+
+
 def call_rewrite_pass(name: str, rewrite: Callable[[relax.BlockBuilder, relax.Call], relax.Expr]
                       ) -> tvm.transform.Pass:
     """A module pass applying rewrite(builder, call) -> expr to every call of every Relax function, inner calls

@@ -22,7 +22,7 @@ from tvm import relax, s_tir, te, tirx
 from tvm.s_tir import dlight
 from tvm.target.codegen import llvm_get_vector_width
 
-from edgekit.kernels import call_rewrite_pass, extent, fused_blocks
+from edgekit.kernels import call_rewrite_pass, epilogue_at, extent, fused_blocks
 
 LANES = 16
 KERNEL = "packed_gemv"
@@ -98,13 +98,11 @@ class PackedGEMVSchedule(dlight.ScheduleRule):
         if names.count(KERNEL) != 1:
             return None
         at = names.index(KERNEL)
-        for step in blocks[at + 1:-1]:  # bias, GELU, ...: one elementwise block, computed per tile
-            sch.compute_inline(step)
-        self._tile(sch, blocks[at], blocks[-1] if at + 1 < len(blocks) else None, target)
+        self._tile(sch, blocks[at], blocks[at + 1:], target)
         return sch
 
     @staticmethod
-    def _tile(sch: s_tir.Schedule, block, epilogue, target: tvm.target.Target) -> None:
+    def _tile(sch: s_tir.Schedule, block, steps: list, target: tvm.target.Target) -> None:
         i, j, k = sch.get_loops(block)
         rows, cols, depth = extent(sch, i), extent(sch, j), extent(sch, k)
         row_tile = _row_tile(rows, target)
@@ -119,8 +117,7 @@ class PackedGEMVSchedule(dlight.ScheduleRule):
         sch.vectorize(lane)
         if rows * cols * depth >= PARALLEL_MACS:
             sch.parallel(group)
-        if epilogue is not None:
-            sch.reverse_compute_at(epilogue, row_group)
+        if (epilogue := epilogue_at(sch, steps, row_group)) is not None:
             inner = sch.get_loops(epilogue)[-1]
             if extent(sch, inner) % LANES == 0:
                 sch.vectorize(sch.split(inner, [None, LANES])[1])

@@ -14,14 +14,13 @@ import math
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 
-from edgekit.kernels import extent, fused_blocks
+from edgekit.kernels import epilogue_at, extent, fused_blocks
 
 KERNEL = "matmul"  # the block name of a legalized relax.matmul
 ROWS = 2  # rows per register tile; the row count is padded to a multiple
 LANES = 16
 MAX_SPAN = 128  # output columns held in registers at once (8 vectors of 16 lanes)
 PARALLEL_MACS = 1 << 20  # from this size the heads (batch) are split over the cores
-
 
 
 class BatchMatmulSchedule(dlight.ScheduleRule):
@@ -54,11 +53,7 @@ class BatchMatmulSchedule(dlight.ScheduleRule):
         sch.unroll(row)
         sch.unroll(vectors)
         sch.vectorize(lane)
-        consumers = sch.get_child_blocks(sch.get_sblock("root"))
-        consumers = consumers[[sch.get(b).name_hint for b in consumers].index(KERNEL) + 1:]
-        for step in consumers[:-1]:  # unpadding, scale, mask: one elementwise block
-            sch.compute_inline(step)
-        if consumers:
-            sch.reverse_compute_at(consumers[-1], row_group)
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))  # pad_einsum added the padding and unpadding
+        epilogue_at(sch, blocks[[sch.get(b).name_hint for b in blocks].index(KERNEL) + 1:], row_group)
         sch.decompose_reduction(block, k)
         return sch

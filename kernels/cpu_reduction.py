@@ -20,7 +20,6 @@ LANES = 16
 PARALLEL_VALUES = 1 << 14  # from this size the rows are split over the cores
 
 
-
 def _kinds(sch: s_tir.Schedule, block) -> str:
     return "".join("S" if v.iter_type == tirx.IterVar.DataPar else "R" if v.iter_type == tirx.IterVar.CommReduce
                    else "O" for v in sch.get(block).iter_vars)

@@ -196,7 +196,8 @@ def validate(bundle: Path, frames: int | None, chunk: int, seed: int, atol: floa
     r = report["rss_bytes"]
     mib = lambda b: f"{b / 2**20:.1f} MiB" if b is not None else "n/a"  # noqa: E731
     console.print(f"state {report['state_bytes']} bytes; artifact process RSS at T/10 {mib(r['at_T/10'])}, at T "
-                  f"{mib(r['at_T'])} (change {r['growth'] / 2**20:+.2f} MiB)")
+                  f"{mib(r['at_T'])} " + (f"(change {r['growth'] / 2**20:+.2f} MiB)" if r["growth"] is not None
+                                          else "(one point: too short a stream to check memory)"))
     for check, ok in report["checks"].items():
         console.print(f"  {'[green]pass[/]' if ok else '[red]FAIL[/]'} {check}")
     console.print(f"report: {Path(report['bundle']) / 'validation.json'}")

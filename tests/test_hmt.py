@@ -242,6 +242,9 @@ def test_validate_segment_bundle_scores_and_decodes_against_the_reference(tiny_l
     assert set(report["outputs"]) == {"logits", "memory_embedding", "logits_byte_by_byte"}
     assert report["outputs"]["logits"]["max_abs_error"] < 1e-4 and report["next_byte_agreement"] > 0.99
     assert report["execution"] == "native, own process" and report["rss_bytes"]["at_T"] is not None
+    assert "constant_memory" in report["checks"] and report["rss_bytes"]["growth"] is not None
+    short = validate(out, segments=1, decode_segments=0)  # T/10 and T are the same point: no memory check
+    assert short["passed"] and "constant_memory" not in short["checks"] and short["rss_bytes"]["growth"] is None
     assert report["outputs"]["logits_byte_by_byte"]["error_by_decile"][0] is None  # only the last segments fed
     text = tmp_path / "t.txt"
     text.write_bytes(b"the quick brown fox " * 7)

@@ -11,11 +11,35 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edgekit.errors import BundleError
 
 SCHEMA = 1
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of one tensor crossing the model boundary (batch dimension included)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TensorSpec":
+        return cls(d["name"], tuple(d["shape"]), d["dtype"])
+
+
+def cache_dir() -> Path:
+    """Where edgekit keeps what it builds once per machine (bundles of shipped checkpoints, the emulation root):
+    $EDGEKIT_CACHE, else ~/.cache/edgekit."""
+    return Path(os.environ.get("EDGEKIT_CACHE") or Path.home() / ".cache" / "edgekit")
 
 
 def file_sha256(path: Path, block: int = 1 << 20) -> str:
@@ -82,12 +106,9 @@ class Bundle:
         """Where the library's kernels run: "cuda" or "cpu"."""
         return "cuda" if self.target["runs"] == "cuda" else "cpu"
 
-    def entry_for(self, frames: int) -> str:
-        for name, entry in self.manifest["entries"].items():
-            if entry["frames"] == frames:
-                return name
-        sizes = sorted(e["frames"] for e in self.manifest["entries"].values() if e["frames"])
-        raise BundleError(f"bundle has no entry for chunks of {frames} frames", f"chunk sizes built: {sizes}")
+    def zero_state(self) -> list[np.ndarray]:
+        """The state at the start of a stream: zeros of every state tensor the manifest lists, in order."""
+        return [np.zeros(s["shape"], s["dtype"]) for s in self.manifest["state"]]
 
     def record(self, name: str, report: dict) -> Path:
         """Save a report (validation, bench) beside the bundle's files; reports are not part of the checksums."""

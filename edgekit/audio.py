@@ -1,4 +1,4 @@
-"""The audio front end of the published LMUFormer keyword-spotting pipeline, in numpy, offline and streaming.
+"""The published LMUFormer / AST speech front end (Kaldi log-mel filterbank), in numpy, offline and streaming.
 
 Features are Kaldi's log-mel filterbank as `torchaudio.compliance.kaldi.fbank(wave, htk_compat=True,
 use_energy=False, window_type='hanning', num_mel_bins=128, dither=0.0, frame_shift=10)` computes it on a

@@ -1,19 +1,73 @@
-"""`edgekit`: a thin click layer over the pipeline stages; errors print as one clear message, never a traceback."""
+"""`edgekit`: a thin click layer over the pipeline stages; errors print as one clear message, never a traceback.
+
+Results go to stdout (tables never cut when piped, or one JSON object with --json); progress goes to stderr: a
+spinner on a terminal, else one line per stage."""
 from __future__ import annotations
 
 import json
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from edgekit.errors import EdgekitError
 
-console = Console()
-err_console = Console(stderr=True)
+
+def _console(stderr: bool = False) -> Console:
+    """On a terminal, rich's own width; piped, wide enough that no table or line is ever cut or wrapped."""
+    tty = (sys.stderr if stderr else sys.stdout).isatty()
+    return Console(stderr=stderr, width=None if tty else 100_000, soft_wrap=not tty)
+
+
+console = _console()
+err_console = _console(stderr=True)
+
+
+@contextmanager
+def stages(what: str) -> Iterator[Callable[[str], None]]:
+    """Progress of long work: a spinner on a terminal, else one timestamped line per stage on stderr."""
+    if err_console.is_terminal:
+        with err_console.status(what) as status:
+            yield lambda msg: status.update(msg)
+        return
+    t0 = time.perf_counter()
+    say = lambda msg: err_console.print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", highlight=False,  # noqa: E731
+                                        markup=False)
+    say(what)
+    yield say
+
+
+@contextmanager
+def counter(what: str) -> Iterator[Callable[[int, int], None]]:
+    """Progress through a stream of items: a bar on a terminal, else a line at every tenth of it."""
+    if err_console.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=err_console, transient=True) as bar:
+            task = bar.add_task(what, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
+        return
+    with stages(what) as say:
+        shown = [-1]
+
+        def update(done: int, total: int) -> None:
+            tenth = done * 10 // max(total, 1)
+            if tenth > shown[0]:
+                shown[0] = tenth
+                say(f"{what}: {done}/{total}")
+
+        yield update
+
+
+def _print(renderables: list) -> None:
+    for r in renderables:
+        console.print(r, highlight=False)
 
 
 class Group(click.Group):
@@ -47,11 +101,11 @@ def models() -> None:
     from edgekit.models import FAMILIES
 
     table = Table(title="model families")
-    for col in ("family", "configs", "description"):
+    for col in ("family", "unit", "configs", "description"):
         table.add_column(col)
     for f in FAMILIES.values():
         configs = "\n".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items()) for name, cfg in f.configs.items())
-        table.add_row(f.name, configs, f.summary)
+        table.add_row(f.name, f.unit, configs, f.summary)
     console.print(table)
 
 
@@ -87,9 +141,14 @@ def setup(cache: Path | None) -> None:
     """
     from edgekit import emulator as emu
 
-    with console.status("preparing the aarch64 root") as status:
-        root = emu.prepare(cache, progress=lambda msg: status.update(msg))
+    with stages("preparing the aarch64 root") as say:
+        root = emu.prepare(cache, progress=say)
     console.print(f"[green]ready[/] {root}")
+
+
+def _given(**flags) -> dict:
+    """The options a user gave (flags without a default are None when not given)."""
+    return {k: v for k, v in flags.items() if v is not None}
 
 
 @main.command(name="compile")
@@ -98,167 +157,130 @@ def setup(cache: Path | None) -> None:
 @click.option("--config", help="named configuration with seeded random weights (see `edgekit models`)")
 @click.option("--target", "-t", default="host", show_default=True, help="where the artifact runs (`edgekit targets`)")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="bundle directory to create")
-@click.option("--chunk", "chunks", type=int, multiple=True, default=(1, 16), show_default=True,
-              help="frames per call to build entry points for (1 is always built)")
+@click.option("--chunk", "chunks", type=int, multiple=True,
+              help="frame models: frames per call to build entry points for (1 is always built)  [default: 1, 16]")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
 def compile_cmd(model: str, checkpoint: Path | None, config: str | None, target: str, out: Path,
                 chunks: tuple[int, ...], force: bool) -> None:
     """Compile MODEL (a family from `edgekit models`) into a bundle for --target.
 
-    The bundle holds the built library, the ONNX graphs it came from, the weights and a manifest with
-    checksums. A failed compile leaves nothing behind.
+    The bundle holds the built library, the ONNX graphs it came from, the weights, a float64 golden record and
+    a manifest with checksums. A failed compile leaves nothing behind.
     """
+    from edgekit import units
     from edgekit.compile import compile
 
     if checkpoint and config:
         raise click.UsageError("pass --checkpoint or --config, not both (a checkpoint carries its own config)")
-    with console.status("compiling") as status:
-        bundle = compile(model, target, out, config=config, checkpoint=checkpoint, chunks=tuple({1, *chunks}),
-                         force=force, progress=lambda msg: status.update(msg))
+    with stages(f"compiling {model} for {target}") as say:
+        bundle = compile(model, target, out, config=config, checkpoint=checkpoint, force=force, progress=say,
+                         **_given(chunks=tuple({1, *chunks}) if chunks else None))
     m = bundle.manifest
     size = sum((bundle.path / f).stat().st_size for f in m["files"])
     console.print(f"[green]built[/] {bundle.path}: {m['model']['family']} for {m['target']['name']} in "
-                  f"{m['compile_seconds']:.1f} s, {size / 2**20:.1f} MiB, state {m['state_bytes']} bytes"
-                  + (f", {m['segment']}-byte segments" if m["unit"] == "segment" else f", delay {m['delay']} frames")
-                  + f", entries {', '.join(m['entries'])}", highlight=False)
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, transient=True)
+                  f"{m['compile_seconds']:.1f} s, {size / 2**20:.1f} MiB, state {m['state_bytes']} bytes, "
+                  f"{units.of(bundle).describe(m)}, entries {', '.join(m['entries'])}", highlight=False)
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--frames", "-n", type=int, help="stream length in frames  [default: 10000]")
-@click.option("--chunk", type=int, default=1, show_default=True, help="frames per call (a size the bundle was built for)")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of the random input stream")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="max abs error allowed per output")
-@click.option("--rtol", type=float, default=1e-3, show_default=True, help="or max error relative to the output's range")
-@click.option("--utterance", type=int, help="split the stream into independent utterances of this many frames")
-@click.option("--spike-agreement", type=float, default=0.999, show_default=True,
-              help="spiking models: minimum fraction of agreeing spikes per layer")
-@click.option("--prediction-agreement", type=float, default=0.999, show_default=True,
-              help="spiking models: minimum fraction of frames whose running-mean arg-max agrees")
-@click.option("--segments", type=int, help="segment-level LMs (HMT): stream length in segments  [default: 256]")
-@click.option("--decode-segments", type=int, default=2, show_default=True,
-              help="segment-level LMs: of those, the last ones fed byte by byte (the generation path)")
+@click.option("--frames", "-n", type=int, help="frame models: stream length in frames  [default: 10000]")
+@click.option("--chunk", type=int, help="frame models: frames per call (a size the bundle was built for)  [default: 1]")
+@click.option("--utterance", type=int, help="frame models: split the stream into independent utterances of N frames")
+@click.option("--spike-agreement", type=float,
+              help="spiking models: minimum fraction of agreeing spikes per layer  [default: 0.999]")
+@click.option("--prediction-agreement", type=float,
+              help="spiking models: minimum fraction of frames whose running-mean arg-max agrees  [default: 0.999]")
+@click.option("--segments", type=int, help="segment LMs: stream length in segments  [default: 256]")
+@click.option("--decode-segments", type=int,
+              help="segment LMs: of those, the last ones fed byte by byte (the generation path)  [default: 2]")
 @click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="segment-level LMs: stream this file's bytes (repeated) instead of random bytes")
-def validate(bundle: Path, frames: int | None, chunk: int, seed: int, atol: float, rtol: float,
-             utterance: int | None, spike_agreement: float, prediction_agreement: float, segments: int | None,
-             decode_segments: int, text: Path | None) -> None:
-    """Stream BUNDLE over --frames random frames against the float64 PyTorch reference.
+              help="segment LMs: stream this file's bytes (repeated) instead of random bytes")
+@click.option("--seed", type=int, help="seed of the random input stream  [default: 0]")
+@click.option("--atol", type=float, help="max abs error allowed per output  [default: 0.0001]")
+@click.option("--rtol", type=float, help="or max error relative to the output's range  [default: 0.001]")
+@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object instead of tables")
+def validate(bundle: Path, as_json: bool, **flags) -> None:
+    """Stream BUNDLE against the float64 PyTorch model it was compiled from (without torch: the golden record
+    compiled into it).
 
-    Reports max abs and relative error per output, error by stream decile (drift), spike agreement and
-    sparsity per layer (spiking models), prediction agreement, state bytes and resident memory at T/10 and
-    T. Exits 1 if a check fails. The report, with the criteria applied, is saved as validation.json.
-
-    A segment-level LM (`edgekit compile hmt`) streams --segments segments of bytes instead: logits and memory
-    embeddings of each segment, and for the last --decode-segments the byte-by-byte logits that generation
-    sees, against HMT's algorithm as written in float64.
+    A frame model streams --frames random frames: max abs and relative error per output, error by stream decile
+    (drift), spike agreement and sparsity per layer (spiking models), prediction agreement. A segment-level LM
+    (`edgekit compile hmt`) streams --segments segments of bytes: logits and memory embeddings of each segment,
+    and for the last --decode-segments the byte-by-byte logits that generation sees. Both: state bytes and the
+    artifact process's resident memory at T/10 and T. Exits 1 if a check fails. Saved as validation.json.
     """
+    from edgekit import units
+    from edgekit.artifact import load
     from edgekit.validate import validate as run
 
-    with _progress() as bar:
-        task = bar.add_task("streaming", total=None)
-        report = run(bundle, frames=frames, chunk=chunk, seed=seed, atol=atol, rtol=rtol, utterance=utterance,
-                     spike_agreement=spike_agreement, prediction_agreement=prediction_agreement, segments=segments,
-                     decode_segments=decode_segments, text=text,
-                     progress=lambda done, total: bar.update(task, completed=done, total=total))
-    length = (f"{report['segments']} segments = {report['tokens']} bytes, the last {report['decode_segments']} byte "
-              "by byte" if "segments" in report else f"{report['frames']} frames, chunk {chunk}")
-    table = Table(title=f"validation of {bundle} ({length}, {report['seconds']} s)")
-    for col in ("output", "max abs error", "max rel error", "error by decile (first .. last)"):
-        table.add_column(col)
-    for name, o in report["outputs"].items():
-        d = o["error_by_decile"]
-        table.add_row(name, f"{o['max_abs_error']:.3g}", f"{o['max_rel_error']:.3g}",
-                      " ".join("-" if e is None else f"{e:.1e}" for e in d))
-    console.print(table)
-    if report.get("spikes"):
-        spikes = Table(title="spikes per layer")
-        for col in ("layer", "agreement", "sparsity (artifact)", "sparsity (reference)"):
-            spikes.add_column(col)
-        for name, sp in report["spikes"].items():
-            spikes.add_row(name, f"{sp['agreement']:.6f}", f"{sp['sparsity_artifact']:.4f}", f"{sp['sparsity_reference']:.4f}")
-        console.print(spikes)
-        if "macs" in report:
-            m = report["macs"]
-            console.print(f"multiply-adds per frame {m['per_frame']:,}; fed by spikes {m['fed_by_spikes']:,}; "
-                          f"skippable at this sparsity {m['skippable']:,} ({m['skippable_fraction']:.1%})")
-    if "next_byte_agreement" in report:
-        console.print(f"next-byte arg-max agreement {report['next_byte_agreement']:.4%}")
-    for name, p in report.get("predictions", {}).items():
-        console.print(f"prediction agreement ({name} arg-max): " + ", ".join(f"{k} {v:.4%}" for k, v in p.items()))
-    console.print(f"ran: {report['execution']}" + (f", runtime start-up {report['runtime_startup_seconds']} s"
-                                                   if "runtime_startup_seconds" in report else ""))
-    r = report["rss_bytes"]
-    mib = lambda b: f"{b / 2**20:.1f} MiB" if b is not None else "n/a"  # noqa: E731
-    console.print(f"state {report['state_bytes']} bytes; artifact process RSS at T/10 {mib(r['at_T/10'])}, at T "
-                  f"{mib(r['at_T'])} " + (f"(change {r['growth'] / 2**20:+.2f} MiB)" if r["growth"] is not None
-                                          else "(one point: too short a stream to check memory)"))
-    for check, ok in report["checks"].items():
-        console.print(f"  {'[green]pass[/]' if ok else '[red]FAIL[/]'} {check}")
-    console.print(f"report: {Path(report['bundle']) / 'validation.json'}")
+    unit = units.of(load(bundle, check_machine=False))
+    options = unit.validate_options(**_given(**flags))
+    with counter("streaming") as progress:
+        report = run(bundle, options, progress=progress)
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        _print(unit.render_validation(report))
     sys.exit(0 if report["passed"] else 1)
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--calls", type=int, default=300, show_default=True, help="timed frames per engine and chunk size")
-@click.option("--warmup", type=int, default=30, show_default=True, help="untimed calls first")
+@click.option("--calls", type=click.IntRange(min=1), default=300, show_default=True,
+              help="timed frames (or decode steps) per engine and chunk size")
+@click.option("--warmup", type=click.IntRange(min=0), default=30, show_default=True, help="untimed calls first")
 @click.option("--engine", "engines", multiple=True, type=click.Choice(["pytorch", "onnxruntime", "tvm"]),
               default=("pytorch", "onnxruntime", "tvm"), show_default=True)
 @click.option("--threads", type=click.IntRange(min=1),
               help="threads for every engine  [default: each engine's own; TVM counts physical cores]")
-def bench(bundle: Path, calls: int, warmup: int, engines: tuple[str, ...], threads: int | None) -> None:
-    """Per-frame latency of BUNDLE's step in PyTorch, ONNX Runtime and TVM, same inputs, after warm-up.
+@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object instead of a table")
+def bench(bundle: Path, calls: int, warmup: int, engines: tuple[str, ...], threads: int | None, as_json: bool) -> None:
+    """Latency of BUNDLE in PyTorch, ONNX Runtime and TVM, same inputs, after warm-up.
 
-    `tvm-compute` times the compiled function inside TVM without the Python call: the gap between it
-    and `tvm` is call overhead. A segment-level LM (HMT) is timed per byte: its segment step (scoring),
-    its decode step, and generation (their mix). Saved as bench.json in the bundle.
+    A frame model is timed per frame for each chunk size; `tvm-compute` times the compiled function inside TVM
+    without the Python call (the gap to `tvm` is call overhead). A segment-level LM (HMT) is timed per byte: its
+    segment step (scoring), its decode step, and generation (their mix). Saved as bench.json in the bundle.
     """
+    from edgekit import units
     from edgekit.bench import bench as run
+    from edgekit.units import BenchOptions
 
-    with console.status("benchmarking") as status:
-        report = run(bundle, calls=calls, warmup=warmup, engines=engines, threads=threads,
-                     progress=lambda m: status.update(m))
-    console.print(_segment_bench_table(report) if report.get("unit") == "segment" else _frame_bench_table(report))
-    console.print("threads: " + ", ".join(f"{k} {v}" for k, v in report["threads"].items() if k != "requested"))
-    console.print(f"report: {Path(report['bundle']) / 'bench.json'}")
+    options = BenchOptions(calls=calls, warmup=warmup, engines=engines, threads=threads)
+    with stages("benchmarking") as say:
+        report = run(bundle, options, progress=say)
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        from edgekit.artifact import load
 
-
-def _frame_bench_table(report: dict) -> Table:
-    table = Table(title=f"{report['model']} on {report['target']}: latency per frame (hop {report['hop_ms']:g} ms)")
-    for col in ("engine", "chunk", "p50 us", "p90 us", "p99 us", "max us", "frames/s", "RTF"):
-        table.add_column(col, justify="right" if col != "engine" else "left")
-    for r in report["results"]:
-        fmt = lambda k: f"{r[k]:.1f}" if k in r else "-"  # noqa: E731
-        table.add_row(r["engine"], str(r["frames_per_call"]), fmt("p50_us") if "p50_us" in r else fmt("mean_us"),
-                      fmt("p90_us"), fmt("p99_us"), fmt("max_us"), f"{r['frames_per_second']:.0f}",
-                      f"{r['real_time_factor']:.4f}")
-    return table
-
-
-def _segment_bench_table(report: dict) -> Table:
-    table = Table(title=f"{report['model']} on {report['target']}: latency per byte ({report['segment']}-byte "
-                        "segments; generate = the mix generation runs)")
-    for col in ("engine", "call", "bytes/call", "p50 us", "p90 us", "p99 us", "max us", "bytes/s"):
-        table.add_column(col, justify="right" if col not in ("engine", "call") else "left")
-    for r in report["results"]:
-        table.add_row(r["engine"], r["call"], str(r["bytes_per_call"]),
-                      *(f"{r[k]:.1f}" for k in ("p50_us", "p90_us", "p99_us", "max_us")), f"{r['bytes_per_second']:.0f}")
-    return table
+        _print(units.of(load(bundle, check_machine=False)).render_bench(report))
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-def info(bundle: Path) -> None:
-    """Verify BUNDLE's checksums and print its manifest."""
-    from edgekit.artifact import load
+@click.option("--json", "as_json", is_flag=True, help="print the whole manifest as one JSON object")
+def info(bundle: Path, as_json: bool) -> None:
+    """Verify BUNDLE's checksums and describe it (model, target, interface, files)."""
+    from edgekit import units
+    from edgekit.artifact import MANIFEST, file_sha256, load
 
-    console.print_json(json.dumps(load(bundle, check_machine=False).manifest))
+    b = load(bundle, check_machine=False)
+    m = b.manifest
+    if as_json:
+        click.echo(json.dumps(m))
+        return
+    size = sum((b.path / f).stat().st_size for f in m["files"])
+    ck = m["model"]["checkpoint"]
+    _print([f"{b.path}: every checksum matches ({len(m['files'])} files, {size / 2**20:.1f} MiB)",
+            f"model: {m['model']['family']} " + (f"from {ck['path']} (sha256 {ck['sha256'][:16]}…)" if ck else
+                                                  f"config {m['model']['config_name']} (seeded random weights)"),
+            f"target: {m['target']['name']} ({m['target']['arch']}, {m['target']['tvm']}); runs {m['target']['runs']}",
+            f"streams: {m['unit']} unit, {units.of(b).describe(m)}; state {m['state_bytes']} bytes; precision "
+            f"{m['precision']}; entries {', '.join(m['entries'])}",
+            f"built {m['created']} with " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+            f"manifest sha256 {file_sha256(b.path / MANIFEST)}",
+            "`edgekit info --json` prints the whole manifest"])
 
 
 @main.command()
@@ -281,12 +303,12 @@ def stream(wav: Path | None, mic: bool, bundle: Path | None, checkpoint: Path | 
     right, on, off, stop, go), compiled for this host on first use and cached under ~/.cache/edgekit
     ($EDGEKIT_CACHE).
     """
-    from edgekit.stream import detect, mic_blocks, open_model, wav_blocks
+    from edgekit.apps.kws import detect, mic_blocks, open_model, wav_blocks
 
     if bool(wav) == mic:
         raise click.UsageError("pass --wav FILE or --mic")
-    with console.status("loading the model") as status:
-        b, spec = open_model(bundle, checkpoint, labels.split(",") if labels else None, lambda m: status.update(m))
+    with stages("loading the model") as say:
+        b, spec = open_model(bundle, checkpoint, labels.split(",") if labels else None, say)
     source = wav_blocks(wav, repeat) if wav else mic_blocks()
     console.print(f"streaming {wav or 'the microphone'} through {b.path} ({b.manifest['target']['name']}), "
                   f"{spec.clip_frames}-frame windows every {hop} frames; Ctrl-C stops")
@@ -319,11 +341,11 @@ def compare_kv(bundle: Path, lengths: tuple[int, ...], engines: tuple[str, ...],
 
     Saved in the bundle as kv_compare.json, kv_compare.md (and kv_compare.png with matplotlib).
     """
-    from edgekit.kvcompare import ENGINES, compare, markdown
+    from edgekit.apps.kvcompare import ENGINES, compare, markdown
 
-    with console.status("comparing") as status:
+    with stages("comparing") as say:
         report = compare(bundle, lengths=lengths, engines=engines or ENGINES, window=window, warmup=warmup,
-                         threads=threads, agreement_tokens=agreement_tokens, progress=lambda m: status.update(m))
+                         threads=threads, agreement_tokens=agreement_tokens, progress=say)
     console.print(markdown(report), markup=False, highlight=False)
     console.print(f"report: {Path(report['bundle']) / 'kv_compare.json'}")
 
@@ -349,13 +371,9 @@ def generate(prompt: str, tokens: int, temperature: float, checkpoint: Path | No
     the same memory. Prints the text as it comes, then bytes per second, state bytes and resident memory.
     """
     import codecs
-    import time
 
-    import numpy as np
-    import torch
-
-    from edgekit.hmt_runtime import Generator, host_bundle, load_engine, rss_bytes
-    from edgekit.models import hmt
+    from edgekit.apps.textgen import generate as run, open_generator
+    from edgekit.measure import rss_bytes
 
     if checkpoint and config:
         raise click.UsageError("pass --checkpoint or --config, not both (a checkpoint carries its own config)")
@@ -365,34 +383,20 @@ def generate(prompt: str, tokens: int, temperature: float, checkpoint: Path | No
         raise click.UsageError("--tokens and --temperature must not be negative")
     if not prompt:
         raise click.UsageError("--prompt must hold at least one character")
-    torch.set_num_threads(1)
-    if config is None and checkpoint is None and bundle is None:
-        checkpoint = hmt.DEFAULT_CHECKPOINT
-        if not checkpoint.is_file():
-            raise EdgekitError(f"the shipped checkpoint {checkpoint} is missing",
-                               "pass --checkpoint PATH or --config small (random weights)")
-    with err_console.status("loading") as status:
-        if bundle is not None or engine == "tvm":
-            eng = load_engine(bundle if bundle is not None else
-                              host_bundle(checkpoint, config, progress=lambda m: status.update(m)))
-            state_bytes = eng.state_bytes
-        else:
-            model = hmt.build(config, checkpoint)
-            eng = hmt.TorchEngine(model)
-            state_bytes = model.state_bytes()
-    gen = Generator(eng)
+    with stages("loading") as say:
+        gen, state_bytes = open_generator(engine, bundle, checkpoint, config, say)
     data = prompt.encode()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(prompt)
+
+    def show(t: int) -> None:
+        sys.stdout.write(decoder.decode(bytes([t])))
+        sys.stdout.flush()
+
     t0 = time.perf_counter()
     gen.prefill(data)
     t1 = time.perf_counter()
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    sys.stdout.write(prompt)
-    rng = np.random.default_rng(seed)
-    for _ in range(tokens):
-        t = gen.sample(temperature, rng)
-        sys.stdout.write(decoder.decode(bytes([t])))
-        sys.stdout.flush()
-        gen.feed(t)
+    run(gen, tokens, temperature, seed, show)
     t2 = time.perf_counter()
     sys.stdout.write("\n")
     source = "bundle" if bundle else engine

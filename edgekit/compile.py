@@ -1,26 +1,25 @@
-"""Compile stage: model -> ONNX entries -> one TVM Relax module -> the target's library -> a published bundle."""
+"""Compile stage: model -> ONNX entries -> one TVM Relax module -> the target's library -> a published bundle.
+The model's unit says which entries it has, what the manifest says about them and what golden record it keeps."""
 from __future__ import annotations
 
 import datetime
 import importlib.metadata as md
-import math
 import shutil
 import time
 import warnings
 from pathlib import Path
 from typing import Callable
 
-import onnx
-
+from edgekit import units
 from edgekit.artifact import LIBRARY, SCHEMA, Bundle, check_destination, file_sha256, load, publish, staging_dir
 from edgekit.errors import CompileError
-from edgekit.export import entry_frames, export
-from edgekit.validate import GOLDEN, write_golden
+from edgekit.export import export
 
+GOLDEN = "reference.npz"
 Progress = Callable[[str], None]
 
 
-def unsupported_ops(graph: onnx.ModelProto) -> list[str]:
+def unsupported_ops(graph) -> list[str]:
     """ONNX op types in the graph that TVM's Relax importer has no converter for."""
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
@@ -30,6 +29,7 @@ def unsupported_ops(graph: onnx.ModelProto) -> list[str]:
 
 def import_entries(onnx_paths: dict[str, Path]):
     """One Relax IRModule with a public function per entry; helper PrimFuncs get entry-prefixed names."""
+    import onnx
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -58,22 +58,6 @@ def import_entries(onnx_paths: dict[str, Path]):
     return bb.get()
 
 
-def frame_fields(net, batch: int, onnx_paths: dict[str, Path]) -> dict:
-    """The manifest's interface fields for a frame-level StreamingModel (a model may supply its own:
-    `manifest_fields(batch)`, e.g. a segment-level LM with unit, entries and state of its own)."""
-    return {
-        "unit": "frame",
-        "delay": net.delay,
-        "horizon": net.horizon,
-        "input": net.input_spec(batch).to_json(),
-        "outputs": [s.to_json() for s in net.output_spec(batch)],
-        "running_means": net.running_means,
-        "state": [s.to_json() for s in net.state_spec(batch)],
-        "state_bytes": sum(4 * math.prod(s.shape) for s in net.state_spec(batch)),
-        "entries": {e: {"frames": entry_frames(e), "onnx": f"onnx/{e}.onnx"} for e in onnx_paths},
-    }
-
-
 def versions() -> dict[str, str]:
     def v(pkg: str) -> str:
         try:
@@ -84,35 +68,37 @@ def versions() -> dict[str, str]:
     return {p: v(p) for p in ("edgekit", "apache-tvm", "apache-tvm-ffi", "torch", "onnx", "onnxruntime")}
 
 
-def compile(model: str, target: str, out: Path, config: str | None = None, checkpoint: Path | None = None,
-            chunks: tuple[int, ...] = (1, 16), batch: int = 1, force: bool = False,
-            progress: Progress = lambda msg: None) -> Bundle:
-    """Build a bundle for `target` from a checkpoint (or a named config with seeded random weights)."""
+def compile(model: str, target: str, out: Path, *, config: str | None = None, checkpoint: Path | None = None,
+            force: bool = False, progress: Progress = lambda msg: None, **options) -> Bundle:
+    """Build a bundle for `target` from a checkpoint (or a named config with seeded random weights). `options`
+    are the export options of the family's unit (a frame model's `chunks`, `batch`)."""
     import torch
 
     from edgekit import models, targets
 
     out = Path(out)
-    tgt = targets.get(target)
+    fam, tgt = models.family(model), targets.get(target)
+    unit = units.get(fam.unit)
+    opts = unit.export_options(**options)
+    if checkpoint is not None and config is not None:
+        raise CompileError("pass a checkpoint or a config, not both", "a checkpoint carries its own config")
     check_destination(out, force)
     tgt.check_tools()
-    if 1 not in chunks or any(k < 1 for k in chunks):
-        raise CompileError(f"chunk sizes must be positive and include 1, got {chunks}", "e.g. --chunk 1 --chunk 16")
     t0 = time.perf_counter()
     progress(f"loading {model}" + (f" from {checkpoint}" if checkpoint else f" ({config or 'default'} config)"))
     net = models.build(model, config, checkpoint)
     stage = staging_dir(out)
     try:
         progress("exporting the entry points to ONNX (checked against ONNX Runtime)")
-        onnx_paths = export(net, stage / "onnx", tuple(sorted(set(chunks))), batch)
+        onnx_paths = export(net, unit, stage / "onnx", opts)
         progress(f"importing into TVM Relax and building for {tgt.name}")
         from edgekit.pipeline import build
 
         tvm_target = tgt.tvm_target()
         cuda = build(import_entries(onnx_paths), tvm_target, stage / LIBRARY, tgt.cc)
+        progress("computing the float64 golden record")
         torch.save(net.state_dict(), stage / "weights.pt")
-        golden = write_golden(net, stage / GOLDEN)
-        own = hasattr(net, "manifest_fields")  # a model with its own interface (segment-level)
+        golden = unit.write_golden(net, stage / GOLDEN)
         manifest = {
             "schema": SCHEMA,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -124,8 +110,8 @@ def compile(model: str, target: str, out: Path, config: str | None = None, check
             "cuda": cuda,
             "precision": "float32",
             "quantization": None,
-            "batch": batch,
-            **(net.manifest_fields(batch) if own else frame_fields(net, batch, onnx_paths)),
+            "batch": opts.batch,
+            **unit.manifest_fields(net, opts),
             "library": LIBRARY,
             "golden": golden,
             "compile_seconds": round(time.perf_counter() - t0, 2),
@@ -136,4 +122,3 @@ def compile(model: str, target: str, out: Path, config: str | None = None, check
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return load(out, check_machine=False)
-

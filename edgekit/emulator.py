@@ -20,6 +20,7 @@ from urllib.parse import unquote
 
 import numpy as np
 
+from edgekit import artifact
 from edgekit.errors import EdgekitError
 
 # What `python3.11-minimal` links (libc6, libexpat1, zlib1g) and what the runtime path loads: ctypes (libffi8),
@@ -43,16 +44,12 @@ _RUNNER = Path(__file__).with_name("tvm_runtime.py")
 Progress = Callable[[str], None]
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("EDGEKIT_CACHE") or "~/.cache/edgekit").expanduser()
-
-
 def prepare(cache_dir: Path | None = None, progress: Progress | None = None) -> Path:
     """Returns the emulation root `<cache_dir>/aarch64-root`, building it first if it is missing or was
     built from other package lists. It is built in a temporary folder and renamed into place, so an
     interrupted set-up leaves nothing half-done. Needs apt (Debian 12 arm64 packages), pip and network."""
     say = progress or (lambda _msg: None)
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir else artifact.cache_dir()
     root = cache / "aarch64-root"
     if _ready(root):
         return root

@@ -1,35 +1,24 @@
-"""The StreamingModel contract and the pieces every streaming model shares.
+"""The contracts models implement, one per unit, and the pieces every streaming model shares.
 
-A model implements `forward` (parallel, the reference) and `advance` (one frame through the streaming
-pipeline). Everything else a deployment needs (step, chunked step, flush, state specs, the running mean
-of the outputs) is built here once, so that model families differ only in their maths.
+`StreamingModel` (frame unit): a model implements `forward` (parallel, the reference) and `advance` (one frame
+through the streaming pipeline); everything else a deployment needs (step, chunked step, flush, state specs, the
+running mean of the outputs, its exported entries) is built here once, so that families differ only in their
+maths. `SegmentModel` (segment unit): a segment-level LM implements its segment step, decode step and reference;
+its specs, entries, eager engine and scoring are built here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgekit.artifact import TensorSpec
+
 State = dict[str, torch.Tensor]
 Outputs = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, shape and dtype of one tensor crossing the model boundary (batch dimension included)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str = "float32"
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "TensorSpec":
-        return cls(d["name"], tuple(d["shape"]), d["dtype"])
 
 
 class StreamingModel(nn.Module):
@@ -45,6 +34,7 @@ class StreamingModel(nn.Module):
     """
 
     family: str = ""
+    unit = "frame"
     delay: int = 0
     horizon: int | None = None  # frames after which an input stops affecting outputs (float64); None: never
     input_size: int = 0
@@ -68,6 +58,10 @@ class StreamingModel(nn.Module):
     def init_random(self, seed: int) -> None:
         """Adjust freshly initialised random weights so the model behaves like a trained one where it matters
         (used for named configs without a checkpoint); most families need nothing."""
+
+    def spike_fanout(self) -> dict[str, int]:
+        """Spiking models: per spike layer, the multiply-adds per frame its spikes feed (none by default)."""
+        return {}
 
     def forward(self, x: torch.Tensor) -> Outputs:
         """The reference: per-frame outputs over the whole sequence, running means included."""
@@ -157,6 +151,23 @@ class StreamingModel(nn.Module):
             outs.append(y)
         return _stack(outs), state
 
+    def entry(self, frames: int, batch: int = 1) -> tuple[nn.Module, dict[str, np.ndarray], list[str]]:
+        """An entry point over flat tensors for export: step_chunk over `frames` frames (0: flush), its example
+        inputs (random frames, a mid-stream state) and its output names (outputs, then the state after it)."""
+        wrapper = StepEntry(self, frames).eval()
+        return wrapper, self.example_inputs(frames, batch), [*wrapper.output_names,
+                                                              *[f"state_out.{n}" for n in wrapper.state_names]]
+
+    def example_inputs(self, frames: int, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Random input frames and a mid-stream state (the model stepped over a few frames), as numpy."""
+        g = torch.Generator().manual_seed(seed)
+        state = self.init_state(batch)
+        with torch.no_grad():
+            for _ in range(self.delay + 2):
+                _, state = self.step(torch.randn(batch, self.input_size, generator=g), state)
+        x = {"x": torch.randn(batch, frames, self.input_size, generator=g)} if frames else {}
+        return {k: v.numpy() for k, v in {**x, **{f"state.{k}": v for k, v in state.items()}}.items()}
+
     @torch.no_grad()
     def stream(self, x: torch.Tensor, chunk: int = 1) -> Outputs:
         """Stream a whole sequence through step_chunk and flush, aligned to `forward`'s frames."""
@@ -167,6 +178,23 @@ class StreamingModel(nn.Module):
         if self.delay:
             outs.append(self.flush(state)[0])
         return {k: torch.cat([o[k] for o in outs], dim=1)[:, self.delay:] for k in outs[0]}
+
+
+class StepEntry(nn.Module):
+    """Flat-tensor signature around step_chunk/flush: (x?, *state) -> (*outputs, *state)."""
+
+    def __init__(self, model: StreamingModel, frames: int):
+        super().__init__()
+        self.model, self.frames = model, frames
+        self.state_names = [s.name for s in model.state_spec()]
+        self.output_names = [s.name for s in model.output_spec()]
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.frames:
+            y, state = self.model.step_chunk(args[0], dict(zip(self.state_names, args[1:])))
+        else:
+            y, state = self.model.flush(dict(zip(self.state_names, args)))
+        return (*[y[n] for n in self.output_names], *[state[n] for n in self.state_names])
 
 
 def kahan_add(total: torch.Tensor, carry: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,3 +279,132 @@ def frame_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def started(counter: torch.Tensor, lag: int) -> torch.Tensor:
     """1.0 where at least `lag` frames have arrived before this one (counter counts frames seen, saturating)."""
     return (counter >= lag).to(torch.float32)
+
+
+class SegmentModel(nn.Module):
+    """A language model that streams tokens in segments of `segment_length` with a fixed-shape state between
+    segments (the segment unit). A family sets `family` and implements:
+    - `segment_step(tokens [B, L], length [B], state) -> ({outputs (logits [B, L, V] first), decode cache}, state)`:
+      one padded segment of which the first `length` tokens are real;
+    - `decode_step(token [B], cache) -> (logits [B, V], cache)`: one more token inside the current segment;
+    - `reference_outputs(tokens [B, T], carry) -> ({logits [B, T, V], other outputs [B, segments, ...]}, carry)`:
+      its algorithm as written, continuing a stream (carry None: a new one);
+    - `segment_length`, `summary_length` (segment positions whose context is rebuilt with every token; from then
+      on decode steps continue it), `warm_segments` (segments after which every slot of the state was written),
+      `state_shapes()`, `output_spec(batch)`, `kv_spec(batch)`, `config()`.
+    Specs, exported entries, the eager engine and scoring over the fixed-shape step are built here.
+    """
+
+    family: str = ""
+    unit = "segment"
+    segment_length: int
+    summary_length: int
+    warm_segments: int
+
+    def init_random(self, seed: int) -> None:
+        """Named configs use the family's own initialisation as it is."""
+
+    def state_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        raise NotImplementedError
+
+    def output_spec(self, batch: int = 1) -> list[TensorSpec]:
+        raise NotImplementedError
+
+    def kv_spec(self, batch: int = 1) -> list[TensorSpec]:
+        raise NotImplementedError
+
+    def state_spec(self, batch: int = 1) -> list[TensorSpec]:
+        return [TensorSpec(n, (batch, *s), t) for n, (s, t) in self.state_shapes().items()]
+
+    def state_bytes(self, batch: int = 1) -> int:
+        return sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in self.state_spec(batch))
+
+    def init_state(self, batch: int = 1, dtype: torch.dtype = torch.float32) -> State:
+        return {s.name: torch.zeros(s.shape, dtype=dtype if s.dtype == "float32" else getattr(torch, s.dtype))
+                for s in self.state_spec(batch)}
+
+    @torch.no_grad()
+    def entries(self, batch: int = 1, seed: int = 0) -> list[tuple[str, nn.Module, dict, list[str]]]:
+        """[(entry, module, example inputs {name: ndarray}, output names)] for `segment` and `decode`. The examples
+        are mid-stream: the state has wrapped, the segment is padded, the decode cache is partly full."""
+        g = torch.Generator().manual_seed(seed)
+        L, vocab = self.segment_length, self.output_spec(batch)[0].shape[-1]
+        state = self.init_state(batch)
+        for _ in range(self.warm_segments + 1):
+            _, state = self.segment_step(torch.randint(0, vocab, (batch, L), generator=g), torch.full((batch,), L),
+                                         state)
+        tokens = torch.randint(0, vocab, (batch, L), generator=g)
+        out, _ = self.segment_step(tokens, torch.full((batch,), min(self.summary_length, L - 1)), state)
+        cache = [s.name for s in self.kv_spec(batch)]
+        np_ = lambda d: {k: v.numpy() for k, v in d.items()}  # noqa: E731
+        seg_inputs = {"tokens": tokens, "length": torch.full((batch,), max(L - 3, 1)), **state}
+        dec_inputs = {"token": torch.randint(0, vocab, (batch,), generator=g), **{n: out[n] for n in cache}}
+        outputs = [s.name for s in self.output_spec(batch)]
+        return [("segment", SegmentEntry(self, outputs + cache).eval(), np_(seg_inputs),
+                 [*outputs, *cache, *[f"state_out.{n}" for n in self.state_shapes()]]),
+                ("decode", DecodeEntry(self, cache).eval(), np_(dec_inputs), ["logits", *[f"{n}_out" for n in cache]])]
+
+    def numpy_engine(self) -> "TorchEngine":
+        """The fixed-shape steps in eager PyTorch behind the numpy engine interface of the segment unit."""
+        return TorchEngine(self)
+
+    @torch.no_grad()
+    def score(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every output of the fixed-shape step over a stream [B, T] from its start: logits [B, T, V], the others
+        [B, segments, ...]."""
+        b, total = tokens.shape
+        state, outs = self.init_state(b, next(self.parameters()).dtype), []
+        names = [s.name for s in self.output_spec(b)]
+        for start in range(0, total, self.segment_length):
+            seg = tokens[:, start:start + self.segment_length]
+            n = seg.shape[1]
+            out, state = self.segment_step(F.pad(seg, (0, self.segment_length - n)), torch.full((b,), n), state)
+            outs.append({k: out[k][:, :n] if k == "logits" else out[k] for k in names})
+        return {k: torch.cat([o[k] for o in outs], 1) if k == "logits" else torch.stack([o[k] for o in outs], 1)
+                for k in names}
+
+
+class SegmentEntry(nn.Module):
+    """(tokens, length, *state) -> (*outputs, *decode cache, *state)."""
+
+    def __init__(self, model: SegmentModel, names: list[str]):
+        super().__init__()
+        self.model, self.names, self.state_names = model, names, list(model.state_shapes())
+
+    def forward(self, tokens, length, *state):
+        out, new = self.model.segment_step(tokens, length, dict(zip(self.state_names, state)))
+        return (*[out[n] for n in self.names], *[new[n] for n in self.state_names])
+
+
+class DecodeEntry(nn.Module):
+    """(token, *decode cache) -> (logits, *decode cache)."""
+
+    def __init__(self, model: SegmentModel, cache: list[str]):
+        super().__init__()
+        self.model, self.cache = model, cache
+
+    def forward(self, token, *cache):
+        logits, new = self.model.decode_step(token, dict(zip(self.cache, cache)))
+        return (logits, *[new[n] for n in self.cache])
+
+
+class TorchEngine:
+    """A SegmentModel's steps in eager PyTorch, numpy in and out, behind the segment unit's engine interface."""
+
+    def __init__(self, model: SegmentModel):
+        self.model = model.eval()
+        self.segment_length, self.summary_length = model.segment_length, model.summary_length
+        self.outputs, self.cache = [s.name for s in model.output_spec()], [s.name for s in model.kv_spec()]
+
+    def init_state(self) -> State:
+        return self.model.init_state(1, next(self.model.parameters()).dtype)
+
+    @torch.no_grad()
+    def segment(self, tokens: np.ndarray, length: int, state: State) -> tuple[dict[str, np.ndarray], State, State]:
+        out, new = self.model.segment_step(torch.from_numpy(tokens).view(1, -1), torch.tensor([length]), state)
+        return {n: out[n][0].numpy() for n in self.outputs}, {n: out[n] for n in self.cache}, new
+
+    @torch.no_grad()
+    def decode(self, token: int, cache: State) -> tuple[np.ndarray, State]:
+        logits, cache = self.model.decode_step(torch.tensor([token]), cache)
+        return logits[0].numpy(), cache

@@ -1,4 +1,5 @@
-"""The model zoo: one module per family, registered here by name with its configurations and loader."""
+"""The model zoo: one module per family, registered here by name with its unit, configurations and loader.
+A family outside this package (a user's own model) joins with `register`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,35 +10,39 @@ import torch
 
 from edgekit.checkpoint import load_strict, read_state_dict
 from edgekit.errors import UnknownNameError
-from edgekit.streaming import StreamingModel
+from edgekit.streaming import SegmentModel, StreamingModel
+
+Model = StreamingModel | SegmentModel
 
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: its class, named configurations, and how to read a config off a state dict."""
+    """A model family: its class, the unit it streams in (`edgekit.units`), named configurations (the first is the
+    default), and how to read a config off a state dict."""
 
     name: str
-    cls: type[StreamingModel]
+    cls: type[Model]
+    unit: str
     configs: dict[str, dict]
     summary: str
     infer_config: Callable[[dict[str, torch.Tensor]], dict]
-    check: Callable[[StreamingModel], None] = lambda model: None
+    check: Callable[[Model], None] = lambda model: None
 
 
 def _families() -> dict[str, Family]:
     from edgekit.models import aaren, hmt, lmuformer, slmuformer
 
     return {f.name: f for f in [
-        Family("lmuformer", lmuformer.LMUFormer, lmuformer.CONFIGS,
+        Family("lmuformer", lmuformer.LMUFormer, "frame", lmuformer.CONFIGS,
                "LMUFormer (public lmu_rnn_conv1d): conv patch embedding + LMU memory; keyword spotting",
                lmuformer.infer_config, lmuformer.check_buffers),
-        Family("slmuformer", slmuformer.SLMUFormer, slmuformer.CONFIGS,
+        Family("slmuformer", slmuformer.SLMUFormer, "frame", slmuformer.CONFIGS,
                "Spiking LMUFormer (public slmu_rnn_ms_conv1d): spiking conv embedding + spiking LMU; keyword spotting",
                slmuformer.infer_config, lmuformer.check_buffers),
-        Family("aaren", aaren.Aaren, aaren.CONFIGS,
+        Family("aaren", aaren.Aaren, "frame", aaren.CONFIGS,
                "Aaren (attention as an RNN): learned-query softmax attention as a scan; O(1) state per layer",
                aaren.infer_config),
-        Family("hmt", hmt.HMT, hmt.CONFIGS,
+        Family("hmt", hmt.HMT, "segment", hmt.CONFIGS,
                "HMT byte LM: segment recurrence with memory recall over N cached embeddings; segment + decode steps",
                hmt.infer_config),
     ]}
@@ -46,13 +51,20 @@ def _families() -> dict[str, Family]:
 FAMILIES = _families()
 
 
+def register(fam: Family) -> Family:
+    """Add a family (or replace one of the same name) for this process: compile, validate and bench then take it
+    like the shipped ones."""
+    FAMILIES[fam.name] = fam
+    return fam
+
+
 def family(name: str) -> Family:
     if name not in FAMILIES:
         raise UnknownNameError(f"unknown model family {name!r}", f"choose one of: {', '.join(FAMILIES)}")
     return FAMILIES[name]
 
 
-def build(name: str, config: str | None = None, checkpoint: Path | None = None, seed: int = 0) -> StreamingModel:
+def build(name: str, config: str | None = None, checkpoint: Path | None = None, seed: int = 0) -> Model:
     """A model in eval mode: from a checkpoint (config read off its shapes), or a named config with seeded
     random weights (same shapes, for trying the toolchain without a trained model)."""
     fam = family(name)
@@ -69,3 +81,11 @@ def build(name: str, config: str | None = None, checkpoint: Path | None = None, 
     model = fam.cls(**fam.configs[config]).eval()
     model.init_random(seed)
     return model
+
+
+def from_bundle(bundle) -> Model:
+    """The PyTorch model a bundle was compiled from, in float64, rebuilt from the weights it carries."""
+    m = bundle.manifest["model"]
+    net = family(m["family"]).cls(**m["config"])
+    net.load_state_dict(torch.load(bundle.path / m["weights"], map_location="cpu", weights_only=True))
+    return net.double().eval()

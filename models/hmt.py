@@ -22,15 +22,12 @@ The backbone is our own compact pre-norm causal Transformer (learned absolute po
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgekit.errors import CheckpointError
-from edgekit.streaming import TensorSpec
+from edgekit.streaming import SegmentModel, TensorSpec
 
 VOCAB = 256  # bytes; padded slots are masked, so no pad token is needed
 
@@ -82,8 +79,8 @@ class Block(nn.Module):
         return x + flat(self.ffn, self.norm2(x))
 
 
-class HMT(nn.Module):
-    family, unit = "hmt", "segment"
+class HMT(SegmentModel):
+    family = "hmt"
 
     def __init__(self, vocab: int = VOCAB, d_model: int = 256, layers: int = 4, heads: int = 4, ffn: int = 1024,
                  segment: int = 64, memory: int = 16, sensory: int = 8, summary: int | None = None,
@@ -127,8 +124,17 @@ class HMT(nn.Module):
     def config(self) -> dict:
         return dict(self._config)
 
-    def init_random(self, seed: int) -> None:
-        pass
+    @property
+    def segment_length(self) -> int:
+        return self.L
+
+    @property
+    def summary_length(self) -> int:
+        return self.j
+
+    @property
+    def warm_segments(self) -> int:
+        return self.N
 
     # ---- the backbone -------------------------------------------------------------------------------------------
 
@@ -200,6 +206,10 @@ class HMT(nn.Module):
             sens = seg[:, -self.k:] if sensory else None
         return torch.cat(out, dim=1), torch.stack(memories, dim=1), (cache, sens)
 
+    def reference_outputs(self, tokens: torch.Tensor, carry: tuple | None = None) -> tuple[dict, tuple]:
+        logits, memories, carry = self.reference_carry(tokens, carry=carry)
+        return {"logits": logits, "memory_embedding": memories}, carry
+
     # ---- the deployable form: fixed shapes ----------------------------------------------------------------------
 
     def state_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -214,19 +224,12 @@ class HMT(nn.Module):
         return {"kv": ((len(self.blocks), 2, blk.heads, s, blk.d_head), "float32"), "kv_mask": ((s,), "float32"),
                 "slot": ((), "int64")}
 
-    def state_spec(self, batch: int = 1) -> list[TensorSpec]:
-        return [TensorSpec(n, (batch, *s), t) for n, (s, t) in self.state_shapes().items()]
+    def output_spec(self, batch: int = 1) -> list[TensorSpec]:
+        return [TensorSpec("logits", (batch, self.L, self._config["vocab"])), TensorSpec("memory_embedding", (batch, self.d))]
 
     def kv_spec(self, batch: int = 1) -> list[TensorSpec]:
         return [TensorSpec(n, (s[0], s[1], batch, *s[2:]) if n == "kv" else (batch, *s), t)
                 for n, (s, t) in self.kv_shapes().items()]
-
-    def state_bytes(self, batch: int = 1) -> int:
-        return sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in self.state_spec(batch))
-
-    def init_state(self, batch: int = 1, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        return {s.name: torch.zeros(s.shape, dtype=dtype if s.dtype == "float32" else torch.int64)
-                for s in self.state_spec(batch)}
 
     def segment_step(self, tokens: torch.Tensor, length: torch.Tensor, state: dict[str, torch.Tensor]
                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -310,64 +313,6 @@ class HMT(nn.Module):
         logits = self.logits(self.norm(x))[:, 0]
         return logits, {"kv": torch.stack(new_kv), "kv_mask": mask, "slot": slot + 1}
 
-    # ---- the hooks a generic export/compile stage calls for a model that lists its own entry points ----------
-
-    def export_entries(self, batch: int = 1) -> list[tuple[str, nn.Module, dict, list[str]]]:
-        """[(name, module over flat tensors, example inputs {name: ndarray} in call order, output names)]."""
-        return export_entries(self, batch)
-
-    def manifest_fields(self, batch: int = 1) -> dict:
-        """What a bundle's manifest says about this model's interface (in place of the frame-level fields)."""
-        kv = self.kv_spec(batch)
-        return {
-            "unit": self.unit, "delay": 0, "horizon": None, "segment": self.L, "summary": self.j,
-            "input": TensorSpec("tokens", (batch, self.L), "int64").to_json(),
-            "outputs": [TensorSpec("logits", (batch, self.L, self._config["vocab"])).to_json(),
-                        TensorSpec("memory_embedding", (batch, self.d)).to_json()],
-            "running_means": {},
-            "state": [s.to_json() for s in self.state_spec(batch)], "state_bytes": self.state_bytes(batch),
-            "decode_cache": [s.to_json() for s in kv],
-            "decode_cache_bytes": sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in kv),
-            "entries": {"segment": {"frames": 0, "tokens": self.L, "onnx": "onnx/segment.onnx"},
-                        "decode": {"frames": 0, "tokens": 1, "onnx": "onnx/decode.onnx"}},
-        }
-
-    @torch.no_grad()
-    def score(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reference's outputs from the fixed-shape step: logits [B, T, V], memory embeddings [B, segs, d]."""
-        b, total = tokens.shape
-        state, logits, mems = self.init_state(b, self.embed.weight.dtype), [], []
-        for start in range(0, total, self.L):
-            seg = tokens[:, start:start + self.L]
-            n = seg.shape[1]
-            padded = F.pad(seg, (0, self.L - n))
-            out, state = self.segment_step(padded, torch.full((b,), n), state)
-            logits.append(out["logits"][:, :n])
-            mems.append(out["memory_embedding"])
-        return torch.cat(logits, dim=1), torch.stack(mems, dim=1)
-
-
-class TorchEngine:
-    """The fixed-shape steps in eager PyTorch behind the numpy interface `edgekit.hmt_runtime.Generator` drives."""
-
-    def __init__(self, model: HMT):
-        self.model = model.eval()
-        self.segment_length, self.summary_length, self.slots = model.L, model.j, model.slots - 1
-
-    def init_state(self) -> dict:
-        return self.model.init_state(1, self.model.embed.weight.dtype)
-
-    @torch.no_grad()
-    def segment(self, tokens: np.ndarray, length: int, state: dict) -> tuple[dict[str, np.ndarray], dict, dict]:
-        out, new = self.model.segment_step(torch.from_numpy(tokens).view(1, -1), torch.tensor([length]), state)
-        cache = {n: out[n] for n in ("kv", "kv_mask", "slot")}
-        return {n: out[n][0].numpy() for n in ("logits", "memory_embedding")}, cache, new
-
-    @torch.no_grad()
-    def decode(self, token: int, cache: dict) -> tuple[np.ndarray, dict]:
-        logits, cache = self.model.decode_step(torch.tensor([token]), cache)
-        return logits[0].numpy(), cache
-
 
 class KVCacheLM:
     """The baseline: the same backbone as a plain Transformer LM whose KV cache holds every token so far.
@@ -382,78 +327,3 @@ def infer_config(sd: dict[str, torch.Tensor]) -> dict:
     if "hmt_config" not in sd:
         raise CheckpointError("not an HMT state dict: key 'hmt_config' is missing")
     return dict(zip(CONFIG_KEYS, (int(v) for v in sd["hmt_config"].tolist())))
-
-
-DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "hmt_small.pt"
-
-
-def build(config: str | None = None, checkpoint=None, seed: int = 0) -> HMT:
-    """An HMT in eval mode from a checkpoint (config read off its `hmt_config` buffer) or a named config
-    with seeded random weights."""
-    from edgekit.checkpoint import load_strict, read_state_dict
-
-    if checkpoint is not None:
-        sd = read_state_dict(checkpoint)
-        model = HMT(**infer_config(sd))
-        load_strict(model, sd, str(checkpoint))
-        return model.eval()
-    name = config or next(iter(CONFIGS))
-    if name not in CONFIGS:
-        from edgekit.errors import UnknownNameError
-
-        raise UnknownNameError(f"unknown config {name!r} for hmt", f"choose one of: {', '.join(CONFIGS)}")
-    torch.manual_seed(seed)
-    return HMT(**CONFIGS[name]).eval()
-
-
-# ---- export: both steps as flat-tensor modules with example inputs (the generic hook the export stage can call) --
-
-class SegmentEntry(nn.Module):
-    """(tokens, length, *state) -> (logits, memory_embedding, kv, kv_mask, slot, *state)."""
-
-    def __init__(self, model: HMT):
-        super().__init__()
-        self.model = model
-        self.state_names = list(model.state_shapes())
-
-    def forward(self, tokens, length, *state):
-        out, new = self.model.segment_step(tokens, length, dict(zip(self.state_names, state)))
-        return (*[out[n] for n in SEGMENT_OUTPUTS], *[new[n] for n in self.state_names])
-
-
-class DecodeEntry(nn.Module):
-    """(token, kv, kv_mask, slot) -> (logits, kv, kv_mask, slot)."""
-
-    def __init__(self, model: HMT):
-        super().__init__()
-        self.model = model
-
-    def forward(self, token, kv, kv_mask, slot):
-        logits, cache = self.model.decode_step(token, {"kv": kv, "kv_mask": kv_mask, "slot": slot})
-        return logits, cache["kv"], cache["kv_mask"], cache["slot"]
-
-
-SEGMENT_OUTPUTS = ("logits", "memory_embedding", "kv", "kv_mask", "slot")
-
-
-@torch.no_grad()
-def export_entries(model: HMT, batch: int = 1, seed: int = 0) -> list[tuple[str, nn.Module, dict, list[str]]]:
-    """[(entry name, module, example inputs {name: ndarray}, output names)] for `segment` and `decode`. The
-    examples are mid-stream: the cache has wrapped, the segment is padded, the decode cache is half full."""
-    g = torch.Generator().manual_seed(seed)
-    state = model.init_state(batch)
-    for _ in range(model.N + 1):
-        _, state = model.segment_step(torch.randint(0, 256, (batch, model.L), generator=g),
-                                      torch.full((batch,), model.L), state)
-    tokens = torch.randint(0, 256, (batch, model.L), generator=g)
-    seg_len = torch.full((batch,), max(model.L - 3, 1))
-    dec_len = torch.full((batch,), min(model.j, model.L - 1))
-    out, _ = model.segment_step(tokens, dec_len, state)
-    names = list(model.state_shapes())
-    seg_inputs = {"tokens": tokens, "length": seg_len, **state}
-    dec_inputs = {"token": torch.randint(0, 256, (batch,), generator=g), "kv": out["kv"], "kv_mask": out["kv_mask"],
-                  "slot": out["slot"]}
-    np_ = lambda d: {k: v.numpy() for k, v in d.items()}  # noqa: E731
-    return [("segment", SegmentEntry(model).eval(), np_(seg_inputs),
-             [*SEGMENT_OUTPUTS, *[f"state_out.{n}" for n in names]]),
-            ("decode", DecodeEntry(model).eval(), np_(dec_inputs), ["logits", "kv_out", "kv_mask_out", "slot_out"])]

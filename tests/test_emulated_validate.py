@@ -7,8 +7,10 @@ import torch
 
 from edgekit.compile import compile
 from edgekit.models import build
-from edgekit.runtime import EMULATED, ProcessSession, open_session
+from edgekit.runtime import Session
+from edgekit.units.frame import RemoteSession
 from edgekit.validate import validate
+from edgekit.worker import EMULATED
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(platform.machine() != "x86_64", reason="emulation is how an x86_64 host runs ARM")]
@@ -20,8 +22,8 @@ def arm_bundle(tmp_path_factory):
 
 
 def test_arm_bundle_streams_under_emulation_like_pytorch(arm_bundle):
-    session = open_session(arm_bundle.path)
-    assert isinstance(session, ProcessSession) and session.execution == EMULATED
+    session = Session(arm_bundle.path)
+    assert isinstance(session, RemoteSession) and session.execution == EMULATED
     x = np.random.default_rng(1).standard_normal((1, 13, 40), dtype=np.float32)
     out = session.run(x, chunk=4)
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """HMT: the eager reference, the fixed-shape segment step, token-by-token generation and the host artifact agree."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -8,10 +9,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from edgekit import models
+from edgekit.apps.textgen import generate, load_engine
 from edgekit.errors import CheckpointError, EdgekitError, InputShapeError
-from edgekit.hmt_runtime import Generator, load_engine
 from edgekit.models import hmt
-from edgekit.models.hmt import CONFIGS, HMT, TorchEngine, infer_config
+from edgekit.models.hmt import CONFIGS, HMT, infer_config
+from edgekit.streaming import TorchEngine
+from edgekit.units.segment import Generator
+
+VALIDATE = importlib.import_module("edgekit.validate")  # the stage module (edgekit.validate is its function)
 
 TINY = CONFIGS["tiny"]  # L 8, N 3, k 2, j 4
 
@@ -39,7 +45,8 @@ def test_fixed_step_equals_reference_past_the_cache_float64():
     x = segments(model, 5 * model.N, extra=3)
     with torch.no_grad():
         ref_logits, ref_mem = model.reference(x)
-        logits, mem = model.score(x)
+        scored = model.score(x)
+        logits, mem = scored["logits"], scored["memory_embedding"]
     assert ref_mem.shape[1] == 5 * model.N + 1
     assert float((logits - ref_logits).abs().max()) < 1e-10
     assert float((mem - ref_mem).abs().max()) < 1e-10
@@ -98,8 +105,10 @@ def test_generation_is_the_reference_on_every_prefix():
     assert len(gen.segment) == 5 and len(gen.segment) < model.L  # bounded: at most one segment of ids
     prefilled = Generator(TorchEngine(model))
     np.testing.assert_allclose(prefilled.prefill(x[0].tolist()), logits, atol=1e-10)
-    a = Generator(TorchEngine(model)).generate(bytes(x[0, :13].tolist()), 30, temperature=0.0)
-    b = Generator(TorchEngine(model)).generate(bytes(x[0, :13].tolist()), 30, temperature=0.0)
+    runs = [Generator(TorchEngine(model)) for _ in range(2)]
+    for gen in runs:
+        gen.prefill(bytes(x[0, :13].tolist()))
+    a, b = (generate(gen, 30, temperature=0.0) for gen in runs)
     assert a == b and len(a) == 30
 
 
@@ -116,7 +125,7 @@ def test_checkpoint_round_trip(tmp_path):
     model = sharp(torch.float32)
     path = tmp_path / "hmt.pt"
     torch.save({"state_dict": model.state_dict()}, path)
-    loaded = hmt.build(checkpoint=path)
+    loaded = models.build("hmt", checkpoint=path)
     assert loaded.config() == model.config() and infer_config(model.state_dict()) == model.config()
     x = segments(model, 3)
     with torch.no_grad():
@@ -162,8 +171,9 @@ def test_host_artifact_generates_like_pytorch(tiny_library):
     model, out, _ = tiny_library
     prompt = bytes(range(65, 65 + 11))
     torch_gen, tvm_gen = Generator(TorchEngine(model)), Generator(load_engine(out))
-    a = torch_gen.generate(prompt, 40, temperature=0.0)
-    b = tvm_gen.generate(prompt, 40, temperature=0.0)
+    torch_gen.prefill(prompt)
+    tvm_gen.prefill(prompt)
+    a, b = generate(torch_gen, 40, temperature=0.0), generate(tvm_gen, 40, temperature=0.0)
     assert a == b
     np.testing.assert_allclose(tvm_gen.last, torch_gen.last, atol=1e-4)
     assert tvm_gen.calls == torch_gen.calls
@@ -181,7 +191,7 @@ def test_cli_generate(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["generate", "--config", "tiny", "--engine", "pytorch", "--tokens", "20",
                                   "--prompt", "Hello"])
     assert r.exit_code == 0, r.output
-    assert r.output.startswith("Hello")
+    assert r.stdout.startswith("Hello")
     r = CliRunner().invoke(main, ["generate", "--config", "tiny", "--checkpoint", "x.pt"])
     assert r.exit_code != 0 and "not both" in r.output
 
@@ -221,10 +231,10 @@ def test_cli_generate_refuses_other_bundles(tiny_library, tmp_path):
     other = tmp_path / "other"  # a valid bundle (checksums rewritten) whose manifest names another family
     shutil.copytree(out, other)
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["model"]["family"] = "lmuformer"
+    manifest["unit"] = "frame"
     (other / "manifest.json").write_text(json.dumps(manifest))
     r = CliRunner().invoke(main, ["generate", "--bundle", str(other), "--tokens", "1"])
-    assert r.exit_code == 2 and "not an HMT byte LM" in " ".join(r.output.split()), r.output
+    assert r.exit_code == 2 and "not a segment-level LM" in " ".join(r.output.split()), r.output
     (other / "model.so").write_bytes(b"tampered")
     r = CliRunner().invoke(main, ["generate", "--bundle", str(other), "--tokens", "1"])
     assert r.exit_code == 2 and "sha256 mismatch" in " ".join(r.output.split()), r.output
@@ -233,9 +243,7 @@ def test_cli_generate_refuses_other_bundles(tiny_library, tmp_path):
 def test_validate_segment_bundle_scores_and_decodes_against_the_reference(tiny_library, tmp_path):
     """`edgekit validate` on a segment bundle: past the cache wrap, the last segments fed byte by byte (the
     generation path), in the artifact's own process; a reference one weight away fails it."""
-    from edgekit import validate as v
-    from edgekit.validate import validate
-
+    v, validate = VALIDATE, VALIDATE.validate
     model, out, _ = tiny_library
     report = validate(out, segments=3 * model.N + 2, decode_segments=2)
     assert report["passed"], report["checks"]
@@ -249,7 +257,7 @@ def test_validate_segment_bundle_scores_and_decodes_against_the_reference(tiny_l
     text = tmp_path / "t.txt"
     text.write_bytes(b"the quick brown fox " * 7)
     assert validate(out, segments=5, decode_segments=1, text=text)["passed"]
-    with pytest.raises(EdgekitError, match="segment-level"):
+    with pytest.raises(EdgekitError, match="frames: not an option of segment-streaming models"):
         validate(out, frames=100)
     real = v.reference_model
 
@@ -269,14 +277,9 @@ def test_validate_segment_bundle_scores_and_decodes_against_the_reference(tiny_l
 
 def test_validate_segment_bundle_without_torch_uses_the_golden_record(tiny_library, monkeypatch):
     """On a board without torch the bundle's golden record is the reference; it is the float64 reference."""
-    from edgekit import validate as v
-
+    v = VALIDATE
     _, out, meta = tiny_library
-
-    def no_torch(bundle):
-        raise ImportError("torch")
-
-    monkeypatch.setattr(v, "reference_model", no_torch)
+    monkeypatch.setattr(v, "reference_model", lambda bundle: None)  # what it returns where torch is missing
     report = v.validate(out, segments=999)
     assert report["passed"] and report["segments"] == meta["golden"]["segments"] and "golden" in report["reference"]
     with pytest.raises(EdgekitError, match="golden record"):

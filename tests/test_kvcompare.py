@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from edgekit import kvcompare
+from edgekit.apps import kvcompare
 from edgekit.compile import compile
-from edgekit.validate import FrameSource, reference_model
+from edgekit.measure import FrameSource
+from edgekit.models import from_bundle as reference_model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

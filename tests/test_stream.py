@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from edgekit import audio
 from edgekit.cli import main
 from edgekit.errors import EdgekitError
-from edgekit.stream import (DEMO_CHECKPOINT, SCV2_LABELS, SUPPRESS_FRAMES, ClipSpec, Merger, StaggeredClassifier,
+from edgekit.apps.kws import (DEMO_CHECKPOINT, SCV2_LABELS, SUPPRESS_FRAMES, ClipSpec, Merger, StaggeredClassifier,
                             Window, host_bundle)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "kws"))

@@ -22,16 +22,16 @@ import numpy as np
 
 from edgekit.artifact import load
 from edgekit.runtime import Session
-from edgekit.validate import WINDOW, FrameSource
+from edgekit.measure import WINDOW, FrameSource
 
 FP32_EXACT_COUNT = 2**24  # 16,777,216: the last integer n with n + 1 exact in float32
 
 
-def _read_state(session: Session) -> dict[str, np.ndarray]:
+def _read_state(session) -> dict[str, np.ndarray]:
     return {s["name"]: np.array(session.vm.numpy(t)) for s, t in zip(session.state_specs, session.state)}
 
 
-def _write_state(session: Session, state: dict[str, np.ndarray]) -> None:
+def _write_state(session, state: dict[str, np.ndarray]) -> None:
     session.state = [session.vm.tensor(state[s["name"]].astype(s["dtype"])) for s in session.state_specs]
 
 
@@ -83,7 +83,7 @@ def long_stream_state(bundle_path: Path, frames: int = 1_000_000, chunk: int = 1
     session, source = Session(bundle), FrameSource(bundle.manifest["input"]["shape"][-1], seed)
     net = state64 = None
     if reference:
-        from edgekit.validate import reference_model
+        from edgekit.models import from_bundle as reference_model
 
         net = reference_model(bundle)
         state64 = net.init_state(1)
@@ -117,7 +117,7 @@ def saturation_probe(bundle_path: Path, c_value: float = FP32_EXACT_COUNT, token
     state, and the logits' max error against it."""
     import torch
 
-    from edgekit.validate import reference_model
+    from edgekit.models import from_bundle as reference_model
 
     bundle = load(Path(bundle_path))
     session, source = Session(bundle), FrameSource(bundle.manifest["input"]["shape"][-1], seed)

@@ -25,6 +25,7 @@ import torch
 
 from edgekit.bench import bench
 from edgekit.compile import compile
+from edgekit import models
 from edgekit.models import hmt
 from edgekit.validate import validate
 
@@ -48,7 +49,7 @@ def main() -> None:
     ap.add_argument("--step-segments", type=int, default=256)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model = hmt.build(args.config, args.checkpoint)
+    model = models.build("hmt", args.config, args.checkpoint)
     report: dict = {"command": "python " + " ".join(sys.argv), "config": model.config(),
                     "parameters": sum(p.numel() for p in model.parameters())}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +71,8 @@ def main() -> None:
     x = torch.from_numpy(np.resize(data, args.step_segments * model.L)).view(1, -1)
     with torch.no_grad():
         ref_logits, ref_mem = model.double().reference(x)
-        step_logits, step_mem = model.float().score(x)
+        scored = model.float().score(x)
+        step_logits, step_mem = scored["logits"], scored["memory_embedding"]
     report["eager_step_vs_reference"] = {
         "segments": args.step_segments,
         "max_abs_logit_error": float((step_logits.double() - ref_logits).abs().max()),

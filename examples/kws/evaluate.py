@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edgekit.models import build  # noqa: E402
 from edgekit.runtime import Session  # noqa: E402
-from edgekit.stream import host_bundle  # noqa: E402
+from edgekit.apps.kws import host_bundle  # noqa: E402
 from speech_commands import load_split  # noqa: E402
 
 

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edgekit import audio  # noqa: E402
-from edgekit.stream import DEMO_CHECKPOINT, Detection, Merger, Window, detect, open_model, wav_blocks  # noqa: E402
+from edgekit.apps.kws import DEMO_CHECKPOINT, Detection, Merger, Window, detect, open_model, wav_blocks  # noqa: E402
 from make_dataset import SCV2_WORDS, make_stream  # noqa: E402
 from speech_commands import KEYWORDS  # noqa: E402
 
@@ -53,7 +53,7 @@ def single_session_baseline(bundle, spec, x: np.ndarray, threshold: float, hop: 
     """The cheap alternative to staggered windows: ONE session never reset; every `hop` frames, the mean of the
     last clip-length per-frame logits is classified. Same merging of windows into detections."""
     from edgekit.runtime import Session
-    from edgekit.stream import _softmax
+    from edgekit.apps.kws import _softmax
 
     session = Session(bundle)
     logits = session.feed(audio.features(x)[None], 1)["logits"][0, session.delay:]

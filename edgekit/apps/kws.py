@@ -1,4 +1,4 @@
-"""Stream stage: keyword spotting on an endless audio stream with a compiled LMUFormer bundle.
+"""Keyword spotting on an endless audio stream with a compiled LMUFormer bundle.
 
 The classifier was trained on 1 s clips from a zero state, and it classifies a clip by the mean of its per-frame
 logits. Continuous detection keeps that exact setting: staggered sessions, one starting every `hop` frames, each
@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +20,11 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from edgekit import audio
+from edgekit.apps import cache
 from edgekit.artifact import Bundle, file_sha256, load
-from edgekit.errors import BundleError, EdgekitError
-from edgekit.runtime import open_session
-from edgekit.validate import rss_bytes
+from edgekit.errors import EdgekitError
+from edgekit.measure import rss_bytes
+from edgekit.runtime import Session
 
 # Located without importing edgekit.models (which imports torch): a board only has the runtime.
 DEMO_CHECKPOINT = Path(importlib.util.find_spec("edgekit.models").origin).parent / "checkpoints" / "kws_demo.pt"
@@ -92,7 +92,7 @@ class StaggeredClassifier:
             raise EdgekitError(f"hop {hop} does not divide the clip length {spec.clip_frames} frames",
                                f"choose a divisor of {spec.clip_frames}, e.g. {_divisors(spec.clip_frames)}")
         self.spec, self.hop = spec, hop
-        self.sessions = [open_session(bundle) for _ in range(spec.clip_frames // hop)]
+        self.sessions = [Session(bundle) for _ in range(spec.clip_frames // hop)]
         self.starts: list[int | None] = [None] * len(self.sessions)
         sizes = [e["frames"] for e in bundle.manifest["entries"].values() if e["frames"]]
         self.chunk = max(k for k in sizes if hop % k == 0)
@@ -210,25 +210,10 @@ def detect(bundle: Bundle, spec: ClipSpec, blocks: Iterable[np.ndarray], hop: in
     return report
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("EDGEKIT_CACHE") or Path.home() / ".cache" / "edgekit")
-
-
 def host_bundle(checkpoint: Path, progress: Callable[[str], None] = lambda m: None) -> Bundle:
-    """The checkpoint compiled for this host, built on first use and cached by the checkpoint's sha256."""
-    from edgekit import __version__
-
-    out = cache_dir() / "bundles" / f"lmuformer-{file_sha256(checkpoint)[:16]}-host-{__version__}"
-    if not out.is_dir():
-        from edgekit.compile import compile
-
-        progress(f"first use: compiling {checkpoint.name} for this host into {out} (cached for next time)")
-        try:
-            compile("lmuformer", "host", out, checkpoint=checkpoint, chunks=(1, 7), progress=progress)
-        except BundleError:
-            if not out.is_dir():  # not a concurrent compile that got there first
-                raise
-    return load(out)
+    """An LMUFormer checkpoint compiled for this host on first use and cached, with chunk entries of 7 frames
+    (the default hop, 14, in two calls)."""
+    return cache.host_bundle("lmuformer", checkpoint=checkpoint, progress=progress, chunks=(1, 7))
 
 
 def open_model(bundle_path: Path | None, checkpoint: Path | None, labels: list[str] | None,

@@ -30,8 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from edgekit.bench import ort_options, use_threads
-from edgekit.validate import rss_bytes
+from edgekit.engines import ort_options, use_threads
+from edgekit.measure import rss_bytes
 
 LENGTHS = (1_000, 10_000, 100_000)
 ENGINES = ("pytorch-aaren", "pytorch-kvcache", "onnxruntime-aaren", "onnxruntime-kvcache", "tvm-aaren",
@@ -188,33 +188,21 @@ class OrtAaren(Engine):
     kind = "aaren"
 
     def __init__(self, bundle, threads: int):
-        import onnxruntime as ort
+        from edgekit.units.frame import OrtFrames, chunk_sizes
 
-        m = bundle.manifest
-        opts = ort_options(threads)
-        self.sessions = {e["frames"]: ort.InferenceSession(str(bundle.path / e["onnx"]), opts,
-                                                           providers=["CPUExecutionProvider"])
-                         for e in m["entries"].values() if e["frames"]}
-        self.names = [f"state.{s['name']}" for s in m["state"]]
-        self.outputs = len(m["outputs"])
-        self.state = {n: np.zeros(s["shape"], s["dtype"]) for n, s in zip(self.names, m["state"])}
-        self.state_bytes = m["state_bytes"]
-
-    def _call(self, x):
-        result = self.sessions[x.shape[1]].run(None, {"x": x, **self.state})
-        self.state = dict(zip(self.names, result[self.outputs:]))
-        return result[0]
+        self.run = OrtFrames(bundle, threads, tuple(chunk_sizes(bundle)))
+        self.state_bytes = bundle.manifest["state_bytes"]
 
     def reach(self, x):
-        big = max(self.sessions)
+        big = max(self.run.sessions)
         whole = x.shape[1] // big * big
         for t in range(0, whole, big):
-            self._call(x[:, t:t + big])
+            self.run(x[:, t:t + big])
         for t in range(whole, x.shape[1]):
-            self._call(x[:, t:t + 1])
+            self.run(x[:, t:t + 1])
 
     def step(self, x):
-        return self._call(x)
+        return self.run(x)[0]
 
     def memory_bytes(self):
         return self.state_bytes
@@ -352,7 +340,7 @@ class TvmKV(CompiledKV):
 # ------------------------------------------------------------------------------------------------- measurement
 def _make_engine(name: str, bundle_path: Path, kv_onnx: Path | None, kv_lib: Path | None, threads: int) -> Engine:
     from edgekit.artifact import load
-    from edgekit.validate import reference_model
+    from edgekit.models import from_bundle as reference_model
 
     bundle = load(bundle_path)
     if name == "tvm-aaren":
@@ -368,7 +356,7 @@ def _make_engine(name: str, bundle_path: Path, kv_onnx: Path | None, kv_lib: Pat
 def measure_engine(name: str, bundle_path: Path, lengths: tuple[int, ...], window: int, warmup: int, seed: int,
                    threads: int, kv_onnx: Path | None = None, kv_lib: Path | None = None) -> dict:
     """One engine's run (meant for a fresh process): per stream length, step latency there, memory and RSS."""
-    from edgekit.validate import FrameSource
+    from edgekit.measure import FrameSource
 
     use_threads(threads)
     engine = _make_engine(name, Path(bundle_path), kv_onnx, kv_lib, threads)
@@ -439,7 +427,7 @@ def agreement(net, tokens: int = 10_000, seed: int = 0, chunk: int = 16) -> dict
     import torch
 
     from edgekit.models.aaren import SoftmaxKVCache
-    from edgekit.validate import FrameSource
+    from edgekit.measure import FrameSource
 
     net = copy.deepcopy(net).double().eval()
     x = torch.from_numpy(FrameSource(net.input_size, seed).frames(0, tokens)).double()
@@ -468,7 +456,7 @@ def compare(bundle_path: Path, lengths: tuple[int, ...] = LENGTHS, engines: tupl
     """Run every engine in its own process over the stream lengths; the report (also saved in the bundle as
     kv_compare.json, with kv_compare.md) plus the float64 agreement figure."""
     from edgekit.artifact import load
-    from edgekit.validate import reference_model
+    from edgekit.models import from_bundle as reference_model
 
     bundle = load(Path(bundle_path))
     m = bundle.manifest

@@ -1,0 +1,46 @@
+"""Report pieces every unit renders the same way (rich tables and lines); the CLI prints what units return.
+rich is imported on use: units import this module, and a board's runtime (or the emulation root) has no rich."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def table(title: str, columns: list[str], rows: list[list[str]], left: int = 1):
+    """A rich table whose first `left` columns are text and the rest right-aligned figures."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="left" if i < left else "right")
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
+def errors(title: str, report: dict):
+    """Max abs and relative error per output and the error by decile of the stream (drift)."""
+    return table(title, ["output", "max abs error", "max rel error", "error by decile (first .. last)"],
+                 [[name, f"{o['max_abs_error']:.3g}", f"{o['max_rel_error']:.3g}",
+                   " ".join("-" if e is None else f"{e:.1e}" for e in o["error_by_decile"])]
+                  for name, o in report["outputs"].items()])
+
+
+def mib(b: int | None) -> str:
+    return f"{b / 2**20:.1f} MiB" if b is not None else "n/a"
+
+
+def validation_footer(report: dict) -> list[str]:
+    """Where it ran, the memory check, every check with its verdict, and where the report is."""
+    r = report["rss_bytes"]
+    lines = [f"ran: {report['execution']}" + (f", runtime start-up {report['runtime_startup_seconds']} s"
+                                              if "runtime_startup_seconds" in report else ""),
+             f"state {report['state_bytes']} bytes; artifact process RSS at T/10 {mib(r['at_T/10'])}, at T "
+             f"{mib(r['at_T'])} " + (f"(change {r['growth'] / 2**20:+.2f} MiB)" if r["growth"] is not None
+                                     else "(one point: too short a stream to check memory)")]
+    lines += [f"  {'[green]pass[/]' if ok else '[red]FAIL[/]'} {check}" for check, ok in report["checks"].items()]
+    return lines + [f"report: {Path(report['bundle']) / 'validation.json'}"]
+
+
+def bench_footer(report: dict) -> list[str]:
+    return ["threads: " + ", ".join(f"{k} {v}" for k, v in report["threads"].items() if k != "requested"),
+            f"report: {Path(report['bundle']) / 'bench.json'}"]

@@ -1,0 +1,488 @@
+"""The frame unit: audio-like frames streamed through `step` (1 frame), `chunk<K>` (K frames) and `flush` (the
+last `delay` frames of a finished stream). Models implement `edgekit.streaming.StreamingModel`.
+
+Validation streams T frames against the float64 PyTorch reference, computed piece by piece so memory stays
+flat however long the stream is. Real-valued outputs are judged by their error; spike outputs (`spikes.<layer>`)
+by the fraction of spikes that agree, since a compiled artifact may flip a spike whose membrane sits within
+rounding of the threshold; and the running-mean outputs by whether their arg-max (the prediction) agrees.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgekit import measure, render
+from edgekit.artifact import Bundle, check_runs_here
+from edgekit.engines import ort_session
+from edgekit.errors import BundleError, EdgekitError, InputShapeError
+from edgekit.measure import WINDOW, FrameSource, Tally
+from edgekit.tvm_runtime import load_vm
+from edgekit.units import BenchOptions, Unit
+from edgekit.worker import WorkerSession
+
+GOLDEN, GOLDEN_FRAMES = "reference.npz", 512  # reference outputs shipped in the bundle, for boards without torch
+WHOLE_SEQUENCE_LIMIT = WINDOW * 16  # a reference without a finite horizon and with a delay is computed in one piece
+HOP_SECONDS = 0.010  # one frame of the published audio front end: 10 ms shift
+
+
+def entry_names(chunks: tuple[int, ...], delay: int) -> list[str]:
+    """Entry points of a bundle: `step` (1 frame), `chunk<K>` per extra chunk size, `flush` if delayed."""
+    return [("step" if k == 1 else f"chunk{k}") for k in chunks] + (["flush"] if delay else [])
+
+
+def entry_frames(entry: str) -> int:
+    return 1 if entry == "step" else int(entry.removeprefix("chunk")) if entry.startswith("chunk") else 0
+
+
+def entry_for(bundle: Bundle, frames: int) -> str:
+    """The bundle's entry that takes `frames` frames per call."""
+    for name, entry in bundle.manifest["entries"].items():
+        if entry["frames"] == frames:
+            return name
+    raise BundleError(f"bundle has no entry for chunks of {frames} frames", f"chunk sizes built: {chunk_sizes(bundle)}")
+
+
+def chunk_sizes(bundle: Bundle) -> list[int]:
+    return sorted(e["frames"] for e in bundle.manifest["entries"].values() if e["frames"])
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    chunks: tuple[int, ...] = (1, 16)  # frames per call to build entries for (1 always)
+    batch: int = 1
+
+    def __post_init__(self):
+        if 1 not in self.chunks or any(k < 1 for k in self.chunks) or self.batch < 1:
+            raise EdgekitError(f"chunk sizes must be positive and include 1 (got {tuple(self.chunks)}), batch >= 1",
+                               "e.g. --chunk 1 --chunk 16")
+        object.__setattr__(self, "chunks", tuple(sorted(set(self.chunks))))
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    """utterance=N splits the stream into independent utterances of N frames, each from a fresh state and
+    flushed (as a classifier of short clips sees them). Pass criteria: real-valued outputs within atol or within rtol of the
+    reference's magnitude (for spiking models, where one flipped spike moves the logits, the prediction criterion
+    replaces this); each spike layer's agreement >= spike_agreement; the running-mean predictions' agreement >=
+    prediction_agreement; resident memory at T within 5 MiB of T/10."""
+
+    frames: int = 10_000
+    chunk: int = 1
+    seed: int = 0
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    utterance: int | None = None
+    spike_agreement: float = 0.999
+    prediction_agreement: float = 0.999
+
+    def __post_init__(self):
+        if self.frames < 1 or (self.utterance is not None and self.utterance < 1) or self.chunk < 1:
+            raise EdgekitError("--frames, --chunk and --utterance must be positive")
+
+
+# ---- sessions: numpy and the TVM runtime only ------------------------------------------------------------------
+
+class FrameSession:
+    """What every frame session offers: step and flush (by the subclass), feed and run on top of them."""
+
+    execution, pid = "native", None  # pid: the process running the artifact, when it is not this one
+
+    def __init__(self, bundle: Bundle):
+        m = bundle.manifest
+        self.bundle, self.input_size, self.batch = bundle, m["input"]["shape"][-1], m["batch"]
+        self.outputs, self.state_specs, self.delay = [o["name"] for o in m["outputs"]], m["state"], m["delay"]
+
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 3 or x.shape[0] != self.batch or x.shape[2] != self.input_size:
+            raise InputShapeError(f"input of shape {x.shape} does not fit this bundle",
+                                  f"pass frames as [batch={self.batch}, K, features={self.input_size}]")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise InputShapeError(f"input dtype {x.dtype} is not floating point", "pass float32 frames")
+        entry_for(self.bundle, x.shape[1])
+        return x.astype(np.float32, copy=False)
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """x [batch, K, features] with K a built chunk size; outputs [batch, K, ...] for frames t-K-delay+1..t-delay."""
+        raise NotImplementedError
+
+    def flush(self) -> dict[str, np.ndarray]:
+        """The last `delay` outputs of the stream, as if it were zero-padded offline."""
+        raise NotImplementedError
+
+    def feed(self, x: np.ndarray, chunk: int = 1) -> dict[str, np.ndarray]:
+        """Frames [batch, T, features] through whole chunks, the remainder frame by frame; outputs concatenated."""
+        whole = (x.shape[1] // chunk) * chunk
+        starts = [(t, chunk) for t in range(0, whole, chunk)] + [(t, 1) for t in range(whole, x.shape[1])]
+        return _concat([self.step(x[:, t:t + k]) for t, k in starts])
+
+    def run(self, x: np.ndarray, chunk: int = 1) -> dict[str, np.ndarray]:
+        """A whole stream [batch, T, features] from a fresh state, flushed, aligned to the frames (like `forward`)."""
+        self.reset()
+        return {k: v[:, self.delay:] for k, v in _concat([self.feed(x, chunk), self.flush()]).items()}
+
+
+class LocalSession(FrameSession):
+    """The bundle's library in this process. State never leaves the device between calls."""
+
+    OPS = ("reset", "step", "flush")  # what a Worker may run
+
+    def __init__(self, bundle: Bundle):
+        super().__init__(bundle)
+        check_runs_here(bundle)
+        self.vm = load_vm(bundle.library, bundle.device)
+        self.funcs = {name: self.vm.raw(name) for name in bundle.manifest["entries"]}
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = [self.vm.tensor(s) for s in self.bundle.zero_state()]
+
+    def _call(self, entry: str, *args) -> dict[str, np.ndarray]:
+        result = self.funcs[entry](*args, *self.state)
+        n = len(self.outputs)
+        self.state = result[n:]
+        return {name: self.vm.numpy(result[i]) for i, name in enumerate(self.outputs)}
+
+    def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        x = self.check_input(x)
+        return self._call(entry_for(self.bundle, x.shape[1]), self.vm.tensor(x))
+
+    def flush(self) -> dict[str, np.ndarray]:
+        return self._call("flush") if self.delay else {n: np.zeros((self.batch, 0)) for n in self.outputs}
+
+
+class RemoteSession(WorkerSession, FrameSession):
+    """A frame session whose library runs in a Worker."""
+
+    def __init__(self, bundle: Bundle, worker):
+        FrameSession.__init__(self, bundle)
+        WorkerSession.__init__(self, bundle, worker)
+
+    def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return self.worker("step", x=self.check_input(x))
+
+    def flush(self) -> dict[str, np.ndarray]:
+        return self.worker("flush")
+
+
+def _concat(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in pieces], axis=1) for k in pieces[0]}
+
+
+# ---- references ------------------------------------------------------------------------------------------------
+
+class Reference:
+    """Per-frame float64 reference outputs of one utterance [offset, offset + length) of the stream, in order.
+
+    A short one is computed by `forward` in one piece. A longer one, for a model with a finite horizon, by
+    `forward` over [start - horizon, stop + delay) per range; for a causal model without one, by carrying its
+    float64 state through `step_chunk` (its parallel chunk form where it has one); any other model in one piece.
+    Running means are accumulated here.
+    """
+
+    def __init__(self, net, source: FrameSource, offset: int, length: int, running_means: dict[str, str]):
+        self.net, self.source, self.offset, self.length = net, source, offset, length
+        self.running_means, self.sums, self.count = running_means, {}, 0
+        self.state = net.init_state(1) if net.horizon is None and net.delay == 0 and length > WINDOW else None
+        self.whole = None
+        if length <= WINDOW or (net.horizon is None and net.delay):
+            if length > WHOLE_SEQUENCE_LIMIT:
+                raise EdgekitError(f"the {net.family} reference has no finite horizon and a delay: {length} frames "
+                                   "would be recomputed in one piece",
+                                   f"validate with --frames {WHOLE_SEQUENCE_LIMIT} or fewer, or with --utterance")
+            self.whole = self._forward(0, length)
+
+    def _x(self, start: int, stop: int):
+        import torch
+
+        return torch.from_numpy(self.source.frames(self.offset + start, self.offset + stop)).double()
+
+    def _forward(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            return {k: v.numpy() for k, v in self.net.forward_frames(self._x(start, stop)).items()}
+
+    def outputs(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Reference outputs for frames [start, stop) of the utterance; calls come in order, without gaps."""
+        if self.whole is not None:
+            y = {k: v[:, start:stop] for k, v in self.whole.items()}
+        elif self.state is not None:
+            import torch
+
+            with torch.no_grad():
+                out, self.state = self.net.step_chunk(self._x(start, stop), self.state)
+            y = {k: v.numpy() for k, v in out.items() if k not in self.running_means}
+        else:
+            lo, hi = max(0, start - self.net.horizon), min(self.length, stop + self.net.delay)
+            y = {k: v[:, start - lo:stop - lo] for k, v in self._forward(lo, hi).items()}
+        for name, src in self.running_means.items():
+            csum = self.sums.get(src, 0) + np.cumsum(y[src], axis=1)
+            counts = np.arange(self.count + 1, self.count + stop - start + 1).reshape(1, -1, *[1] * (y[src].ndim - 2))
+            y[name] = csum / counts
+            self.sums[src] = csum[:, -1:]
+        self.count += stop - start
+        return y
+
+
+class GoldenReference(Reference):
+    """Reference outputs read from the bundle's golden record instead of computed (no torch needed)."""
+
+    def __init__(self, bundle: Bundle, offset: int, length: int):
+        with np.load(bundle.path / bundle.manifest["golden"]["file"]) as f:
+            self.whole = {k: f[k][:, offset:offset + length] for k in f.files}
+        self.running_means, self.sums, self.count, self.state = bundle.manifest["running_means"], {}, 0, None
+
+
+def skippable_macs(net, spikes: dict[str, dict]) -> dict:
+    """Multiply-adds per frame, and how many of them multiply a zero spike at the measured sparsity."""
+    fanout, total = net.spike_fanout(), net.macs_per_frame()
+    skip = {layer: fanout[layer] * s["sparsity_artifact"] for layer, s in spikes.items()}
+    return {"per_frame": total, "fed_by_spikes": sum(fanout.values()), "skippable": round(sum(skip.values())),
+            "skippable_fraction": sum(skip.values()) / total, "skippable_by_layer": {k: round(v) for k, v in skip.items()}}
+
+
+# ---- bench engines: each a callable on one chunk of frames, state carried ---------------------------------------
+
+def _torch_engine(bundle: Bundle, torch_model, frames: int, threads: int | None):
+    import torch
+
+    net = torch_model()
+    state = net.init_state(bundle.manifest["batch"])
+
+    @torch.no_grad()
+    def call(x: np.ndarray):
+        nonlocal state
+        y, state = net.step_chunk(torch.from_numpy(x), state)
+        return y
+
+    return call
+
+
+def _onnxruntime_engine(bundle: Bundle, torch_model, frames: int, threads: int | None):
+    return OrtFrames(bundle, threads, (frames,))
+
+
+def _tvm_engine(bundle: Bundle, torch_model, frames: int, threads: int | None):
+    return LocalSession(bundle).step
+
+
+class OrtFrames:
+    """The bundle's frame entries in ONNX Runtime, the state carried between calls in numpy: x [B, K, F] with K
+    one of `chunks` -> the outputs, in manifest order."""
+
+    def __init__(self, bundle: Bundle, threads: int | None, chunks: tuple[int, ...]):
+        m = bundle.manifest
+        self.bundle, self.sessions = bundle, {k: ort_session(bundle, entry_for(bundle, k), threads) for k in chunks}
+        self.names = [f"state.{s['name']}" for s in m["state"]]
+        self.outputs = len(m["outputs"])
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = dict(zip(self.names, self.bundle.zero_state()))
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        result = self.sessions[x.shape[1]].run(None, {"x": x, **self.state})
+        self.state = dict(zip(self.names, result[self.outputs:]))
+        return result[:self.outputs]
+
+
+def _tvm_vm_only(bundle: Bundle, frames: int, calls: int) -> dict:
+    """The compiled function alone, timed inside TVM (no Python per call): what compute costs."""
+    import tvm
+    from tvm import relax
+
+    m = bundle.manifest
+    dev = tvm.device(bundle.device)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(bundle.library)), dev)
+    entry = entry_for(bundle, frames)
+    args = [np.zeros((m["batch"], frames, m["input"]["shape"][-1]), np.float32), *bundle.zero_state()]
+    vm.set_input(entry, *[tvm.runtime.tensor(a, dev) for a in args])
+    te = vm.time_evaluator("invoke_stateful", dev, number=max(1, calls // 5), repeat=5)(entry)
+    per_frame = te.mean / frames
+    return {"frames_per_call": frames, "calls": calls, "mean_us": per_frame * 1e6, "min_us": te.min / frames * 1e6,
+            "frames_per_second": 1.0 / per_frame, "real_time_factor": per_frame / HOP_SECONDS}
+
+
+ENGINES = {"pytorch": _torch_engine, "onnxruntime": _onnxruntime_engine, "tvm": _tvm_engine}
+
+
+# ---- the unit ---------------------------------------------------------------------------------------------------
+
+class Frame(Unit):
+    name = "frame"
+    ExportOptions, ValidateOptions = ExportOptions, ValidateOptions
+
+    def export_entries(self, net, options: ExportOptions) -> list[tuple]:
+        return [(e, *net.entry(entry_frames(e), options.batch)) for e in entry_names(options.chunks, net.delay)]
+
+    def manifest_fields(self, net, options: ExportOptions) -> dict:
+        b = options.batch
+        return {
+            "unit": self.name,
+            "delay": net.delay,
+            "horizon": net.horizon,
+            "input": net.input_spec(b).to_json(),
+            "outputs": [s.to_json() for s in net.output_spec(b)],
+            "running_means": net.running_means,
+            "state": [s.to_json() for s in net.state_spec(b)],
+            "state_bytes": sum(4 * math.prod(s.shape) for s in net.state_spec(b)),
+            "entries": {e: {"frames": entry_frames(e), "onnx": f"onnx/{e}.onnx"}
+                        for e in entry_names(options.chunks, net.delay)},
+        }
+
+    def write_golden(self, net, path: Path) -> dict:
+        import torch
+
+        x = torch.from_numpy(FrameSource(net.input_size, 0).frames(0, GOLDEN_FRAMES)).double()
+        with torch.no_grad():
+            y = net.double().forward_frames(x)
+        net.float()
+        np.savez(path, **{k: v.numpy() for k, v in y.items()})
+        return {"file": GOLDEN, "frames": GOLDEN_FRAMES, "seed": 0}
+
+    def session(self, bundle: Bundle) -> LocalSession:
+        return LocalSession(bundle)
+
+    def remote_session(self, bundle: Bundle, worker) -> RemoteSession:
+        return RemoteSession(bundle, worker)
+
+    def describe(self, manifest: dict) -> str:
+        return f"delay {manifest['delay']} frames"
+
+    def validate(self, bundle: Bundle, session, net, options: ValidateOptions, progress) -> dict:
+        frames, utterance = options.frames, options.utterance
+        if net is None:  # a board with only the runtime: compare with the golden record compiled into the bundle
+            golden = bundle.manifest["golden"]
+            if options.seed != golden["seed"] or utterance:
+                raise EdgekitError("without PyTorch, validation compares with the bundle's golden record: "
+                                   f"{golden['frames']} frames of seed {golden['seed']}, one stream",
+                                   "drop --seed/--utterance, or install edgekit[compile] for any stream")
+            frames = golden["frames"]  # the record is one finished stream of exactly this length
+        chunk = options.chunk
+        entry_for(bundle, chunk)
+        source = FrameSource(session.input_size, options.seed)
+        means = list(bundle.manifest["running_means"])
+        tally, rss, t0 = Tally(frames), {}, time.perf_counter()
+        length = utterance or frames
+        marks, done = measure.rss_marks(frames), 0
+        for offset in range(0, frames, length):
+            seg = min(length, frames - offset)
+            ref = Reference(net, source, offset, seg, bundle.manifest["running_means"]) if net is not None else \
+                GoldenReference(bundle, offset, seg)
+            session.reset()
+            next_frame, last = -session.delay, ({}, {})
+
+            def compare(got: dict[str, np.ndarray]) -> None:
+                nonlocal next_frame, last
+                n, keep = next(iter(got.values())).shape[1], max(0, -next_frame)  # the first `delay` calls emit nothing
+                if n > keep:
+                    got = {o: v[:, keep:] for o, v in got.items()}
+                    want = ref.outputs(next_frame + keep, next_frame + n)
+                    tally.add(got, want, offset + next_frame + keep, means)
+                    last = (got, want)
+                next_frame += n
+
+            window = max(chunk, (WINDOW // chunk) * chunk)
+            for start in range(0, seg, window):
+                stop = min(seg, start + window)
+                compare(session.feed(source.frames(offset + start, offset + stop, session.batch), chunk))
+                for mark in marks:
+                    if done + start < mark <= done + stop:
+                        rss[mark] = measure.rss_bytes(session.pid)
+                progress(done + stop, frames)
+            if session.delay:
+                compare(session.flush())
+            tally.end_of_segment(*last, means)
+            done += seg
+        report = _report(bundle, tally, rss, frames, options, time.perf_counter() - t0)
+        if net is not None and report["spikes"] and net.spike_fanout():
+            report["macs"] = skippable_macs(net, report["spikes"])
+        return report
+
+    def bench(self, bundle: Bundle, options: BenchOptions, torch_model, progress) -> dict:
+        m = bundle.manifest
+        rng = np.random.default_rng(options.seed)
+        results = []
+        for frames in chunk_sizes(bundle):
+            n = max(options.warmup + 10, options.calls // frames)
+            xs = rng.standard_normal((n, m["batch"], frames, m["input"]["shape"][-1]), dtype=np.float32)
+            for engine in options.engines:
+                progress(f"{engine}, chunk {frames}: {n} calls")
+                call = ENGINES[engine](bundle, torch_model, frames, options.threads)
+                results.append({"engine": engine, **measure.summarize(measure.time_calls(call, xs, options.warmup),
+                                                                      frames, hop=HOP_SECONDS)})
+            if "tvm" in options.engines:
+                results.append({"engine": "tvm-compute", **_tvm_vm_only(bundle, frames, n)})
+        return {"hop_ms": HOP_SECONDS * 1e3, "batch": m["batch"], "results": results,
+                "note": "per-frame latency = call latency / frames per call; real-time factor = p50 per frame / hop"}
+
+    def render_validation(self, report: dict) -> list:
+        out = [render.errors(f"validation of {report['bundle']} ({report['frames']} frames, chunk {report['chunk']}, "
+                             f"{report['seconds']} s)", report)]
+        if report["spikes"]:
+            out.append(render.table("spikes per layer", ["layer", "agreement", "sparsity (artifact)",
+                                                         "sparsity (reference)"],
+                                    [[n, f"{s['agreement']:.6f}", f"{s['sparsity_artifact']:.4f}",
+                                      f"{s['sparsity_reference']:.4f}"] for n, s in report["spikes"].items()]))
+        if "macs" in report:
+            m = report["macs"]
+            out.append(f"multiply-adds per frame {m['per_frame']:,}; fed by spikes {m['fed_by_spikes']:,}; "
+                       f"skippable at this sparsity {m['skippable']:,} ({m['skippable_fraction']:.1%})")
+        out += [f"prediction agreement ({name} arg-max): " + ", ".join(f"{k} {v:.4%}" for k, v in p.items())
+                for name, p in report["predictions"].items()]
+        return out + render.validation_footer(report)
+
+    def render_bench(self, report: dict) -> list:
+        rows = []
+        for r in report["results"]:
+            fmt = lambda k: f"{r[k]:.1f}" if k in r else "-"  # noqa: E731
+            rows.append([r["engine"], str(r["frames_per_call"]), fmt("p50_us") if "p50_us" in r else fmt("mean_us"),
+                         fmt("p90_us"), fmt("p99_us"), fmt("max_us"), f"{r['frames_per_second']:.0f}",
+                         f"{r['real_time_factor']:.4f}"])
+        return [render.table(f"{report['model']} on {report['target']}: latency per frame (hop {report['hop_ms']:g} ms)",
+                             ["engine", "chunk", "p50 us", "p90 us", "p99 us", "max us", "frames/s", "RTF"], rows),
+                *render.bench_footer(report)]
+
+
+def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, o: ValidateOptions, seconds: float
+            ) -> dict:
+    spiking = bool(tally.spikes)
+    outputs = tally.errors()
+    spikes = {name.removeprefix("spikes."): {"agreement": int(a) / int(n), "sparsity_artifact": int(za) / int(n),
+                                             "sparsity_reference": int(zr) / int(n)}
+              for name, (a, n, za, zr) in tally.spikes.items()}
+    predictions = {name: {"agreement_per_frame": int(a) / int(n),
+                          "agreement_per_utterance" if o.utterance else "agreement_at_end": int(ae) / int(ne)}
+                   for name, (a, n, ae, ne) in tally.predictions.items()}
+    mem = measure.memory(rss, frames)
+    checks = {
+        **({} if spiking else measure.error_checks(outputs, o.atol, o.rtol)),
+        **{f"spikes.{name}_agreement": s["agreement"] >= o.spike_agreement for name, s in spikes.items()},
+        **({f"{name}_prediction": p["agreement_per_frame"] >= o.prediction_agreement
+            for name, p in predictions.items()} if spiking else {}),
+        **mem["checks"],
+    }
+    return {
+        "bundle": str(bundle.path), "target": bundle.target["name"], "frames": frames, "chunk": o.chunk,
+        "seed": o.seed, "utterance": o.utterance,
+        "input": "standard normal frames, numpy default_rng([seed, block]) per 4096-frame block",
+        "reference": "PyTorch in float64: the parallel forward (windowed over the model's horizon where it has one; "
+                     "for a causal model without a horizon, its parallel chunk form carrying the state)",
+        "criteria": {"atol": o.atol, "rtol": o.rtol, "real_valued_outputs_judged": not spiking,
+                     "spike_agreement_min": o.spike_agreement, "prediction_agreement_min": o.prediction_agreement,
+                     "rss_change_max_bytes": measure.RSS_CHANGE_MAX},
+        "outputs": outputs, "spikes": spikes, "predictions": predictions,
+        "state_bytes": bundle.manifest["state_bytes"], "rss_bytes": mem["rss_bytes"],
+        "seconds": round(seconds, 2), "checks": checks, "passed": all(checks.values()),
+    }
+
+
+UNIT = Frame()

@@ -1,0 +1,447 @@
+"""The segment unit: a language model that streams text in segments of L tokens with a state carried between
+segments, plus decoding inside a segment. Models implement `edgekit.streaming.SegmentModel`. A bundle has two
+entries:
+  segment(tokens [B, L], length [B], *state) -> (*outputs (logits first), *decode cache, *state after it)
+  decode(token [B], *decode cache) -> (logits [B, V], *decode cache)
+
+The next-token distribution after every token is exactly the model's reference on the stream so far
+(`Generator`): while the current segment holds at most `summary` tokens, the context the segment step builds
+for it changes with every token, so the segment step is rerun over the partial segment (length n, padded); from
+then on the decode step extends the segment step's KV cache one token at a time; at L tokens the segment step
+runs once more over the whole segment and its state is kept. Memory: the state, one segment of token ids and
+one segment's decode cache, whatever the length of the stream.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgekit import measure, render
+from edgekit.artifact import Bundle, check_runs_here
+from edgekit.engines import ort_session
+from edgekit.errors import EdgekitError, InputShapeError
+from edgekit.measure import Tally, TokenSource
+from edgekit.artifact import TensorSpec
+from edgekit.tvm_runtime import load_vm
+from edgekit.units import BenchOptions, Unit
+from edgekit.worker import WorkerSession
+
+GOLDEN = "reference.npz"
+SCORE_BLOCK = 16  # segments per scoring call in validation
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    batch: int = 1
+
+
+@dataclass(frozen=True)
+class ValidateOptions:
+    """All segments but the last `decode_segments` are scored by the segment step, those fed byte by byte (the
+    generation path). Pass criteria: every output within atol or within rtol of the reference's magnitude;
+    resident memory at T within 5 MiB of T/10."""
+
+    segments: int = 256
+    decode_segments: int = 2
+    seed: int = 0
+    text: Path | None = None  # stream this file's bytes (repeated) instead of random bytes
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+    def __post_init__(self):
+        if self.segments < 1 or not 0 <= self.decode_segments <= self.segments:
+            raise EdgekitError(f"need --segments >= 1 and 0 <= --decode-segments <= --segments; got {self.segments}, "
+                               f"{self.decode_segments}")
+
+
+# ---- engines: the numpy interface `Generator` drives (TVM here; ONNX Runtime; eager PyTorch in streaming.py) -------
+
+class Layout:
+    """Where the outputs, the decode cache and the state sit in an entry's flat outputs (from the manifest)."""
+
+    def __init__(self, manifest: dict):
+        self.outputs = [o["name"] for o in manifest["outputs"]]
+        self.cache = [c["name"] for c in manifest["decode_cache"]]
+        self.state_specs = manifest["state"]
+        self.segment_length, self.summary_length = manifest["segment"], manifest["summary"]
+        self.vocab = manifest["outputs"][0]["shape"][-1]
+
+    def split(self, out: list) -> tuple[list, list, list]:
+        n, c = len(self.outputs), len(self.cache)
+        return out[:n], out[n:n + c], out[n + c:]
+
+
+class TVMEngine(Layout):
+    """The `segment` and `decode` entries of a built library; state and decode cache stay on the device."""
+
+    def __init__(self, bundle: Bundle):
+        super().__init__(bundle.manifest)
+        self.bundle, self.vm = bundle, load_vm(bundle.library, bundle.device)
+        self.seg_fn, self.dec_fn = self.vm.raw("segment"), self.vm.raw("decode")
+
+    def init_state(self) -> list:
+        return [self.vm.tensor(s) for s in self.bundle.zero_state()]
+
+    def _inputs(self, tokens: np.ndarray, length: int) -> list:
+        tokens = np.asarray(tokens).reshape(1, -1)
+        if tokens.shape[1] != self.segment_length or not 0 <= length <= self.segment_length:
+            raise InputShapeError(f"a segment is {self.segment_length} token ids with 0 <= length <= "
+                                  f"{self.segment_length}; got {tokens.shape[1]} ids, length {length}",
+                                  "pad the segment to L ids and pass the real count as length")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab):
+            raise InputShapeError(f"token ids must lie in [0, {self.vocab})", "pass bytes")
+        return [self.vm.tensor(tokens.astype(np.int64)), self.vm.tensor(np.array([length], dtype=np.int64))]
+
+    def segment(self, tokens: np.ndarray, length: int, state: list) -> tuple[dict[str, np.ndarray], list, list]:
+        """({output: value of the one batch row}, decode cache, next state) of one padded segment."""
+        outs, cache, new = self.split(self.seg_fn(*self._inputs(tokens, length), *state))
+        return {n: self.vm.numpy(o)[0] for n, o in zip(self.outputs, outs)}, cache, new
+
+    def decode(self, token: int, cache: list) -> tuple[np.ndarray, list]:
+        if not 0 <= token < self.vocab:
+            raise InputShapeError(f"token id {token} is not in [0, {self.vocab})", "pass bytes")
+        out = self.dec_fn(self.vm.tensor(np.array([token], dtype=np.int64)), *cache)
+        return self.vm.numpy(out[0])[0], list(out[1:])
+
+
+class ORTEngine(Layout):
+    """The bundle's ONNX entries in ONNX Runtime (what bench compares TVM with); numpy state and cache."""
+
+    def __init__(self, bundle: Bundle, threads: int | None):
+        super().__init__(bundle.manifest)
+        self.bundle = bundle
+        self.seg_run, self.dec_run = ort_session(bundle, "segment", threads).run, ort_session(bundle, "decode", threads).run
+
+    def init_state(self) -> list[np.ndarray]:
+        return self.bundle.zero_state()
+
+    def segment(self, tokens: np.ndarray, length: int, state: list) -> tuple[dict[str, np.ndarray], list, list]:
+        feeds = {"tokens": np.asarray(tokens, np.int64).reshape(1, -1), "length": np.array([length], np.int64),
+                 **{s["name"]: v for s, v in zip(self.state_specs, state)}}
+        outs, cache, new = self.split(self.seg_run(None, feeds))
+        return {n: o[0] for n, o in zip(self.outputs, outs)}, cache, new
+
+    def decode(self, token: int, cache: list) -> tuple[np.ndarray, list]:
+        out = self.dec_run(None, {"token": np.array([token], np.int64), **dict(zip(self.cache, cache))})
+        return out[0][0], out[1:]
+
+
+@dataclass
+class Generator:
+    """Feed tokens one at a time (or a prompt at once) through an engine; get the logits of the next token."""
+
+    engine: object
+    state: object = None
+    segment: list[int] = field(default_factory=list)
+    cache: object = None
+    last: np.ndarray | None = None
+    calls: dict[str, int] = field(default_factory=lambda: {"segment": 0, "decode": 0})
+
+    def __post_init__(self):
+        self.L, self.j = self.engine.segment_length, self.engine.summary_length
+        self.reset()
+
+    def reset(self) -> None:
+        self.state, self.segment, self.cache, self.last = self.engine.init_state(), [], None, None
+
+    def _segment(self) -> np.ndarray:
+        n = len(self.segment)
+        padded = np.zeros(self.L, dtype=np.int64)
+        padded[:n] = self.segment
+        out, cache, state = self.engine.segment(padded, n, self.state)
+        self.calls["segment"] += 1
+        if n == self.L:
+            self.state, self.segment, self.cache = state, [], None
+        else:
+            self.cache = cache
+        return out["logits"][n - 1]
+
+    def feed(self, token: int) -> np.ndarray:
+        """Append one token; the logits [V] of the token after it."""
+        self.segment.append(int(token))
+        n = len(self.segment)
+        if n <= self.j or n == self.L:
+            self.last = self._segment()
+        else:
+            self.last, self.cache = self.engine.decode(int(token), self.cache)
+            self.calls["decode"] += 1
+        return self.last
+
+    def prefill(self, tokens: list[int] | bytes) -> np.ndarray:
+        """A prompt at once: one segment step per whole segment, one over the remainder."""
+        tokens = list(tokens)
+        if not tokens:
+            raise EdgekitError("the prompt must hold at least one token")
+        for t in tokens:
+            self.segment.append(int(t))
+            if len(self.segment) == self.L:
+                self.last = self._segment()
+        if self.segment:
+            self.last = self._segment()
+        return self.last
+
+    def sample(self, temperature: float, rng: np.random.Generator) -> int:
+        if temperature <= 0:
+            return int(np.argmax(self.last))
+        z = self.last.astype(np.float64) / temperature
+        p = np.exp(z - z.max())
+        return int(rng.choice(len(p), p=p / p.sum()))
+
+
+# ---- sessions: numpy and the TVM runtime only ------------------------------------------------------------------
+
+class LocalSession:
+    """One text stream through a segment bundle in this process, the state kept between calls: `score` whole
+    segments with the segment step alone, or `feed` tokens one at a time as generation does (the logits of the
+    next token after each); both continue the same stream. What validation drives, here or in a Worker."""
+
+    OPS = ("reset", "score", "feed")  # what a Worker may run
+    execution, pid = "native", None
+
+    def __init__(self, bundle: Bundle):
+        check_runs_here(bundle)
+        self.bundle = bundle
+        self.engine = TVMEngine(bundle)
+        self.gen = Generator(self.engine)
+
+    def reset(self) -> None:
+        self.gen.reset()
+
+    def score(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """Whole segments of token ids: {output: [1, segments, ...]} (logits [1, segments, L, V])."""
+        tokens, L = np.asarray(tokens, np.int64).reshape(-1), self.engine.segment_length
+        if self.gen.segment or tokens.size % L or not tokens.size:
+            raise InputShapeError(f"score takes whole segments of {L} tokens at a segment boundary; got {tokens.size} "
+                                  f"tokens with {len(self.gen.segment)} fed since the last boundary",
+                                  "feed the rest token by token")
+        outs = []
+        for s in range(0, tokens.size, L):
+            out, _, self.gen.state = self.engine.segment(tokens[s:s + L], L, self.gen.state)
+            outs.append(out)
+        return {k: np.stack([o[k] for o in outs])[None] for k in outs[0]}
+
+    def feed(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """Token ids one by one: {logits [1, n, V]}, row i the distribution of the token after tokens[i]."""
+        return {"logits": np.stack([self.gen.feed(int(t)) for t in np.asarray(tokens).reshape(-1)])[None]}
+
+
+class RemoteSession(WorkerSession):
+    """A segment session run by a Worker."""
+
+    def score(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        return self.worker("score", tokens=np.asarray(tokens, np.int64))
+
+    def feed(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        return self.worker("feed", tokens=np.asarray(tokens, np.int64))
+
+
+# ---- references ------------------------------------------------------------------------------------------------
+
+class Reference:
+    """The model's float64 eager reference (its algorithm as written) continuing one stream, in the two ways a
+    segment bundle runs it: `score` whole segments, or `feed` one segment token by token, where each token's
+    next-token distribution may depend only on the tokens so far (while a segment holds fewer than `summary`
+    tokens, its context is built from those tokens alone)."""
+
+    def __init__(self, net):
+        self.net, self.carry = net, None
+
+    def _run(self, tokens: np.ndarray) -> dict:
+        import torch
+
+        with torch.no_grad():
+            out, carry = self.net.reference_outputs(torch.from_numpy(tokens).view(1, -1), self.carry)
+        return out, carry
+
+    def score(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        out, self.carry = self._run(tokens)
+        L = self.net.segment_length
+        return {k: (v.view(1, -1, L, v.shape[-1]) if k == "logits" else v).numpy() for k, v in out.items()}
+
+    def feed(self, segment: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        j = self.net.summary_length
+        prefixes = [self._run(segment[:n])[0]["logits"][0, n - 1] for n in range(1, j)]
+        out, self.carry = self._run(segment)
+        return {"logits": torch.stack([*prefixes, *out["logits"][0, j - 1:]])[None].numpy()}
+
+
+class GoldenReference:
+    """Reference outputs read from the bundle's golden record (no torch needed)."""
+
+    def __init__(self, bundle: Bundle):
+        with np.load(bundle.path / bundle.manifest["golden"]["file"]) as f:
+            self.record = {k: f[k] for k in f.files}
+        self.outputs, self.done = [o["name"] for o in bundle.manifest["outputs"]], 0
+
+    def score(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        n = tokens.size // self.record["logits"].shape[2]
+        out = {k: self.record[k][:, self.done:self.done + n] for k in self.outputs}
+        self.done += n
+        return out
+
+    def feed(self, segment: np.ndarray) -> dict[str, np.ndarray]:
+        return {"logits": self.record["fed_logits"]}
+
+
+# ---- the unit ---------------------------------------------------------------------------------------------------
+
+class Segment(Unit):
+    name = "segment"
+    export_atol = 1e-4  # logits over a byte vocabulary after a dozen layers: float32 rounding differs by ~1e-5
+    ExportOptions, ValidateOptions = ExportOptions, ValidateOptions
+
+    def export_entries(self, net, options: ExportOptions) -> list[tuple]:
+        return net.entries(options.batch)
+
+    def manifest_fields(self, net, options: ExportOptions) -> dict:
+        b = options.batch
+        cache = net.kv_spec(b)
+        return {
+            "unit": self.name, "delay": 0, "horizon": None,
+            "segment": net.segment_length, "summary": net.summary_length,
+            "input": TensorSpec("tokens", (b, net.segment_length), "int64").to_json(),
+            "outputs": [s.to_json() for s in net.output_spec(b)],
+            "running_means": {},
+            "state": [s.to_json() for s in net.state_spec(b)], "state_bytes": _bytes(net.state_spec(b)),
+            "decode_cache": [s.to_json() for s in cache], "decode_cache_bytes": _bytes(cache),
+            "entries": {"segment": {"frames": 0, "tokens": net.segment_length, "onnx": "onnx/segment.onnx"},
+                        "decode": {"frames": 0, "tokens": 1, "onnx": "onnx/decode.onnx"}},
+        }
+
+    def write_golden(self, net, path: Path) -> dict:
+        """warm + 4 segments of the seed-0 byte stream (the state has wrapped), the last one fed token by token."""
+        segments, L = net.warm_segments + 4, net.segment_length
+        tokens = TokenSource(0).tokens(0, segments * L)
+        ref = Reference(net.double())
+        scored = ref.score(tokens[:-L])
+        np.savez(path, **scored, fed_logits=ref.feed(tokens[-L:])["logits"])
+        net.float()
+        return {"file": GOLDEN, "segments": segments, "decode_segments": 1, "seed": 0}
+
+    def session(self, bundle: Bundle) -> LocalSession:
+        return LocalSession(bundle)
+
+    def remote_session(self, bundle: Bundle, worker) -> RemoteSession:
+        return RemoteSession(bundle, worker)
+
+    def describe(self, manifest: dict) -> str:
+        return f"{manifest['segment']}-token segments"
+
+    def validate(self, bundle: Bundle, session, net, options: ValidateOptions, progress) -> dict:
+        """One stream: all but the last `decode_segments` segments scored by the segment step, those fed token
+        by token (the generation path); every output against the float64 reference, the artifact's RSS at T/10
+        and T, next-token agreement."""
+        o = options
+        segments, decode_segments = o.segments, o.decode_segments
+        if net is None:
+            golden = bundle.manifest["golden"]
+            if o.seed != golden["seed"] or o.text is not None:
+                raise EdgekitError("without PyTorch, validation compares with the bundle's golden record: "
+                                   f"{golden['segments']} segments of seed {golden['seed']}",
+                                   "drop --seed/--text, or install edgekit[compile] for any stream")
+            segments, decode_segments, ref = golden["segments"], golden["decode_segments"], GoldenReference(bundle)
+        else:
+            ref = Reference(net)
+        source = TokenSource(o.seed, o.text)
+        L, scored = bundle.manifest["segment"], segments - decode_segments
+        pieces = [(s, min(scored, s + SCORE_BLOCK), "score") for s in range(0, scored, SCORE_BLOCK)]
+        pieces += [(s, s + 1, "feed") for s in range(scored, segments)]
+        tally, rss, agree, t0 = Tally(segments), {}, np.zeros(2, np.int64), time.perf_counter()
+        session.reset()
+        for start, stop, how in pieces:
+            tokens = source.tokens(start * L, stop * L)
+            got, want = getattr(session, how)(tokens), getattr(ref, how)(tokens)
+            if how == "feed":  # one segment's L token-by-token distributions, tallied as one segment
+                got, want = ({"logits_byte_by_byte": d["logits"][:, None]} for d in (got, want))
+            tally.add(got, want, start, [])
+            name = next(iter(got))
+            agree += [(got[name].argmax(-1) == want[name].argmax(-1)).sum(), got[name][..., 0].size]
+            for mark in measure.rss_marks(segments):
+                if start < mark <= stop:
+                    rss[mark] = measure.rss_bytes(session.pid)
+            progress(stop, segments)
+        mem = measure.memory(rss, segments)
+        outputs = tally.errors()
+        checks = {**measure.error_checks(outputs, o.atol, o.rtol), **mem["checks"]}
+        return {
+            "bundle": str(bundle.path), "target": bundle.target["name"], "segments": segments,
+            "decode_segments": decode_segments, "segment_length": L, "tokens": segments * L, "seed": o.seed,
+            "input": f"the bytes of {o.text}, repeated" if o.text is not None else
+                     "uniform random bytes, numpy default_rng([seed, block]) per 4096-byte block",
+            "reference": "PyTorch in float64: the model's algorithm as written, one stream; token by token, each "
+                         "token's distribution given only the tokens before it",
+            "criteria": {"atol": o.atol, "rtol": o.rtol, "rss_change_max_bytes": measure.RSS_CHANGE_MAX},
+            "outputs": outputs, "next_byte_agreement": int(agree[0]) / int(agree[1]),
+            "state_bytes": bundle.manifest["state_bytes"], "rss_bytes": mem["rss_bytes"],
+            "seconds": round(time.perf_counter() - t0, 2), "checks": checks, "passed": all(checks.values()),
+        }
+
+    def bench(self, bundle: Bundle, options: BenchOptions, torch_model, progress) -> dict:
+        """Per engine: the segment step over whole segments (scoring), the decode step (generation inside a
+        segment), and generation itself (their mix, as `Generator` runs them)."""
+        m = bundle.manifest
+        L, j = m["segment"], m["summary"]
+        rng = np.random.default_rng(options.seed)
+        warmup, segments, decodes, generated = options.warmup, max(10, options.calls // 10), options.calls, 2 * L
+        text = rng.integers(0, m["outputs"][0]["shape"][-1], (segments + warmup) * L)
+        engines = {"pytorch": lambda: torch_model().numpy_engine(), "onnxruntime": lambda: ORTEngine(bundle, options.threads),
+                   "tvm": lambda: TVMEngine(bundle)}
+        results = []
+        for name in options.engines:
+            engine = engines[name]()
+            progress(f"{name}: {segments} segment steps")
+            state = engine.init_state()
+
+            def segment(tokens):
+                nonlocal state
+                _, _, state = engine.segment(tokens, L, state)
+
+            results.append({"engine": name, "call": "segment", **measure.summarize(
+                measure.time_calls(segment, text.reshape(-1, L), warmup), L, "byte")})
+            progress(f"{name}: {decodes} decode steps")
+            _, cache, _ = engine.segment(text[:L], j, engine.init_state())
+            fresh, times = cache, []
+            for i, token in enumerate(text[:warmup + decodes]):
+                if i % (L - j) == 0:
+                    cache = fresh  # a decode cache holds one segment: start again from j tokens
+                t0 = time.perf_counter()
+                _, cache = engine.decode(int(token), cache)
+                times.append(time.perf_counter() - t0)
+            results.append({"engine": name, "call": "decode", **measure.summarize(times[warmup:], 1, "byte")})
+            progress(f"{name}: generating {generated} bytes")
+            gen = Generator(engine)
+            gen.prefill(text[:L].tolist())
+            times = measure.time_calls(lambda token: gen.feed(int(token)), text[L:L + generated], 0)
+            results.append({"engine": name, "call": "generate", **measure.summarize(times, 1, "byte"),
+                            "steps": dict(gen.calls)})
+        return {"unit": "segment", "segment": L, "summary": j, "results": results,
+                "note": "latency per byte = call latency / bytes per call; generate feeds bytes one at a time from a "
+                        "segment boundary (a segment step per byte for the first j bytes of a segment, decode steps "
+                        "after, a segment step at its end), so bytes_per_second is the mean generation speed"}
+
+    def render_validation(self, report: dict) -> list:
+        title = (f"validation of {report['bundle']} ({report['segments']} segments = {report['tokens']} bytes, the "
+                 f"last {report['decode_segments']} byte by byte, {report['seconds']} s)")
+        return [render.errors(title, report), f"next-byte arg-max agreement {report['next_byte_agreement']:.4%}",
+                *render.validation_footer(report)]
+
+    def render_bench(self, report: dict) -> list:
+        rows = [[r["engine"], r["call"], str(r["bytes_per_call"]),
+                 *(f"{r[k]:.1f}" for k in ("p50_us", "p90_us", "p99_us", "max_us")), f"{r['bytes_per_second']:.0f}"]
+                for r in report["results"]]
+        return [render.table(f"{report['model']} on {report['target']}: latency per byte ({report['segment']}-byte "
+                             "segments; generate = the mix generation runs)",
+                             ["engine", "call", "bytes/call", "p50 us", "p90 us", "p99 us", "max us", "bytes/s"], rows,
+                             left=2), *render.bench_footer(report)]
+
+
+def _bytes(specs: list[TensorSpec]) -> int:
+    return sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in specs)
+
+
+UNIT = Segment()

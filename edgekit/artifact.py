@@ -1,5 +1,7 @@
 """The artifact bundle: a directory holding manifest.json, the built library, the ONNX graphs it came from and
-the source weights. Written atomically; read back only after every checksum matches."""
+the source weights. Written atomically; read back only after every checksum matches and every path the manifest
+names is a plain relative path inside the bundle. The library is loaded from the bytes whose checksum was
+checked, and it carries a digest of the interface it was built for, which must match the manifest's."""
 from __future__ import annotations
 
 import ctypes
@@ -8,6 +10,8 @@ import json
 import os
 import platform
 import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +19,13 @@ import numpy as np
 
 from edgekit.errors import BundleError
 
-SCHEMA = 1
+SCHEMA = 2  # 2: paths checked, the library carries its interface digest (`INTERFACE_FUNCTION`)
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
+REPORTS = ("validation.json", "bench.json", "kv_compare.json", "kv_compare.md", "kv_compare.png")  # edgekit's own
+INTERFACE_FUNCTION = "edgekit_interface"  # a library function returning the sha256 of the interface, as uint8
+INTERFACE_KEYS = ("unit", "batch", "delay", "horizon", "input", "outputs", "running_means", "state", "entries",
+                  "segment", "summary", "decode_cache")
 
 
 @dataclass(frozen=True)
@@ -51,19 +59,42 @@ def file_sha256(path: Path, block: int = 1 << 20) -> str:
 
 
 def check_destination(out: Path, force: bool) -> None:
-    """Refuse to overwrite anything unless asked, and never replace a directory that is not a bundle."""
-    if not out.exists():
+    """Refuse to overwrite anything unless asked, and never replace what is not provably an edgekit bundle."""
+    if not out.exists() and not out.is_symlink():
         return
     if not force:
         raise BundleError(f"{out} already exists", "pass --force (force=True) to replace it, or choose another -o")
-    if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
-        raise BundleError(f"{out} exists and is not an edgekit bundle; refusing to replace it even with --force",
-                          "choose another output path")
+    if not is_bundle(out):
+        raise BundleError(f"{out} exists and is not an edgekit bundle (or holds files that are not the bundle's); "
+                          "refusing to replace it even with --force", "choose another output path")
+
+
+def is_bundle(path: Path) -> bool:
+    """An empty directory, or one whose manifest is edgekit's and whose every file is one it lists, the manifest
+    itself or one of edgekit's own reports: what `--force` may delete without losing anything of the user's."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    entries = [p for p in path.rglob("*")]
+    if not entries:
+        return True
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        listed = set(manifest["files"]) | {MANIFEST, *REPORTS}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not isinstance(manifest.get("schema"), int) or "target" not in manifest:
+        return False
+    return all(p.is_dir() and not p.is_symlink() or str(p.relative_to(path)) in listed for p in entries)
 
 
 def staging_dir(out: Path) -> Path:
-    """A fresh sibling directory to build into, so the final rename is atomic (same filesystem)."""
+    """A fresh sibling directory to build into, so the final rename is atomic (same filesystem). Staging folders
+    of compiles that were killed (their process is gone) are removed on the way."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
@@ -110,35 +141,139 @@ class Bundle:
         """The state at the start of a stream: zeros of every state tensor the manifest lists, in order."""
         return [np.zeros(s["shape"], s["dtype"]) for s in self.manifest["state"]]
 
-    def record(self, name: str, report: dict) -> Path:
-        """Save a report (validation, bench) beside the bundle's files; reports are not part of the checksums."""
-        path = self.path / name
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        return path
+    def record(self, name: str, report: dict, path: Path | None = None) -> Path:
+        """Save a report (validation, bench) beside the bundle's files, or at `path`: written to a temporary file
+        beside it, then renamed over the name, so a symlink there is replaced, never followed. Reports are not
+        part of the checksums."""
+        return write_atomic(Path(path) if path is not None else self.path / name,
+                            (json.dumps(report, indent=2) + "\n").encode())
+
+    def save_report(self, name: str, report: dict, path: Path | None = None) -> dict:
+        """`record` a stage's report, noting where it went in the report ("report"), or, when it cannot be written
+        (a read-only bundle, a full disk), why not ("report_error"): the results are never lost to that."""
+        target = Path(path) if path is not None else self.path / name
+        report["report"] = str(target)
+        try:
+            self.record(name, report, target)
+        except OSError as e:
+            report["report"] = None
+            report["report_error"] = f"could not write {target}: {e.strerror or e}"
+        return report
+
+    def interface_digest(self) -> bytes:
+        return interface_digest(self.manifest)
+
+    @contextmanager
+    def verified_library(self):
+        """A private copy of the library made from the bytes whose sha256 is checked here, for the loader: what
+        is loaded is what was checked, whatever happens to the bundle's file meanwhile."""
+        data = self.library.read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.manifest["files"][self.manifest["library"]]:
+            raise BundleError(f"{self.path}: {self.manifest['library']} was modified after compilation (sha256 "
+                              "mismatch)", "recompile the bundle; do not edit files inside it")
+        with tempfile.TemporaryDirectory(prefix="edgekit-lib-") as tmp:
+            copy = Path(tmp) / LIBRARY
+            copy.write_bytes(data)
+            yield copy
+
+
+def load_library(bundle: Bundle):
+    """The bundle's library in TVM's runtime (`tvm_runtime.VM`), loaded from its checked bytes, after its own
+    interface digest matched the manifest's."""
+    from edgekit.tvm_runtime import load_vm
+
+    with bundle.verified_library() as lib:
+        vm = load_vm(lib, bundle.device)
+    check_interface(bundle, vm[INTERFACE_FUNCTION]()[0].tobytes())
+    return vm
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write a file by renaming a finished temporary file beside it over its name: readers never see half of it,
+    and a symlink at `path` is replaced, never followed."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def interface_digest(manifest: dict) -> bytes:
+    """sha256 of the manifest fields that describe how the library is called (entries, shapes, delay, unit)."""
+    fields = {k: manifest[k] for k in INTERFACE_KEYS if k in manifest}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
+
+
+def check_interface(bundle: Bundle, compiled: bytes) -> None:
+    """The interface compiled into the library must be the manifest's: an edited delay or shape is refused."""
+    if compiled != bundle.interface_digest():
+        raise BundleError(f"{bundle.path}: the manifest's interface (unit, entries, shapes, delay) is not the one "
+                          "compiled into its library: the manifest was edited", "recompile the bundle")
 
 
 def load(path: Path, check_machine: bool = True, verify: bool = True) -> Bundle:
-    """Open a bundle: the manifest must exist, every listed file must match its sha256 (unless a caller that
-    already checked says not to), and (unless told not to) this machine must be able to run its target."""
+    """Open a bundle: the manifest must be edgekit's, every path it names a plain relative path inside the bundle
+    and listed with its sha256, every listed file must match it (unless a caller that already checked says not to:
+    the library is checked again whenever it is loaded), and (unless told not to) this machine must be able to
+    run its target."""
     path = Path(path)
     mf = path / MANIFEST
-    if not mf.is_file():
+    if not mf.is_file() or mf.is_symlink():
         raise BundleError(f"{path} is not an edgekit bundle (no {MANIFEST})", "pass a directory made by `edgekit compile`")
-    manifest = json.loads(mf.read_text())
-    if manifest.get("schema") != SCHEMA:
-        raise BundleError(f"{path} has manifest schema {manifest.get('schema')}, this edgekit reads {SCHEMA}",
+    try:
+        manifest = json.loads(mf.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BundleError(f"{mf} is not valid JSON ({e})", "recompile the bundle; do not edit files inside it") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        schema = manifest.get("schema") if isinstance(manifest, dict) else None
+        raise BundleError(f"{path} has manifest schema {schema}, this edgekit reads {SCHEMA}",
                           "recompile the bundle with this edgekit")
-    for rel, digest in manifest["files"].items() if verify else ():
+    missing = [k for k in ("files", "library", "model", "target", "unit", "entries", "state") if k not in manifest]
+    if missing or not isinstance(manifest["files"], dict):
+        raise BundleError(f"{mf} lacks {', '.join(missing) or 'a files table'}", "recompile the bundle")
+    for rel in _named_paths(manifest):
+        _check_inside(path, rel)
+        if rel not in manifest["files"]:
+            raise BundleError(f"{mf} names {rel} without its checksum", "recompile the bundle")
+    for rel, digest in manifest["files"].items():
+        _check_inside(path, rel)
         f = path / rel
         if not f.is_file():
             raise BundleError(f"{path}: file {rel} listed in the manifest is missing", "recompile the bundle")
-        if file_sha256(f) != digest:
+        if verify and file_sha256(f) != digest:
             raise BundleError(f"{path}: {rel} was modified after compilation (sha256 mismatch)",
                               "recompile the bundle; do not edit files inside it")
     bundle = Bundle(path, manifest)
     if check_machine:
         check_runs_here(bundle)
     return bundle
+
+
+def _named_paths(manifest: dict) -> list[str]:
+    """Every file a manifest points at besides its files table: library, weights, golden record, ONNX graphs."""
+    try:
+        return [manifest["library"], manifest["model"]["weights"],
+                *([manifest["golden"]["file"]] if manifest.get("golden") else []),
+                *[e["onnx"] for e in manifest["entries"].values()]]
+    except (KeyError, TypeError, AttributeError):
+        raise BundleError("the manifest's library, weights, golden or entries fields are malformed",
+                          "recompile the bundle") from None
+
+
+def _check_inside(bundle: Path, rel) -> None:
+    """A plain relative path to a file inside the bundle: no absolute path, no `..`, no symlink on the way."""
+    parts = Path(rel).parts if isinstance(rel, str) else ()
+    if not parts or Path(rel).is_absolute() or any(p in ("..", ".") for p in parts) or "\\" in rel:
+        raise BundleError(f"{bundle}: the manifest names {rel!r}, which is not a plain relative path inside the "
+                          "bundle; refusing to read it", "recompile the bundle; never edit its manifest")
+    for i in range(1, len(parts) + 1):
+        if (bundle / Path(*parts[:i])).is_symlink():
+            raise BundleError(f"{bundle}: {Path(*parts[:i])} is a symbolic link; bundle files must be plain files "
+                              "inside it", "recompile the bundle")
 
 
 def check_runs_here(bundle: Bundle) -> None:

@@ -7,16 +7,17 @@ from pathlib import Path
 from typing import Callable
 
 from edgekit import units
-from edgekit.artifact import load
+from edgekit.artifact import load, load_library
 from edgekit.engines import use_threads
 from edgekit.units import BenchOptions
 
 
 def bench(bundle_path: Path, options: BenchOptions | None = None, progress: Callable[[str], None] = lambda m: None,
-          **fields) -> dict:
-    """Latency per engine; saved as bench.json in the bundle. `options` (or its fields: calls, warmup, engines,
+          report_path: Path | None = None, **fields) -> dict:
+    """Latency per engine; saved as bench.json in the bundle (or at `report_path`). `options` (or its fields: calls, warmup, engines,
     seed, threads) say how much to time, which engines, and one thread count for all (None: each engine's own)."""
     bundle = load(bundle_path)  # for another machine: refused, emulated timings would mislead
+    load_library(bundle)  # a library that fails its checks fails here, before any engine is timed
     options = options if options is not None else BenchOptions(**fields)
     counts = use_threads(options.threads)
 
@@ -28,5 +29,4 @@ def bench(bundle_path: Path, options: BenchOptions | None = None, progress: Call
     m = bundle.manifest
     report = {"bundle": str(bundle.path), "target": m["target"]["name"], "model": m["model"]["family"],
               "threads": counts, **units.of(bundle).bench(bundle, options, torch_model, progress)}
-    bundle.record("bench.json", report)
-    return report
+    return bundle.save_report("bench.json", report, report_path)

@@ -200,7 +200,9 @@ def compile_cmd(model: str, checkpoint: Path | None, config: str | None, target:
 @click.option("--atol", type=float, help="max abs error allowed per output  [default: 0.0001]")
 @click.option("--rtol", type=float, help="or max error relative to the output's range  [default: 0.001]")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object instead of tables")
-def validate(bundle: Path, as_json: bool, **flags) -> None:
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="write the report here  [default: BUNDLE/validation.json]")
+def validate(bundle: Path, as_json: bool, report_path: Path | None, **flags) -> None:
     """Stream BUNDLE against the float64 PyTorch model it was compiled from (without torch: the golden record
     compiled into it).
 
@@ -217,7 +219,7 @@ def validate(bundle: Path, as_json: bool, **flags) -> None:
     unit = units.of(load(bundle, check_machine=False))
     options = unit.validate_options(**_given(**flags))
     with counter("streaming") as progress:
-        report = run(bundle, options, progress=progress)
+        report = run(bundle, options, progress=progress, report_path=report_path)
     if as_json:
         click.echo(json.dumps(report))
     else:
@@ -235,7 +237,10 @@ def validate(bundle: Path, as_json: bool, **flags) -> None:
 @click.option("--threads", type=click.IntRange(min=1),
               help="threads for every engine  [default: each engine's own; TVM counts physical cores]")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object instead of a table")
-def bench(bundle: Path, calls: int, warmup: int, engines: tuple[str, ...], threads: int | None, as_json: bool) -> None:
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="write the report here  [default: BUNDLE/bench.json]")
+def bench(bundle: Path, calls: int, warmup: int, engines: tuple[str, ...], threads: int | None, as_json: bool,
+          report_path: Path | None) -> None:
     """Latency of BUNDLE in PyTorch, ONNX Runtime and TVM, same inputs, after warm-up.
 
     A frame model is timed per frame for each chunk size; `tvm-compute` times the compiled function inside TVM
@@ -248,7 +253,7 @@ def bench(bundle: Path, calls: int, warmup: int, engines: tuple[str, ...], threa
 
     options = BenchOptions(calls=calls, warmup=warmup, engines=engines, threads=threads)
     with stages("benchmarking") as say:
-        report = run(bundle, options, progress=say)
+        report = run(bundle, options, progress=say, report_path=report_path)
     if as_json:
         click.echo(json.dumps(report))
     else:

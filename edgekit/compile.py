@@ -10,8 +10,11 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from edgekit import units
-from edgekit.artifact import LIBRARY, SCHEMA, Bundle, check_destination, file_sha256, load, publish, staging_dir
+from edgekit.artifact import (INTERFACE_FUNCTION, LIBRARY, SCHEMA, Bundle, check_destination, file_sha256,
+                              interface_digest, load, publish, staging_dir)
 from edgekit.errors import CompileError
 from edgekit.export import export
 
@@ -27,8 +30,9 @@ def unsupported_ops(graph) -> list[str]:
     return sorted({n.op_type for n in graph.graph.node if n.op_type not in known})
 
 
-def import_entries(onnx_paths: dict[str, Path]):
-    """One Relax IRModule with a public function per entry; helper PrimFuncs get entry-prefixed names."""
+def import_entries(onnx_paths: dict[str, Path], constants: dict[str, np.ndarray] | None = None):
+    """One Relax IRModule with a public function per entry (helper PrimFuncs get entry-prefixed names), plus a
+    function without arguments per entry of `constants` that returns that array."""
     import onnx
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
@@ -55,6 +59,9 @@ def import_entries(onnx_paths: dict[str, Path]):
                                              f"{entry}_{gv.name_hint}")
                    for gv, f in mod.functions.items() if gv.name_hint != "main"}
         bb.add_func(Rename(mapping).visit_expr(mod["main"]).with_attr("global_symbol", entry), entry)
+    for name, value in (constants or {}).items():
+        with bb.function(name, []):
+            bb.emit_func_output(relax.const(value))
     return bb.get()
 
 
@@ -94,8 +101,10 @@ def compile(model: str, target: str, out: Path, *, config: str | None = None, ch
         progress(f"importing into TVM Relax and building for {tgt.name}")
         from edgekit.pipeline import build
 
+        interface = {"batch": opts.batch, **unit.manifest_fields(net, opts)}
+        digest = np.frombuffer(interface_digest(interface), np.uint8)
         tvm_target = tgt.tvm_target()
-        cuda = build(import_entries(onnx_paths), tvm_target, stage / LIBRARY, tgt.cc)
+        cuda = build(import_entries(onnx_paths, {INTERFACE_FUNCTION: digest}), tvm_target, stage / LIBRARY, tgt.cc)
         progress("computing the float64 golden record")
         torch.save(net.state_dict(), stage / "weights.pt")
         golden = unit.write_golden(net, stage / GOLDEN)
@@ -110,8 +119,7 @@ def compile(model: str, target: str, out: Path, *, config: str | None = None, ch
             "cuda": cuda,
             "precision": "float32",
             "quantization": None,
-            "batch": opts.batch,
-            **unit.manifest_fields(net, opts),
+            **interface,
             "library": LIBRARY,
             "golden": golden,
             "compile_seconds": round(time.perf_counter() - t0, 2),

@@ -2,8 +2,6 @@
 rich is imported on use: units import this module, and a board's runtime (or the emulation root) has no rich."""
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def table(title: str, columns: list[str], rows: list[list[str]], left: int = 1):
     """A rich table whose first `left` columns are text and the rest right-aligned figures."""
@@ -38,9 +36,15 @@ def validation_footer(report: dict) -> list[str]:
              f"{mib(r['at_T'])} " + (f"(change {r['growth'] / 2**20:+.2f} MiB)" if r["growth"] is not None
                                      else "(one point: too short a stream to check memory)")]
     lines += [f"  {'[green]pass[/]' if ok else '[red]FAIL[/]'} {check}" for check, ok in report["checks"].items()]
-    return lines + [f"report: {Path(report['bundle']) / 'validation.json'}"]
+    return lines + [saved(report)]
 
 
 def bench_footer(report: dict) -> list[str]:
     return ["threads: " + ", ".join(f"{k} {v}" for k, v in report["threads"].items() if k != "requested"),
-            f"report: {Path(report['bundle']) / 'bench.json'}"]
+            saved(report)]
+
+
+def saved(report: dict) -> str:
+    if report.get("report"):
+        return f"report: {report['report']}"
+    return f"[yellow]warning:[/] {report['report_error']}; the results above are all there is (pass --report PATH)"

@@ -20,7 +20,31 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import tvm_ffi
+
+
+def _import_tvm_ffi():
+    """tvm_ffi's __init__ imports torch whenever torch is installed (a workaround for a Windows symbol clash):
+    seconds and ~150 MB per process. A runtime that does not use torch imports tvm_ffi with torch hidden."""
+    if "tvm_ffi" in sys.modules or "torch" in sys.modules:
+        import tvm_ffi
+        return tvm_ffi
+
+    class HideTorch:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError("torch is not imported by edgekit's runtime")
+            return None
+
+    sys.meta_path.insert(0, HideTorch)
+    try:
+        import tvm_ffi
+    finally:
+        sys.meta_path.remove(HideTorch)
+    return tvm_ffi
+
+
+tvm_ffi = _import_tvm_ffi()
 
 _DLPACK_DEVICE = {"cpu": 1, "cuda": 2}
 _POOLED_ALLOCATOR = 2  # tvm.relax.VirtualMachine.POOLED_ALLOCATOR, its default

@@ -21,9 +21,9 @@ def reference_model(bundle: Bundle):
 
 
 def validate(bundle_path: Path, options=None, progress: Callable[[int, int], None] = lambda done, total: None,
-             **fields) -> dict:
-    """Stream the bundle against its reference; return the report (also saved as validation.json in the bundle).
-    `options` is the unit's ValidateOptions, or give its fields (e.g. frames=100_000, segments=300)."""
+             report_path: Path | None = None, **fields) -> dict:
+    """Stream the bundle against its reference; return the report (also saved as validation.json in the bundle,
+    or at `report_path`). `options` is the unit's ValidateOptions, or give its fields (e.g. frames=100_000)."""
     bundle = load(bundle_path, check_machine=False)
     unit = units.of(bundle)
     options = options if options is not None else unit.validate_options(**fields)
@@ -34,5 +34,4 @@ def validate(bundle_path: Path, options=None, progress: Callable[[int, int], Non
     if net is None:
         report["reference"] += ", read from the bundle's golden record (computed at compile time)"
     report["runtime_startup_seconds"] = round(session.startup_seconds, 2)
-    bundle.record("validation.json", report)
-    return report
+    return bundle.save_report("validation.json", report, report_path)

@@ -77,7 +77,7 @@ def test_stream_cli_detects_keyword_with_cached_demo(cache, tmp_path, monkeypatc
     x += 0.003 * np.random.default_rng(0).standard_normal(len(x)).astype(np.float32)
     audio.write_wav(tmp_path / "yes.wav", x)
     monkeypatch.setenv("EDGEKIT_CACHE", str(cache))
-    monkeypatch.setattr("edgekit.compile.compile", lambda *a, **k: pytest.fail("the cached bundle was not used"))
+    monkeypatch.setattr(sys.modules["edgekit.compile"], "compile", lambda *a, **k: pytest.fail("the cached bundle was not used"))
     result = CliRunner().invoke(main, ["stream", "--wav", str(tmp_path / "yes.wav")])
     assert result.exit_code == 0, result.output
     detections = re.findall(r"^\s*([\d.]+) s\s+(\S+)\s+([\d.]+)$", result.output, re.M)

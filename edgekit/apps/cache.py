@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +22,12 @@ def host_bundle(family: str, *, checkpoint: Path | None = None, config: str | No
     if options:
         key += "-" + hashlib.sha256(json.dumps(options, sort_keys=True, default=list).encode()).hexdigest()[:8]
     out = cache_dir() / "bundles" / f"{family}-{key}-host-{__version__}"
+    if out.is_dir():
+        try:
+            return load(out)
+        except BundleError as e:  # corrupted, or from an older edgekit: ours to rebuild, not the user's to fix
+            progress(f"the cached bundle {out} is unusable ({str(e).splitlines()[0]}): rebuilding it")
+            shutil.rmtree(out)
     if not out.is_dir():
         from edgekit.compile import compile
 

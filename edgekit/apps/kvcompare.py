@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgekit.artifact import write_atomic
 from edgekit.engines import ort_options, use_threads
 from edgekit.measure import rss_bytes
 
@@ -504,7 +505,7 @@ def compare(bundle_path: Path, lengths: tuple[int, ...] = LENGTHS, engines: tupl
         finally:
             torch.set_num_threads(before)
     bundle.record("kv_compare.json", report)
-    (bundle.path / "kv_compare.md").write_text(markdown(report))
+    write_atomic(bundle.path / "kv_compare.md", markdown(report).encode())
     plot(report, bundle.path / "kv_compare.png")
     return report
 
@@ -571,6 +572,8 @@ def plot(report: dict, path: Path) -> Path | None:
     lat.legend(fontsize=7)
     mem.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    write_atomic(path, png.getvalue())
     return path

@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from edgekit import measure, render
-from edgekit.artifact import Bundle, check_runs_here
+from edgekit.artifact import Bundle, check_runs_here, load_library
 from edgekit.engines import ort_session
 from edgekit.errors import BundleError, EdgekitError, InputShapeError
 from edgekit.measure import WINDOW, FrameSource, Tally
-from edgekit.tvm_runtime import load_vm
 from edgekit.units import BenchOptions, Unit
 from edgekit.worker import WorkerSession
 
@@ -137,7 +136,7 @@ class LocalSession(FrameSession):
     def __init__(self, bundle: Bundle):
         super().__init__(bundle)
         check_runs_here(bundle)
-        self.vm = load_vm(bundle.library, bundle.device)
+        self.vm = load_library(bundle)
         self.funcs = {name: self.vm.raw(name) for name in bundle.manifest["entries"]}
         self.reset()
 
@@ -301,7 +300,8 @@ def _tvm_vm_only(bundle: Bundle, frames: int, calls: int) -> dict:
 
     m = bundle.manifest
     dev = tvm.device(bundle.device)
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(bundle.library)), dev)
+    with bundle.verified_library() as lib:
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), dev)
     entry = entry_for(bundle, frames)
     args = [np.zeros((m["batch"], frames, m["input"]["shape"][-1]), np.float32), *bundle.zero_state()]
     vm.set_input(entry, *[tvm.runtime.tensor(a, dev) for a in args])

@@ -20,12 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from edgekit import measure, render
-from edgekit.artifact import Bundle, check_runs_here
+from edgekit.artifact import Bundle, check_runs_here, load_library
 from edgekit.engines import ort_session
 from edgekit.errors import EdgekitError, InputShapeError
 from edgekit.measure import Tally, TokenSource
 from edgekit.artifact import TensorSpec
-from edgekit.tvm_runtime import load_vm
 from edgekit.units import BenchOptions, Unit
 from edgekit.worker import WorkerSession
 
@@ -79,7 +78,7 @@ class TVMEngine(Layout):
 
     def __init__(self, bundle: Bundle):
         super().__init__(bundle.manifest)
-        self.bundle, self.vm = bundle, load_vm(bundle.library, bundle.device)
+        self.bundle, self.vm = bundle, load_library(bundle)
         self.seg_fn, self.dec_fn = self.vm.raw("segment"), self.vm.raw("decode")
 
     def init_state(self) -> list:

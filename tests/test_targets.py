@@ -13,6 +13,7 @@ from edgekit import cuda
 from edgekit.compile import compile, import_entries
 from edgekit.errors import CompileError, UnknownNameError
 from edgekit.export import export
+from edgekit.units.frame import UNIT as frame
 from edgekit.models import build
 from edgekit.pipeline import pipeline
 from edgekit.targets import get, nvcc, targets
@@ -107,7 +108,7 @@ def thread_tags(func: tirx.PrimFunc) -> set[str]:
 
 
 def test_every_cuda_kernel_is_bound_to_blocks_and_threads(tmp_path):
-    mod = import_entries(export(build("lmuformer", "tiny"), tmp_path, (1, 4), 1))
+    mod = import_entries(export(build("lmuformer", "tiny"), frame, tmp_path, frame.export_options(chunks=(1, 4))))
     kernels = {"cuda": get("jetson"), "llvm": get("host")}
     tags = {kind: {gv.name_hint: thread_tags(f) for gv, f in pipeline(t.tvm_target())(mod).functions.items()
                    if isinstance(f, tirx.PrimFunc)} for kind, t in kernels.items()}

@@ -232,9 +232,8 @@ def load(path: Path, check_machine: bool = True, verify: bool = True) -> Bundle:
         schema = manifest.get("schema") if isinstance(manifest, dict) else None
         raise BundleError(f"{path} has manifest schema {schema}, this edgekit reads {SCHEMA}",
                           "recompile the bundle with this edgekit")
-    missing = [k for k in ("files", "library", "model", "target", "unit", "entries", "state") if k not in manifest]
-    if missing or not isinstance(manifest["files"], dict):
-        raise BundleError(f"{mf} lacks {', '.join(missing) or 'a files table'}", "recompile the bundle")
+    if problem := _malformed(manifest):
+        raise BundleError(f"{mf} is malformed: {problem}", "recompile the bundle; do not edit its manifest")
     for rel in _named_paths(manifest):
         _check_inside(path, rel)
         if rel not in manifest["files"]:
@@ -251,6 +250,46 @@ def load(path: Path, check_machine: bool = True, verify: bool = True) -> Bundle:
     if check_machine:
         check_runs_here(bundle)
     return bundle
+
+
+TENSOR = {"name": str, "shape": list, "dtype": str}
+LAYOUT = {"schema": int, "files": dict, "library": str, "unit": str, "batch": int, "delay": int, "state": [TENSOR],
+          "input": TENSOR, "outputs": [TENSOR], "running_means": dict, "entries": {str: {"onnx": str}},
+          "model": {"family": str, "config": dict, "weights": str}, "target": {"name": str, "arch": str, "runs": str,
+                                                                              "tvm": str}}
+
+
+def _malformed(manifest: dict) -> str | None:
+    """What in the manifest does not have the layout edgekit writes (None: nothing), so that no stage trips
+    over a field of the wrong type. Values are checked by the checksums and the library's interface digest."""
+    def check(value, layout, where: str) -> str | None:
+        if isinstance(layout, type):
+            ok = isinstance(value, layout) and not isinstance(value, bool) or layout is bool and isinstance(value, bool)
+            return None if ok else f"{where} is not a {layout.__name__}"
+        if isinstance(layout, list):
+            if not isinstance(value, list):
+                return f"{where} is not a list"
+            return next((p for i, v in enumerate(value) if (p := check(v, layout[0], f"{where}[{i}]"))), None)
+        if not isinstance(value, dict):
+            return f"{where} is not an object"
+        if str in layout:  # a mapping of names to one layout
+            return next((p for k, v in value.items() if (p := check(v, layout[str], f"{where}.{k}"))), None)
+        for key, sub in layout.items():
+            if key not in value:
+                return f"{where + '.' if where else ''}{key} is missing"
+            if problem := check(value[key], sub, f"{where + '.' if where else ''}{key}"):
+                return problem
+        return None
+
+    if problem := check(manifest, LAYOUT, ""):
+        return problem
+    shapes = [t["shape"] for t in [*manifest["state"], manifest["input"], *manifest["outputs"]]]
+    if not all(isinstance(d, int) and d >= 0 for s in shapes for d in s) or manifest["batch"] < 1 \
+            or manifest["delay"] < 0:
+        return "a shape, the batch or the delay is out of range"
+    if manifest.get("golden") is not None and not isinstance(manifest["golden"], dict):
+        return "golden is not an object"
+    return None
 
 
 def _named_paths(manifest: dict) -> list[str]:

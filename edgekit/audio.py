@@ -160,7 +160,9 @@ class WavReader:
         """float32 mono blocks of up to `block` samples each, until the end of the file."""
         dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[self.width]
         scale = float(2 ** (8 * self.width - 1))
+        frame_bytes = self.width * self.channels
         while raw := self.file.readframes(self.block):
+            raw = raw[:len(raw) - len(raw) % frame_bytes]  # a truncated file ends mid-frame: drop the partial one
             x = np.frombuffer(raw, dtype=dtype).astype(np.float32)
             if self.width == 1:
                 x -= 128.0

@@ -18,7 +18,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types here: unpickling, zip, EOF
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}",
+        first = (str(e).splitlines() or ["(no message)"])[0]
+        raise CheckpointError(f"cannot read checkpoint {path} ({path.stat().st_size} bytes): {type(e).__name__}: {first}",
                               "pass a file written by torch.save(model.state_dict(), ...)") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

@@ -5,6 +5,7 @@ spinner on a terminal, else one line per stage."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -74,11 +75,16 @@ class Group(click.Group):
     """Turns edgekit's own errors into a red message and exit code 2, so users never see a traceback."""
 
     def invoke(self, ctx: click.Context):
+        # SIGTERM unwinds like Ctrl-C, so a compile removes its staging folder on the way out.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         try:
             return super().invoke(ctx)
         except EdgekitError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False)
             sys.exit(2)
+        except KeyboardInterrupt:
+            err_console.print("interrupted; nothing was written", highlight=False)
+            sys.exit(130)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -296,9 +302,9 @@ def info(bundle: Path, as_json: bool) -> None:
               help="an LMUFormer checkpoint (e.g. a public SCv2 one), compiled for this host on first use")
 @click.option("--labels", help="class names in model order, comma-separated (when the model does not say)")
 @click.option("--hop", type=int, default=14, show_default=True, help="frames between window starts (10 ms each)")
-@click.option("--threshold", type=float, default=0.5, show_default=True,
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="keyword probability to detect (0.5: chosen on the demo's validation streams)")
-@click.option("--repeat", type=int, default=1, show_default=True, help="play the WAV this many times (a long stream)")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True, help="play the WAV this many times (a long stream)")
 def stream(wav: Path | None, mic: bool, bundle: Path | None, checkpoint: Path | None, labels: str | None, hop: int,
            threshold: float, repeat: int) -> None:
     """Spot keywords in a WAV file (or the microphone) with a compiled LMUFormer, printing each detection
@@ -322,6 +328,8 @@ def stream(wav: Path | None, mic: bool, bundle: Path | None, checkpoint: Path | 
         report = detect(b, spec, source, hop=hop, threshold=threshold, on_detection=show)
     except KeyboardInterrupt:
         return
+    if not report.audio_seconds:
+        raise EdgekitError(f"{wav} holds no audio samples: nothing was streamed", "pass a WAV file with sound in it")
     rss = " -> ".join(f"{r / 2**20:.1f} MiB at {t:g} s" for t, r in report.rss[:2] + report.rss[2:][-1:])
     console.print(f"{report.detections} detections in {report.audio_seconds:.1f} s of audio; real-time factor "
                   f"{report.rtf:.4f} (CPU time {report.cpu_rtf:.4f}); RSS {rss}")
@@ -384,13 +392,13 @@ def generate(prompt: str, tokens: int, temperature: float, checkpoint: Path | No
         raise click.UsageError("pass --checkpoint or --config, not both (a checkpoint carries its own config)")
     if bundle and (checkpoint or config):
         raise click.UsageError("pass --bundle or --checkpoint/--config, not both (a bundle holds its weights)")
-    if tokens < 0 or temperature < 0:
-        raise click.UsageError("--tokens and --temperature must not be negative")
+    if tokens < 0 or not temperature >= 0:  # NaN is not >= 0 either
+        raise click.UsageError("--tokens and --temperature must be numbers >= 0")
     if not prompt:
         raise click.UsageError("--prompt must hold at least one character")
     with stages("loading") as say:
         gen, state_bytes = open_generator(engine, bundle, checkpoint, config, say)
-    data = prompt.encode()
+    data = prompt.encode(errors="surrogateescape")  # bytes that are not UTF-8 reach the model as they are
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     sys.stdout.write(prompt)
 

@@ -94,7 +94,11 @@ def compile(model: str, target: str, out: Path, *, config: str | None = None, ch
     t0 = time.perf_counter()
     progress(f"loading {model}" + (f" from {checkpoint}" if checkpoint else f" ({config or 'default'} config)"))
     net = models.build(model, config, checkpoint)
-    stage = staging_dir(out)
+    try:
+        stage = staging_dir(out)
+    except OSError as e:
+        raise CompileError(f"cannot write the bundle at {out}: {e.strerror or e}",
+                           "choose an -o in a writable directory") from None
     try:
         progress("exporting the entry points to ONNX (checked against ONNX Runtime)")
         onnx_paths = export(net, unit, stage / "onnx", opts)
@@ -126,7 +130,10 @@ def compile(model: str, target: str, out: Path, *, config: str | None = None, ch
         }
         progress("writing the bundle")
         publish(stage, manifest, out, force)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a filesystem gone read-only: nothing was written
+            raise CompileError(f"writing the bundle at {out} failed: {e.strerror or e}; nothing was written",
+                               "free disk space, or choose an -o on another disk") from None
         raise
     return load(out, check_machine=False)

@@ -109,6 +109,12 @@ def rss_bytes(pid: int | None = None) -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def pieces(total: int, size: int, cuts: list[int] = ()) -> list[int]:
+    """Ends of the pieces [0, total) is streamed in: every `size` items, and also at each cut (where memory is
+    read), so that T/10 and T are two different points of the stream whenever T >= 2."""
+    return sorted({*range(size, total, size), total, *(c for c in cuts if 0 < c < total)})
+
+
 def rss_marks(total: int) -> set[int]:
     """Where along a stream of `total` items the artifact's resident memory is read: T/10 and T."""
     return {max(1, total // 10), total}

@@ -17,6 +17,7 @@ from edgekit.kernels.cpu_fastmath import FastErfSoftmax
 from edgekit.kernels.cpu_gemv import PackedGEMVSchedule, PackGEMVWeights
 from edgekit.kernels.cpu_injective import InlineInjective
 from edgekit.kernels.cpu_matmul import BatchMatmulSchedule
+from edgekit.kernels.nan_semantics import NaNPropagatingReLU
 from edgekit.kernels.cpu_reduction import RowReductionSchedule
 
 
@@ -38,6 +39,7 @@ def cpu_passes(target: tvm.target.Target) -> list:
     return [
         *cpu.library_dispatch_passes(target),
         ClipTakeIndices,
+        NaNPropagatingReLU,
         relax.transform.FoldConstant(),
         PackGEMVWeights,
         FastErfSoftmax,
@@ -59,6 +61,7 @@ def cuda_passes(target: tvm.target.Target) -> list:
     return [
         *cuda.library_dispatch_passes(target),
         ClipTakeIndices,
+        NaNPropagatingReLU,
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

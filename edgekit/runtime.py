@@ -8,6 +8,7 @@ qemu-aarch64 (the same bits a board runs, for correctness only) when an ARM CPU 
 """
 from __future__ import annotations
 
+import json
 import platform
 import sys
 from pathlib import Path
@@ -20,9 +21,10 @@ from edgekit.errors import EdgekitError
 from edgekit.worker import EMULATED, Worker, receive, send
 
 
-def Session(bundle: Bundle | Path | str, isolated: bool = False, progress=None):  # noqa: N802 (opens one, like a class)
+def Session(bundle: Bundle | Path | str, isolated: bool = False, progress=None, **options):  # noqa: N802
     """A session over the bundle wherever this machine can run it: a frame bundle's session steps frames
-    (`step`, `feed`, `run`, `flush`), a segment bundle's scores segments and feeds tokens (`score`, `feed`)."""
+    (`step`, `feed`, `run`, `flush`), a segment bundle's scores segments and feeds tokens (`score`, `feed`).
+    `options` are the unit's (frame: allow_nonfinite=True lets NaN/Inf frames through, as PyTorch does)."""
     bundle = bundle if isinstance(bundle, Bundle) else load(bundle, check_machine=False)
     unit = units.of(bundle)
     target, here = bundle.target, platform.machine()
@@ -30,18 +32,18 @@ def Session(bundle: Bundle | Path | str, isolated: bool = False, progress=None):
         from edgekit import emulator
 
         python = emulator.python_command(emulator.prepare(progress=progress))
-        return unit.remote_session(bundle, Worker(bundle, python, EMULATED))
+        return unit.remote_session(bundle, Worker(bundle, python, EMULATED, options), **options)
     check_runs_here(bundle)
     if isolated:
-        return unit.remote_session(bundle, Worker(bundle, [sys.executable], "native, own process"))
-    return unit.session(bundle)
+        return unit.remote_session(bundle, Worker(bundle, [sys.executable], "native, own process", options), **options)
+    return unit.session(bundle, **options)
 
 
 def serve() -> None:
     """The worker side: one in-process session over the bundle named in argv (checksums verified by the parent
     already), running the methods its class lists in `OPS` as requests arrive on stdin, replying on stdout."""
-    bundle = load(Path(sys.argv[-1]), verify=False)
-    session = units.of(bundle).session(bundle)
+    bundle = load(Path(sys.argv[-1]), verify=False)  # the library itself is checked again as it is loaded
+    session = units.of(bundle).session(bundle, **json.loads(sys.argv[-2]))
     out, inp = sys.stdout.buffer, sys.stdin.buffer
     while True:
         try:

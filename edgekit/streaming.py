@@ -395,6 +395,7 @@ class TorchEngine:
         self.model = model.eval()
         self.segment_length, self.summary_length = model.segment_length, model.summary_length
         self.outputs, self.cache = [s.name for s in model.output_spec()], [s.name for s in model.kv_spec()]
+        self.vocab = model.output_spec()[0].shape[-1]
 
     def init_state(self) -> State:
         return self.model.init_state(1, next(self.model.parameters()).dtype)

@@ -5,6 +5,7 @@ pickles. The child runs `edgekit.runtime.serve` (numpy and the TVM runtime libra
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -20,12 +21,12 @@ EMULATED = "qemu-aarch64 emulation (correctness check; timings are not board tim
 class Worker:
     """The child process and its pipe; `worker(op, **arrays)` runs the session method `op` over there."""
 
-    def __init__(self, bundle: Bundle, python: list[str], execution: str):
+    def __init__(self, bundle: Bundle, python: list[str], execution: str, options: dict | None = None):
         self.bundle, self.execution = bundle, execution
         package_parent = str(Path(__file__).resolve().parent.parent)
         code = f"import sys; sys.path.insert(0, {package_parent!r}); from edgekit.runtime import serve; serve()"
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen([*python, "-c", code, str(bundle.path.resolve())],
+        self.proc = subprocess.Popen([*python, "-c", code, json.dumps(options or {}), str(bundle.path.resolve())],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.pid = self.proc.pid
         self("hello")

@@ -12,11 +12,12 @@ import tvm
 from tvm import relax, topi
 
 from edgekit.kernels import call_rewrite_pass
+from edgekit.kernels.nan_semantics import fast_erf
 
 
 def _fast(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     if call.op == tvm.ir.Op.get("relax.erf"):
-        return bb.call_te(topi.fast_erf, call.args[0], primfunc_name_hint="fast_erf")
+        return bb.call_te(fast_erf, call.args[0], primfunc_name_hint="fast_erf")
     if call.op == tvm.ir.Op.get("relax.nn.softmax"):
         return bb.call_te(topi.nn.fast_softmax, call.args[0], int(call.attrs.axis), primfunc_name_hint="fast_softmax")
     return call

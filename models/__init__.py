@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from edgekit.checkpoint import load_strict, read_state_dict
-from edgekit.errors import UnknownNameError
+from edgekit.errors import BundleError, CheckpointError, UnknownNameError
 from edgekit.streaming import SegmentModel, StreamingModel
 
 Model = StreamingModel | SegmentModel
@@ -72,6 +72,7 @@ def build(name: str, config: str | None = None, checkpoint: Path | None = None, 
         sd = read_state_dict(checkpoint)
         model = fam.cls(**fam.infer_config(sd))
         load_strict(model, sd, str(checkpoint))
+        check_finite(model, str(checkpoint))
         fam.check(model)
         return model.eval()
     config = config or next(iter(fam.configs))
@@ -83,9 +84,22 @@ def build(name: str, config: str | None = None, checkpoint: Path | None = None, 
     return model
 
 
+def check_finite(model: Model, source: str) -> None:
+    """Weights that hold NaN or Inf make every output meaningless: refuse them by name."""
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise CheckpointError(f"{source} holds NaN or Inf weights in {', '.join(bad[:5])}"
+                              + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""),
+                              "check the training run that wrote it (a diverged loss leaves NaN weights)")
+
+
 def from_bundle(bundle) -> Model:
     """The PyTorch model a bundle was compiled from, in float64, rebuilt from the weights it carries."""
     m = bundle.manifest["model"]
-    net = family(m["family"]).cls(**m["config"])
+    try:
+        net = family(m["family"]).cls(**m["config"])
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{bundle.path}: the manifest's model config does not build a {m['family']} ({e})",
+                          "recompile the bundle; do not edit its manifest") from None
     net.load_state_dict(torch.load(bundle.path / m["weights"], map_location="cpu", weights_only=True))
     return net.double().eval()

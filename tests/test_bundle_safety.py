@@ -143,3 +143,103 @@ def test_killed_compiles_leave_no_debris(tmp_path):
     (stale / "model.so").write_bytes(b"half")
     compile("lmuformer", "host", tmp_path / "b", config="tiny", chunks=(1,))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_non_finite_frames_are_refused_unless_allowed_and_then_propagate(tiny_bundle):
+    """A NaN frame is refused with the state kept; allowed, it makes every later output NaN, as PyTorch's own
+    streaming step does (the parallel offline form spreads it over the whole sequence instead)."""
+    import torch
+
+    from edgekit.models import from_bundle
+
+    x = np.random.default_rng(0).standard_normal((1, 60, 40)).astype(np.float32)
+    session = Session(tiny_bundle)
+    before = session.feed(x[:, :20])
+    bad = x[:, 20:21].copy()
+    bad[0, 0, 3] = np.nan
+    with pytest.raises(Exception, match="NaN or Inf; the call was refused"):
+        session.step(bad)
+    after = session.feed(x[:, 20:])  # the refused call left no trace: the stream continues as if never made
+    clean = Session(tiny_bundle).run(x)
+    np.testing.assert_allclose(np.concatenate([before["logits"], after["logits"]], 1)[:, 5:], clean["logits"][:, :55],
+                               atol=1e-6)
+    y = x.copy()
+    y[0, 20, 3] = np.nan
+    got = Session(tiny_bundle, allow_nonfinite=True).run(y)["logits"][0]
+    with torch.no_grad():
+        want = from_bundle(tiny_bundle).float().stream(torch.from_numpy(y))["logits"][0].numpy()
+    assert np.array_equal(np.isnan(got).any(-1), np.isnan(want).any(-1)) and np.isnan(got[-1]).all()
+
+
+def test_session_misuse_is_one_clear_error(tiny_bundle):
+    session = Session(tiny_bundle)
+    with pytest.raises(Exception, match="at least one frame"):
+        session.step(np.zeros((1, 0, 40), np.float32))
+    with pytest.raises(Exception, match="chunk must be at least 1"):
+        session.feed(np.zeros((1, 4, 40), np.float32), chunk=0)
+    assert session.run(np.zeros((1, 0, 40), np.float32))["logits"].shape == (1, 0, 12)
+    session.reset()
+    session.feed(np.zeros((1, 8, 40), np.float32))
+    session.flush()
+    with pytest.raises(Exception, match="flushed"):
+        session.step(np.zeros((1, 1, 40), np.float32))
+    with pytest.raises(Exception, match="flushed"):
+        session.flush()
+    session.reset()
+    session.step(np.zeros((1, 1, 40), np.float32))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["validate", "{b}", "--chunk", "0"], "must be positive"),
+    (["validate", "{b}", "--chunk", "-3"], "must be positive"),
+    (["validate", "{b}", "--frames", "3", "--chunk", "4"], "never calls the chunk-4 entry"),
+    (["validate", "{b}", "--atol", "nan"], "--atol and --rtol must be >= 0"),
+    (["validate", "{b}", "--atol", "-1"], "--atol and --rtol must be >= 0"),
+    (["validate", "{b}", "--segments", "3"], "segments: not an option of frame-streaming models"),
+    (["compile", "lmuformer", "--config", "tiny", "--chunk", "100000", "-o", "{t}/x"], "over 1024 frames"),
+    (["compile", "lmuformer", "--config", "tiny", "-o", "{t}/file/sub"], "cannot write the bundle"),
+    (["compile", "lmuformer", "--checkpoint", "{t}/empty.pt", "-o", "{t}/y"], "cannot read checkpoint"),
+    (["generate", "--temperature", "nan", "--config", "tiny"], "--temperature"),
+    (["stream", "--wav", "{t}/a.wav", "--threshold", "-1"], "threshold"),
+    (["stream", "--wav", "{t}/a.wav", "--repeat", "0"], "repeat"),
+    (["bench", "{b}", "--calls", "0"], "calls"),
+])
+def test_bad_input_is_one_clear_error(tiny_bundle, tmp_path, args, message):
+    (tmp_path / "file").write_text("a file, not a folder")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    args = [a.format(b=tiny_bundle.path, t=tmp_path) for a in args]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and message in " ".join(r.output.split()) and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_checkpoint_with_nan_weights_is_named(tmp_path):
+    import torch
+
+    from edgekit.errors import CheckpointError
+    from edgekit.models import build
+
+    sd = build("lmuformer", "tiny").state_dict()
+    key = next(k for k, v in sd.items() if v.is_floating_point() and v.dim() == 2)
+    sd[key][0, 0] = float("nan")
+    torch.save(sd, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match=f"NaN or Inf weights in {key}"):
+        build("lmuformer", checkpoint=tmp_path / "nan.pt")
+
+
+def test_disk_full_during_compile_leaves_nothing(tmp_path, monkeypatch):
+    import torch
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    r = CliRunner().invoke(main, ["compile", "lmuformer", "--config", "tiny", "--chunk", "1", "-o", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "No space left on device" in r.output and "nothing was written" in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validation_reads_memory_at_two_points_of_a_short_stream(tiny_bundle):
+    report = validate(tiny_bundle.path, frames=300, chunk=4)
+    assert "constant_memory" in report["checks"]
+    assert report["rss_bytes"]["at_T/10"] is not None and report["rss_bytes"]["growth"] is not None

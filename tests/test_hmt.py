@@ -297,3 +297,13 @@ def test_bench_segment_bundle(tiny_library, monkeypatch):
     assert rows == {(e, c) for e in ("pytorch", "onnxruntime", "tvm") for c in ("segment", "decode", "generate")}
     assert all(r["bytes_per_second"] > 0 for r in report["results"])
     assert (Path(out) / "bench.json").is_file()
+
+
+def test_a_token_outside_the_vocabulary_is_refused_and_leaves_the_stream_intact(tiny_library):
+    model, out, _ = tiny_library
+    gen, clean = Generator(load_engine(out)), Generator(load_engine(out))
+    for g in (gen, clean):
+        g.prefill(b"abc")
+    with pytest.raises(InputShapeError, match="not in \\[0, 256\\)"):
+        gen.feed(256)
+    np.testing.assert_array_equal(gen.feed(ord("d")), clean.feed(ord("d")))

@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
 from edgekit import models, units
 from edgekit.bench import bench
-from edgekit.cli import main
 from edgekit.compile import compile
 from edgekit.streaming import StreamingModel
 from edgekit.validate import validate

@@ -77,12 +77,13 @@ class Unit:
         raise NotImplementedError
 
     # ---- runtime side ----------------------------------------------------------------------------------------------
-    def session(self, bundle: Bundle):
-        """A session over the bundle's library in this process."""
+    def session(self, bundle: Bundle, **options):
+        """A session over the bundle's library in this process; `options` are the unit's session options (frame:
+        allow_nonfinite)."""
         raise NotImplementedError
 
-    def remote_session(self, bundle: Bundle, worker):
-        """The same session run by a `worker.Worker`."""
+    def remote_session(self, bundle: Bundle, worker, **options):
+        """The same session run by a `worker.Worker` (started with the same options)."""
         raise NotImplementedError
 
     def describe(self, manifest: dict) -> str:

@@ -26,6 +26,7 @@ from edgekit.worker import WorkerSession
 GOLDEN, GOLDEN_FRAMES = "reference.npz", 512  # reference outputs shipped in the bundle, for boards without torch
 WHOLE_SEQUENCE_LIMIT = WINDOW * 16  # a reference without a finite horizon and with a delay is computed in one piece
 HOP_SECONDS = 0.010  # one frame of the published audio front end: 10 ms shift
+MAX_CHUNK = 1024  # frames per call an entry may take
 
 
 def entry_names(chunks: tuple[int, ...], delay: int) -> list[str]:
@@ -39,6 +40,8 @@ def entry_frames(entry: str) -> int:
 
 def entry_for(bundle: Bundle, frames: int) -> str:
     """The bundle's entry that takes `frames` frames per call."""
+    if frames < 1:
+        raise InputShapeError(f"a call takes at least one frame, got {frames}", f"chunk sizes built: {chunk_sizes(bundle)}")
     for name, entry in bundle.manifest["entries"].items():
         if entry["frames"] == frames:
             return name
@@ -58,6 +61,10 @@ class ExportOptions:
         if 1 not in self.chunks or any(k < 1 for k in self.chunks) or self.batch < 1:
             raise EdgekitError(f"chunk sizes must be positive and include 1 (got {tuple(self.chunks)}), batch >= 1",
                                "e.g. --chunk 1 --chunk 16")
+        if max(self.chunks) > MAX_CHUNK:
+            raise EdgekitError(f"chunk {max(self.chunks)} is over {MAX_CHUNK} frames: export and compile time and "
+                               "memory grow with the chunk", f"build chunks of at most {MAX_CHUNK} frames; a longer "
+                               "input streams as several calls")
         object.__setattr__(self, "chunks", tuple(sorted(set(self.chunks))))
 
 
@@ -81,6 +88,12 @@ class ValidateOptions:
     def __post_init__(self):
         if self.frames < 1 or (self.utterance is not None and self.utterance < 1) or self.chunk < 1:
             raise EdgekitError("--frames, --chunk and --utterance must be positive")
+        if min(self.frames, self.utterance or self.frames) < self.chunk:
+            raise EdgekitError(f"a stream of {min(self.frames, self.utterance or self.frames)} frames never calls "
+                               f"the chunk-{self.chunk} entry", "stream at least --chunk frames")
+        if not (self.atol >= 0 and self.rtol >= 0 and 0 <= self.spike_agreement <= 1
+                and 0 <= self.prediction_agreement <= 1):
+            raise EdgekitError("--atol and --rtol must be >= 0 and the agreements within [0, 1]")
 
 
 # ---- sessions: numpy and the TVM runtime only ------------------------------------------------------------------
@@ -90,10 +103,12 @@ class FrameSession:
 
     execution, pid = "native", None  # pid: the process running the artifact, when it is not this one
 
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, allow_nonfinite: bool = False):
         m = bundle.manifest
         self.bundle, self.input_size, self.batch = bundle, m["input"]["shape"][-1], m["batch"]
         self.outputs, self.state_specs, self.delay = [o["name"] for o in m["outputs"]], m["state"], m["delay"]
+        self.output_shapes = {o["name"]: o["shape"][2:] for o in m["outputs"]}
+        self.allow_nonfinite = allow_nonfinite
 
     def check_input(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
@@ -103,7 +118,13 @@ class FrameSession:
         if not np.issubdtype(x.dtype, np.floating):
             raise InputShapeError(f"input dtype {x.dtype} is not floating point", "pass float32 frames")
         entry_for(self.bundle, x.shape[1])
-        return x.astype(np.float32, copy=False)
+        x = x.astype(np.float32, copy=False)
+        if not self.allow_nonfinite and not np.isfinite(x).all():
+            bad = int(np.argwhere(~np.isfinite(x))[0][1])
+            raise InputShapeError(f"frame {bad} of this call holds NaN or Inf; the call was refused and the state is "
+                                  "as before it", "clean the input, or open the session with allow_nonfinite=True "
+                                  "(outputs are then non-finite from that frame on, as in PyTorch)")
+        return x
 
     def reset(self) -> None:
         raise NotImplementedError
@@ -117,7 +138,12 @@ class FrameSession:
         raise NotImplementedError
 
     def feed(self, x: np.ndarray, chunk: int = 1) -> dict[str, np.ndarray]:
-        """Frames [batch, T, features] through whole chunks, the remainder frame by frame; outputs concatenated."""
+        """Frames [batch, T, features] through whole chunks, the remainder frame by frame; outputs concatenated
+        (T = 0: empty outputs)."""
+        if chunk < 1:
+            raise InputShapeError(f"chunk must be at least 1 frame, got {chunk}")
+        if np.shape(x)[1] == 0:
+            return {n: np.zeros((self.batch, 0, *s), np.float32) for n, s in self.output_shapes.items()}
         whole = (x.shape[1] // chunk) * chunk
         starts = [(t, chunk) for t in range(0, whole, chunk)] + [(t, 1) for t in range(whole, x.shape[1])]
         return _concat([self.step(x[:, t:t + k]) for t, k in starts])
@@ -133,17 +159,24 @@ class LocalSession(FrameSession):
 
     OPS = ("reset", "step", "flush")  # what a Worker may run
 
-    def __init__(self, bundle: Bundle):
-        super().__init__(bundle)
+    def __init__(self, bundle: Bundle, allow_nonfinite: bool = False):
         check_runs_here(bundle)
-        self.vm = load_library(bundle)
+        self.vm = load_library(bundle)  # first: it proves the manifest's interface fields before they are used
+        super().__init__(bundle, allow_nonfinite)
         self.funcs = {name: self.vm.raw(name) for name in bundle.manifest["entries"]}
         self.reset()
 
     def reset(self) -> None:
-        self.state = [self.vm.tensor(s) for s in self.bundle.zero_state()]
+        self.state, self.flushed = [self.vm.tensor(s) for s in self.bundle.zero_state()], False
+
+    def _ended(self, ending: bool) -> None:
+        """A flushed stream has ended: stepping or flushing it again would compute nothing meaningful."""
+        if self.flushed:
+            raise EdgekitError("this stream was flushed: it has ended", "call reset() to start a new stream")
+        self.flushed = ending
 
     def _call(self, entry: str, *args) -> dict[str, np.ndarray]:
+        self._ended(entry == "flush")
         result = self.funcs[entry](*args, *self.state)
         n = len(self.outputs)
         self.state = result[n:]
@@ -154,14 +187,17 @@ class LocalSession(FrameSession):
         return self._call(entry_for(self.bundle, x.shape[1]), self.vm.tensor(x))
 
     def flush(self) -> dict[str, np.ndarray]:
-        return self._call("flush") if self.delay else {n: np.zeros((self.batch, 0)) for n in self.outputs}
+        if self.delay:
+            return self._call("flush")
+        self._ended(True)  # nothing to compute without a delay, but the stream ends all the same
+        return {n: np.zeros((self.batch, 0, *s), np.float32) for n, s in self.output_shapes.items()}
 
 
 class RemoteSession(WorkerSession, FrameSession):
     """A frame session whose library runs in a Worker."""
 
-    def __init__(self, bundle: Bundle, worker):
-        FrameSession.__init__(self, bundle)
+    def __init__(self, bundle: Bundle, worker, allow_nonfinite: bool = False):
+        FrameSession.__init__(self, bundle, allow_nonfinite)  # checked here: the worker serves only this session
         WorkerSession.__init__(self, bundle, worker)
 
     def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -238,6 +274,16 @@ class GoldenReference(Reference):
         with np.load(bundle.path / bundle.manifest["golden"]["file"]) as f:
             self.whole = {k: f[k][:, offset:offset + length] for k in f.files}
         self.running_means, self.sums, self.count, self.state = bundle.manifest["running_means"], {}, 0, None
+
+
+def _refuses_nonfinite(session: FrameSession) -> bool:
+    """A NaN frame is refused by a default session (with the state kept), never turned into finite outputs."""
+    session.reset()
+    try:
+        session.step(np.full((session.batch, 1, session.input_size), np.nan, np.float32))
+    except InputShapeError:
+        return True
+    return False
 
 
 def skippable_macs(net, spikes: dict[str, dict]) -> dict:
@@ -348,11 +394,11 @@ class Frame(Unit):
         np.savez(path, **{k: v.numpy() for k, v in y.items()})
         return {"file": GOLDEN, "frames": GOLDEN_FRAMES, "seed": 0}
 
-    def session(self, bundle: Bundle) -> LocalSession:
-        return LocalSession(bundle)
+    def session(self, bundle: Bundle, allow_nonfinite: bool = False) -> LocalSession:
+        return LocalSession(bundle, allow_nonfinite)
 
-    def remote_session(self, bundle: Bundle, worker) -> RemoteSession:
-        return RemoteSession(bundle, worker)
+    def remote_session(self, bundle: Bundle, worker, allow_nonfinite: bool = False) -> RemoteSession:
+        return RemoteSession(bundle, worker, allow_nonfinite)
 
     def describe(self, manifest: dict) -> str:
         return f"delay {manifest['delay']} frames"
@@ -391,18 +437,20 @@ class Frame(Unit):
                 next_frame += n
 
             window = max(chunk, (WINDOW // chunk) * chunk)
-            for start in range(0, seg, window):
-                stop = min(seg, start + window)
+            start = 0
+            for stop in measure.pieces(seg, window, [m - done for m in marks]):
                 compare(session.feed(source.frames(offset + start, offset + stop, session.batch), chunk))
-                for mark in marks:
-                    if done + start < mark <= done + stop:
-                        rss[mark] = measure.rss_bytes(session.pid)
+                if done + stop in marks:
+                    rss[done + stop] = measure.rss_bytes(session.pid)
                 progress(done + stop, frames)
+                start = stop
             if session.delay:
                 compare(session.flush())
             tally.end_of_segment(*last, means)
             done += seg
         report = _report(bundle, tally, rss, frames, options, time.perf_counter() - t0)
+        report["checks"]["nonfinite_input_refused"] = _refuses_nonfinite(session)
+        report["passed"] = all(report["checks"].values())
         if net is not None and report["spikes"] and net.spike_fanout():
             report["macs"] = skippable_macs(net, report["spikes"])
         return report

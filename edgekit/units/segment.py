@@ -54,6 +54,8 @@ class ValidateOptions:
         if self.segments < 1 or not 0 <= self.decode_segments <= self.segments:
             raise EdgekitError(f"need --segments >= 1 and 0 <= --decode-segments <= --segments; got {self.segments}, "
                                f"{self.decode_segments}")
+        if not (self.atol >= 0 and self.rtol >= 0):
+            raise EdgekitError("--atol and --rtol must be >= 0")
 
 
 # ---- engines: the numpy interface `Generator` drives (TVM here; ONNX Runtime; eager PyTorch in streaming.py) -------
@@ -77,8 +79,9 @@ class TVMEngine(Layout):
     """The `segment` and `decode` entries of a built library; state and decode cache stay on the device."""
 
     def __init__(self, bundle: Bundle):
+        self.vm = load_library(bundle)  # first: it proves the manifest's interface fields before they are used
         super().__init__(bundle.manifest)
-        self.bundle, self.vm = bundle, load_library(bundle)
+        self.bundle = bundle
         self.seg_fn, self.dec_fn = self.vm.raw("segment"), self.vm.raw("decode")
 
     def init_state(self) -> list:
@@ -159,7 +162,9 @@ class Generator:
         return out["logits"][n - 1]
 
     def feed(self, token: int) -> np.ndarray:
-        """Append one token; the logits [V] of the token after it."""
+        """Append one token; the logits [V] of the token after it. A token outside the vocabulary is refused
+        before it enters the segment, so the stream goes on as if it had never been offered."""
+        self._check(token)
         self.segment.append(int(token))
         n = len(self.segment)
         if n <= self.j or n == self.L:
@@ -175,12 +180,18 @@ class Generator:
         if not tokens:
             raise EdgekitError("the prompt must hold at least one token")
         for t in tokens:
+            self._check(t)
+        for t in tokens:
             self.segment.append(int(t))
             if len(self.segment) == self.L:
                 self.last = self._segment()
         if self.segment:
             self.last = self._segment()
         return self.last
+
+    def _check(self, token: int) -> None:
+        if not 0 <= int(token) < self.engine.vocab:
+            raise InputShapeError(f"token id {int(token)} is not in [0, {self.engine.vocab})", "pass bytes")
 
     def sample(self, temperature: float, rng: np.random.Generator) -> int:
         if temperature <= 0:
@@ -322,10 +333,12 @@ class Segment(Unit):
         net.float()
         return {"file": GOLDEN, "segments": segments, "decode_segments": 1, "seed": 0}
 
-    def session(self, bundle: Bundle) -> LocalSession:
+    def session(self, bundle: Bundle, **options) -> LocalSession:
+        _no_options(options)
         return LocalSession(bundle)
 
-    def remote_session(self, bundle: Bundle, worker) -> RemoteSession:
+    def remote_session(self, bundle: Bundle, worker, **options) -> RemoteSession:
+        _no_options(options)
         return RemoteSession(bundle, worker)
 
     def describe(self, manifest: dict) -> str:
@@ -347,8 +360,9 @@ class Segment(Unit):
         else:
             ref = Reference(net)
         source = TokenSource(o.seed, o.text)
-        L, scored = bundle.manifest["segment"], segments - decode_segments
-        pieces = [(s, min(scored, s + SCORE_BLOCK), "score") for s in range(0, scored, SCORE_BLOCK)]
+        L, scored, marks = bundle.manifest["segment"], segments - decode_segments, measure.rss_marks(segments)
+        ends = measure.pieces(scored, SCORE_BLOCK, list(marks))
+        pieces = [(s, e, "score") for s, e in zip([0, *ends], ends)] if scored else []
         pieces += [(s, s + 1, "feed") for s in range(scored, segments)]
         tally, rss, agree, t0 = Tally(segments), {}, np.zeros(2, np.int64), time.perf_counter()
         session.reset()
@@ -360,9 +374,8 @@ class Segment(Unit):
             tally.add(got, want, start, [])
             name = next(iter(got))
             agree += [(got[name].argmax(-1) == want[name].argmax(-1)).sum(), got[name][..., 0].size]
-            for mark in measure.rss_marks(segments):
-                if start < mark <= stop:
-                    rss[mark] = measure.rss_bytes(session.pid)
+            if stop in marks:
+                rss[stop] = measure.rss_bytes(session.pid)
             progress(stop, segments)
         mem = measure.memory(rss, segments)
         outputs = tally.errors()
@@ -437,6 +450,11 @@ class Segment(Unit):
                              "segments; generate = the mix generation runs)",
                              ["engine", "call", "bytes/call", "p50 us", "p90 us", "p99 us", "max us", "bytes/s"], rows,
                              left=2), *render.bench_footer(report)]
+
+
+def _no_options(options: dict) -> None:
+    if options:
+        raise EdgekitError(f"segment sessions take no {', '.join(options)} option", "open the session without it")
 
 
 def _bytes(specs: list[TensorSpec]) -> int:

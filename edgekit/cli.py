@@ -400,7 +400,7 @@ def generate(prompt: str, tokens: int, temperature: float, checkpoint: Path | No
         gen, state_bytes = open_generator(engine, bundle, checkpoint, config, say)
     data = prompt.encode(errors="surrogateescape")  # bytes that are not UTF-8 reach the model as they are
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    sys.stdout.write(prompt)
+    sys.stdout.write(decoder.decode(data))
 
     def show(t: int) -> None:
         sys.stdout.write(decoder.decode(bytes([t])))

@@ -243,3 +243,58 @@ def test_validation_reads_memory_at_two_points_of_a_short_stream(tiny_bundle):
     report = validate(tiny_bundle.path, frames=300, chunk=4)
     assert "constant_memory" in report["checks"]
     assert report["rss_bytes"]["at_T/10"] is not None and report["rss_bytes"]["growth"] is not None
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_compile_says_so_and_leaves_nothing(tmp_path, sig):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgekit", "compile", "lmuformer", "--config", "tiny", "-o",
+                             str(tmp_path / "b")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".b.partial-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (130, 143) and "Traceback" not in err, err
+    assert "interrupted; nothing was written" in err or sig == "SIGTERM"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_output_is_one_clear_error(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    r = CliRunner().invoke(main, ["compile", "lmuformer", "--config", "tiny", "-o", str(tmp_path / "ro" / "b")])
+    assert r.exit_code == 2 and "Read-only file system" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_a_manifest_config_that_builds_no_model_is_one_clear_error(tiny_bundle, tmp_path):
+    bundle = edited(tiny_bundle.path, tmp_path / "b", lambda m: m["model"]["config"].update(wings=2))
+    r = CliRunner().invoke(main, ["validate", bundle, "--frames", "20"])
+    assert r.exit_code == 2 and "does not build a lmuformer" in " ".join(r.output.split()), r.output
+
+
+def test_a_prompt_that_is_not_utf8_reaches_the_model_as_bytes(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path))
+    r = CliRunner().invoke(main, ["generate", "--config", "tiny", "--engine", "pytorch", "--tokens", "3",
+                                  "--prompt", "caf\udce9"])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+
+
+def test_a_corrupted_cached_bundle_is_rebuilt(tmp_path, monkeypatch):
+    from edgekit.apps.cache import host_bundle
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path))
+    first = host_bundle("lmuformer", config="tiny", chunks=(1,))
+    (first.path / "model.so").write_bytes(b"corrupted")
+    said = []
+    again = host_bundle("lmuformer", config="tiny", progress=said.append, chunks=(1,))
+    assert again.path == first.path and any("rebuilding" in s for s in said)
+    Session(again).step(np.zeros((1, 1, 40), np.float32))

@@ -103,3 +103,15 @@ def test_clip_spec_and_merger():
     assert detections([(2, 0.6), (2, 0.9), (3, 0.7), (1, 0.9), (0, 1.0), (3, 0.8)], radius=2) == [("yes", 1), ("no", 5)]
     # the same keyword twice in a row is two detections, even where the windows between them detect it too
     assert detections([(2, 0.7), (2, 0.8), (2, 0.6), (2, 0.9), (2, 0.95)], radius=2) == [("yes", 1), ("yes", 4)]
+
+
+def test_an_empty_wav_is_one_clear_error(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEKIT_CACHE", str(cache))
+    import wave
+
+    with wave.open(str(tmp_path / "empty.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+    r = CliRunner().invoke(main, ["stream", "--wav", str(tmp_path / "empty.wav")])
+    assert r.exit_code == 2 and "no audio samples" in r.output, r.output

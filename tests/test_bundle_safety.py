@@ -67,6 +67,8 @@ def test_manifest_paths_outside_the_bundle_are_refused(tiny_bundle, tmp_path, fi
         artifact.load(bundle)
     r = CliRunner().invoke(main, ["info", bundle])
     assert r.exit_code == 2 and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["info", str(tiny_bundle.path)])  # the manifest's own sha256, to compare
+    assert r.exit_code == 0 and artifact.file_sha256(tiny_bundle.path / "manifest.json") in r.output
 
 
 def test_a_library_without_its_checksum_is_never_loaded(tiny_bundle, tmp_path):

@@ -43,10 +43,14 @@ def _mutated(pristine, change) -> tuple:
     return work, root, before
 
 
+DELETED = object()
+
+
 @SETTINGS
-@given(field=st.sampled_from(FIELDS), value=json_values | PATHS)
+@given(field=st.sampled_from(FIELDS), value=json_values | PATHS | st.just(DELETED))
 def test_any_manifest_field_value_gives_a_clear_error_or_a_working_bundle(pristine, field, value):
-    work, root, before = _mutated(pristine, lambda m: m.__setitem__(field, value))
+    change = (lambda m: m.pop(field)) if value is DELETED else (lambda m: m.__setitem__(field, value))
+    work, root, before = _mutated(pristine, change)
     try:
         Session(artifact.load(work)).run(__import__("numpy").zeros((1, 8, 40), "float32"))
     except EdgekitError:

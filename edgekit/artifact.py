@@ -185,6 +185,8 @@ def load_library(bundle: Bundle):
     with bundle.verified_library() as lib:
         vm = load_vm(lib, bundle.device)
     check_interface(bundle, vm[INTERFACE_FUNCTION]()[0].tobytes())
+    if pool := (bundle.manifest.get("fp_mode") or {}).get("pool_function"):
+        vm[pool]()  # TVM's pool threads flush denormals too (each kernel does it on the calling thread)
     return vm
 
 

@@ -8,8 +8,12 @@ from typing import Callable
 
 from edgekit import units
 from edgekit.artifact import load, load_library
-from edgekit.engines import use_threads
+from edgekit.engines import torch_flushes_denormals, use_threads
 from edgekit.units import BenchOptions
+
+
+DENORMALS = {"tvm": "flushed to zero in every kernel (the library saves and restores the caller's mode)",
+             "onnxruntime": "session.set_denormal_as_zero", "pytorch": "torch.set_flush_denormal(True)"}
 
 
 def bench(bundle_path: Path, options: BenchOptions | None = None, progress: Callable[[str], None] = lambda m: None,
@@ -27,6 +31,8 @@ def bench(bundle_path: Path, options: BenchOptions | None = None, progress: Call
         return models.from_bundle(bundle).float()
 
     m = bundle.manifest
+    with torch_flushes_denormals():
+        timed = units.of(bundle).bench(bundle, options, torch_model, progress)
     report = {"bundle": str(bundle.path), "target": m["target"]["name"], "model": m["model"]["family"],
-              "threads": counts, **units.of(bundle).bench(bundle, options, torch_model, progress)}
+              "threads": counts, "denormals": DENORMALS, **timed}
     return bundle.save_report("bench.json", report, report_path)

@@ -103,6 +103,7 @@ def compile(model: str, target: str, out: Path, *, config: str | None = None, ch
         progress("exporting the entry points to ONNX (checked against ONNX Runtime)")
         onnx_paths = export(net, unit, stage / "onnx", opts)
         progress(f"importing into TVM Relax and building for {tgt.name}")
+        from edgekit.kernels.fp_mode import POOL_FUNCTION, flushes_denormals
         from edgekit.pipeline import build
 
         interface = {"batch": opts.batch, **unit.manifest_fields(net, opts)}
@@ -122,6 +123,8 @@ def compile(model: str, target: str, out: Path, *, config: str | None = None, ch
             "target": {"name": tgt.name, "tvm": str(tvm_target), "arch": tgt.arch, "runs": tgt.runs},
             "cuda": cuda,
             "precision": "float32",
+            "fp_mode": {"flush_denormals": flushes_denormals(tvm_target),
+                        "pool_function": POOL_FUNCTION if flushes_denormals(tvm_target) else None},
             "quantization": None,
             **interface,
             "library": LIBRARY,

@@ -3,6 +3,7 @@ them, and ONNX Runtime sessions over the bundle's own ONNX entries (the graphs T
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 from edgekit.artifact import Bundle
 
@@ -29,11 +30,28 @@ def use_threads(threads: int | None) -> dict:
     return counts
 
 
+@contextmanager
+def torch_flushes_denormals():
+    """PyTorch flushes denormals while the engines are timed, as the compiled library and ONNX Runtime (its
+    session option) do: a fair comparison on long streams. Restored afterwards."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def ort_options(threads: int | None):
     """ONNX Runtime session options running each graph on `threads` threads (None: its default)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.set_denormal_as_zero", "1")  # as the compiled library flushes them
     if threads is not None:
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     return opts

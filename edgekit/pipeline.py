@@ -17,6 +17,7 @@ from edgekit.kernels.cpu_fastmath import FastErfSoftmax
 from edgekit.kernels.cpu_gemv import PackedGEMVSchedule, PackGEMVWeights
 from edgekit.kernels.cpu_injective import InlineInjective
 from edgekit.kernels.cpu_matmul import BatchMatmulSchedule
+from edgekit.kernels.fp_mode import add_pool_function, flush_denormals
 from edgekit.kernels.nan_semantics import NaNPropagatingReLU
 from edgekit.kernels.cpu_reduction import RowReductionSchedule
 
@@ -35,7 +36,8 @@ ClipTakeIndices = call_rewrite_pass("ClipTakeIndices", _clip_take)
 def cpu_passes(target: tvm.target.Target) -> list:
     """TVM's CPU pipeline plus edgekit.kernels: constant weights packed and erf/softmax made vectorizable before
     legalization; after fusion each kernel takes the first rule that matches it (products with constant weights,
-    products of two tensors, row reductions, data movement); the rest keep TVM's default loops."""
+    products of two tensors, row reductions, data movement); the rest keep TVM's default loops. NaN propagates as
+    in PyTorch (ReLU, erf), and every kernel runs with denormals flushed (kernels/fp_mode.py)."""
     return [
         *cpu.library_dispatch_passes(target),
         ClipTakeIndices,
@@ -50,6 +52,8 @@ def cpu_passes(target: tvm.target.Target) -> list:
         relax.transform.FuseTIR(),
         dlight.ApplyDefaultSchedule(PackedGEMVSchedule(), BatchMatmulSchedule(), RowReductionSchedule(),
                                     InlineInjective()),
+        add_pool_function(target),  # after every FoldConstant: folding would run it at compile time
+        flush_denormals(target),
         *cpu.dataflow_lower_passes(target),
         *cpu.finalize_passes(target),
     ]

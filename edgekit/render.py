@@ -41,6 +41,7 @@ def validation_footer(report: dict) -> list[str]:
 
 def bench_footer(report: dict) -> list[str]:
     return ["threads: " + ", ".join(f"{k} {v}" for k, v in report["threads"].items() if k != "requested"),
+            "denormals flushed in every engine: " + "; ".join(f"{k}: {v}" for k, v in report["denormals"].items()),
             saved(report)]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from math import erf
 
+import os
+
 import numpy as np
 import pytest
 import tvm
@@ -140,3 +142,49 @@ def test_gathers_clamp_out_of_range_indices():
     table = np.arange(12, dtype=np.float32).reshape(4, 3)
     got = vm["main"](tvm.runtime.tensor(table), tvm.runtime.tensor(np.array([1, 1000], np.int64))).numpy()
     np.testing.assert_array_equal(got, table[[1, 3]])
+
+
+POOL_PROBE = """
+import sys, numpy as np
+from edgekit.tvm_runtime import load_vm, num_threads
+num_threads()  # the pool's threads start here, in the default floating-point mode
+vm = load_vm(sys.argv[1])
+tiny = np.full((64, 4096), 1e-20, np.float32)  # squares are denormal: 0 where flushed
+flushed = lambda y: sum(bool((row == 0).all()) for row in y)
+before = flushed(vm["main"](tiny)[0])
+vm["edgekit_flush_denormals_on_pool_threads"]()
+after = flushed(vm["main"](tiny)[0])
+print(before, after, float(np.float32(1e-20) * np.float32(1e-20)) > 0)
+"""
+
+
+def test_kernels_flush_denormals_on_every_thread_and_restore_the_callers_mode(tmp_path):
+    """A parallel kernel over 2 threads: the calling thread's share is flushed by the kernel itself, the pool
+    thread's once the pool function ran; the caller's own mode is as before every call."""
+    import subprocess
+    import sys
+
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+    from tvm.script import tirx as T
+
+    from edgekit.pipeline import build
+
+    @I.ir_module
+    class Square:
+        @T.prim_func(private=True)
+        def square(x: T.Buffer((64, 4096), "float32"), y: T.Buffer((64, 4096), "float32")):
+            for i in T.parallel(64):
+                for j in range(4096):
+                    y[i, j] = x[i, j] * x[i, j]
+
+        @R.function
+        def main(x: R.Tensor((64, 4096), "float32")) -> R.Tensor((64, 4096), "float32"):
+            cls = Square
+            return R.call_tir(cls.square, (x,), out_ty=R.Tensor((64, 4096), "float32"))
+
+    host = targets.get("host")
+    build(Square, host.tvm_target(), tmp_path / "square.so", host.cc)
+    out = subprocess.run([sys.executable, "-c", POOL_PROBE, str(tmp_path / "square.so")], capture_output=True,
+                         text=True, check=True, env={**os.environ, "TVM_NUM_THREADS": "2"}).stdout.split()
+    assert out == ["32", "64", "True"], out

@@ -136,7 +136,7 @@ def test_tables_are_never_cut_when_piped(monkeypatch):
     console = cli._console()
     row = {"frames_per_call": 16, "p50_us": 1.23456789e11, "p90_us": 2e11, "p99_us": 9.87654321e12,
            "max_us": 1e13, "frames_per_second": 1e-7, "real_time_factor": 1.2345e7}
-    report = {"model": "m" * 60, "target": "t" * 40, "hop_ms": 10.0, "threads": {"tvm": 1},
+    report = {"model": "m" * 60, "target": "t" * 40, "hop_ms": 10.0, "threads": {"tvm": 1}, "denormals": {},
               "bundle": "/a/very/long/path/" + "x" * 150, "report": "/a/very/long/path/" + "x" * 150 + "/bench.json",
               "results": [{"engine": e, **row} for e in ("pytorch", "onnxruntime", "tvm", "tvm-compute")]}
     for piece in units.get("frame").render_bench(report):

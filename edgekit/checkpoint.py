@@ -1,6 +1,7 @@
 """Reading PyTorch checkpoints into a model: the one place that knows about wrappers and key prefixes."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,7 +17,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist", "pass the path of a .pt/.pth file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a file that is not a checkpoint can make torch warn before it fails
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types here: unpickling, zip, EOF
         first = (str(e).splitlines() or ["(no message)"])[0]
         raise CheckpointError(f"cannot read checkpoint {path} ({path.stat().st_size} bytes): {type(e).__name__}: {first}",

@@ -156,3 +156,36 @@ def test_cli_json_and_piped_progress(tiny_bundle):
     assert json.loads(r.stdout)["unit"] == "frame"
     r = subprocess.run([*cmd, "targets"], capture_output=True, text=True, check=True)
     assert "…" not in r.stdout and "aarch64-linux-gnu-gcc" in r.stdout
+
+
+BOARD = """
+import importlib.abc, sys
+
+class NoCompiler(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "onnx", "onnxruntime", "onnxscript", "snntorch"):
+            raise ImportError(f"No module named {name!r} (a board: runtime install only)")
+
+sys.meta_path.insert(0, NoCompiler())
+"""
+
+
+def test_a_board_without_torch_validates_benches_and_describes_bundles_of_every_unit(tiny_bundle, tmp_path):
+    """The runtime-only install a board has, made real: torch, onnx and ONNX Runtime cannot be imported at all.
+    `edgekit validate` compares with the golden record, `bench --engine tvm` and `info` work, for both units."""
+    segment = compile("hmt", "host", tmp_path / "hmt", config="tiny")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BOARD)
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "edgekit", *args], capture_output=True, text=True,  # noqa: E731
+                                       env=env)
+    probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env)
+    assert probe.returncode != 0 and "runtime install only" in probe.stderr
+    for bundle in (tiny_bundle.path, segment.path):
+        r = run("validate", str(bundle), "--json")
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["passed"] and "golden record" in report["reference"]
+        r = run("bench", str(bundle), "--engine", "tvm", "--calls", "20", "--warmup", "2", "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["results"], r.stderr
+        assert run("info", str(bundle)).returncode == 0

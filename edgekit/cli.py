@@ -17,6 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekit.errors import EdgekitError
+from edgekit.units import frame, segment
+
+FRAME, SEGMENT = frame.ValidateOptions(), segment.ValidateOptions()  # the defaults the help shows
 
 
 def _console(stderr: bool = False) -> Console:
@@ -164,7 +167,8 @@ def _given(**flags) -> dict:
 @click.option("--target", "-t", default="host", show_default=True, help="where the artifact runs (`edgekit targets`)")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="bundle directory to create")
 @click.option("--chunk", "chunks", type=int, multiple=True,
-              help="frame models: frames per call to build entry points for (1 is always built)  [default: 1, 16]")
+              help=f"frame models: frames per call to build entry points for (1 is always built)  "
+                   f"[default: {', '.join(map(str, frame.ExportOptions.chunks))}]")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
 def compile_cmd(model: str, checkpoint: Path | None, config: str | None, target: str, out: Path,
                 chunks: tuple[int, ...], force: bool) -> None:
@@ -190,21 +194,23 @@ def compile_cmd(model: str, checkpoint: Path | None, config: str | None, target:
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--frames", "-n", type=int, help="frame models: stream length in frames  [default: 10000]")
-@click.option("--chunk", type=int, help="frame models: frames per call (a size the bundle was built for)  [default: 1]")
+@click.option("--frames", "-n", type=int, help=f"frame models: stream length in frames  [default: {FRAME.frames}]")
+@click.option("--chunk", type=int, help=f"frame models: frames per call (a size the bundle was built for)  [default: {FRAME.chunk}]")
 @click.option("--utterance", type=int, help="frame models: split the stream into independent utterances of N frames")
 @click.option("--spike-agreement", type=float,
-              help="spiking models: minimum fraction of agreeing spikes per layer  [default: 0.999]")
+              help=f"spiking models: minimum fraction of agreeing spikes per layer  [default: {FRAME.spike_agreement}]")
 @click.option("--prediction-agreement", type=float,
-              help="spiking models: minimum fraction of frames whose running-mean arg-max agrees  [default: 0.999]")
-@click.option("--segments", type=int, help="segment LMs: stream length in segments  [default: 256]")
+              help="spiking models: minimum fraction of frames whose running-mean arg-max agrees  "
+                   f"[default: {FRAME.prediction_agreement}]")
+@click.option("--segments", type=int, help=f"segment LMs: stream length in segments  [default: {SEGMENT.segments}]")
 @click.option("--decode-segments", type=int,
-              help="segment LMs: of those, the last ones fed byte by byte (the generation path)  [default: 2]")
+              help="segment LMs: of those, the last ones fed byte by byte (the generation path)  "
+                   f"[default: {SEGMENT.decode_segments}]")
 @click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="segment LMs: stream this file's bytes (repeated) instead of random bytes")
-@click.option("--seed", type=int, help="seed of the random input stream  [default: 0]")
-@click.option("--atol", type=float, help="max abs error allowed per output  [default: 0.0001]")
-@click.option("--rtol", type=float, help="or max error relative to the output's range  [default: 0.001]")
+@click.option("--seed", type=int, help=f"seed of the random input stream  [default: {FRAME.seed}]")
+@click.option("--atol", type=float, help=f"max abs error allowed per output  [default: {FRAME.atol:g}]")
+@click.option("--rtol", type=float, help=f"or max error relative to the output's range  [default: {FRAME.rtol:g}]")
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object instead of tables")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               help="write the report here  [default: BUNDLE/validation.json]")

@@ -25,7 +25,7 @@ LIBRARY = "model.so"
 REPORTS = ("validation.json", "bench.json", "kv_compare.json", "kv_compare.md", "kv_compare.png")  # edgekit's own
 INTERFACE_FUNCTION = "edgekit_interface"  # a library function returning the sha256 of the interface, as uint8
 INTERFACE_KEYS = ("unit", "batch", "delay", "horizon", "input", "outputs", "running_means", "state", "entries",
-                  "segment", "summary", "decode_cache")
+                  "state_packing", "segment", "summary", "decode_cache")
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,9 @@ def check_against_onnxruntime(proto, wrapper, inputs: dict[str, np.ndarray], out
     got = sess.run(out_names, inputs)
     with torch.no_grad():
         want = [t.numpy() for t in wrapper(*[torch.from_numpy(v) for v in inputs.values()])]
-    got, want = _compensated(out_names, got), _compensated(out_names, want)
-    for name, g, w in zip(out_names, got, want):
+    (names, got), (_, want) = wrapper.named(out_names, got), wrapper.named(out_names, want)
+    got, want = _compensated(names, got), _compensated(names, want)
+    for name, g, w in zip(names, got, want):
         if g.shape != w.shape or not np.allclose(g, w, rtol=rtol, atol=atol):
             err = float(np.abs(g - w).max()) if g.shape == w.shape else float("nan")
             raise CompileError(f"ONNX Runtime disagrees with PyTorch on {entry}/{name} (max abs error {err:.3g})",

@@ -151,12 +151,19 @@ class StreamingModel(nn.Module):
             outs.append(y)
         return _stack(outs), state
 
-    def entry(self, frames: int, batch: int = 1) -> tuple[nn.Module, dict[str, np.ndarray], list[str]]:
+    def entry(self, frames: int, batch: int = 1, packed: bool = False
+              ) -> tuple[nn.Module, dict[str, np.ndarray], list[str]]:
         """An entry point over flat tensors for export: step_chunk over `frames` frames (0: flush), its example
-        inputs (random frames, a mid-stream state) and its output names (outputs, then the state after it)."""
+        inputs (random frames, a mid-stream state) and its output names (outputs, then the state after it).
+        `packed`: the state as one flat vector in, the outputs and the state as two flat vectors out (what the
+        compiled library runs: two tensors cross each call, whatever the number of state tensors)."""
+        inputs = self.example_inputs(frames, batch)
+        if packed:
+            state = np.concatenate([v.reshape(-1) for k, v in inputs.items() if k != "x"])
+            return (PackedStepEntry(self, frames, batch).eval(), {**({"x": inputs["x"]} if frames else {}),
+                                                                 "state": state}, ["outputs", "state_out"])
         wrapper = StepEntry(self, frames).eval()
-        return wrapper, self.example_inputs(frames, batch), [*wrapper.output_names,
-                                                              *[f"state_out.{n}" for n in wrapper.state_names]]
+        return wrapper, inputs, [*wrapper.output_names, *[f"state_out.{n}" for n in wrapper.state_names]]
 
     def example_inputs(self, frames: int, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
         """Random input frames and a mid-stream state (the model stepped over a few frames), as numpy."""
@@ -180,7 +187,15 @@ class StreamingModel(nn.Module):
         return {k: torch.cat([o[k] for o in outs], dim=1)[:, self.delay:] for k in outs[0]}
 
 
-class StepEntry(nn.Module):
+class Entry(nn.Module):
+    """An exported entry point: a module over flat tensors. `named` says what its outputs mean, tensor by
+    tensor, for the export check against ONNX Runtime (by default: the outputs as they are)."""
+
+    def named(self, names: list[str], values: list[np.ndarray]) -> tuple[list[str], list[np.ndarray]]:
+        return names, values
+
+
+class StepEntry(Entry):
     """Flat-tensor signature around step_chunk/flush: (x?, *state) -> (*outputs, *state)."""
 
     def __init__(self, model: StreamingModel, frames: int):
@@ -195,6 +210,29 @@ class StepEntry(nn.Module):
         else:
             y, state = self.model.flush(dict(zip(self.state_names, args)))
         return (*[y[n] for n in self.output_names], *[state[n] for n in self.state_names])
+
+
+class PackedStepEntry(StepEntry):
+    """StepEntry over one flat float32 state vector: (x?, state [S]) -> (outputs [O], state [S]), the outputs
+    flattened in order and concatenated, the state tensors likewise."""
+
+    def __init__(self, model: StreamingModel, frames: int, batch: int):
+        super().__init__(model, frames)
+        self.shapes = [s.shape for s in model.state_spec(batch)]
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        *x, flat = args
+        state = [p.reshape(s) for p, s in zip(torch.split(flat, [math.prod(s) for s in self.shapes]), self.shapes)]
+        out = super().forward(*x, *state)
+        n = len(self.output_names)
+        return torch.cat([o.reshape(-1) for o in out[:n]]), torch.cat([s.reshape(-1) for s in out[n:]])
+
+    def named(self, names: list[str], values: list[np.ndarray]) -> tuple[list[str], list[np.ndarray]]:
+        """The packed state split back into its tensors (`state_out.<name>`), so that a Kahan pair is checked as
+        the value it stands for; the outputs stay one vector."""
+        sizes = np.cumsum([math.prod(s) for s in self.shapes])[:-1]
+        state = np.split(values[1], sizes)
+        return [names[0], *[f"state_out.{n}" for n in self.state_names]], [values[0], *state]
 
 
 def kahan_add(total: torch.Tensor, carry: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,7 +402,7 @@ class SegmentModel(nn.Module):
                 for k in names}
 
 
-class SegmentEntry(nn.Module):
+class SegmentEntry(Entry):
     """(tokens, length, *state) -> (*outputs, *decode cache, *state)."""
 
     def __init__(self, model: SegmentModel, names: list[str]):
@@ -376,7 +414,7 @@ class SegmentEntry(nn.Module):
         return (*[out[n] for n in self.names], *[new[n] for n in self.state_names])
 
 
-class DecodeEntry(nn.Module):
+class DecodeEntry(Entry):
     """(token, *decode cache) -> (logits, *decode cache)."""
 
     def __init__(self, model: SegmentModel, cache: list[str]):

@@ -48,6 +48,7 @@ tvm_ffi = _import_tvm_ffi()
 
 _DLPACK_DEVICE = {"cpu": 1, "cuda": 2}
 _POOLED_ALLOCATOR = 2  # tvm.relax.VirtualMachine.POOLED_ALLOCATOR, its default
+ALIGNMENT = 64  # bytes: what TVM's own allocations guarantee and compiled kernels may assume
 
 
 def num_threads() -> int:
@@ -99,6 +100,20 @@ class VM:
         """The function on device tensors, outputs left on the device (for state carried between calls)."""
         func = self._vm[name]
         return lambda *tensors: _flatten(func(*tensors))
+
+    def raw_function(self, name: str) -> Callable:
+        """The VM function itself: device tensors in, its result (a Tensor or an Array) as the VM returns it."""
+        return self._vm[name]
+
+    def aligned(self, shape: tuple[int, ...], dtype) -> tuple[np.ndarray, tvm_ffi.Tensor]:
+        """A numpy buffer in 64-byte aligned memory and the same memory as a CPU tensor: writing the buffer
+        is writing the tensor, with no copy at call time."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        raw = np.zeros(nbytes + ALIGNMENT, np.uint8)
+        offset = (-raw.ctypes.data) % ALIGNMENT
+        array = raw[offset:offset + nbytes].view(dtype).reshape(shape)
+        return array, tvm_ffi.from_dlpack(array)
 
     def tensor(self, array: np.ndarray) -> tvm_ffi.Tensor:
         """A copy on the device in TVM's own (64-byte aligned) memory: compiled kernels may assume that

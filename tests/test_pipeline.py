@@ -39,7 +39,8 @@ def test_exported_graphs_are_checked_and_batchnorm_is_folded(tiny_bundle):
         onnx.checker.check_model(graph, full_check=True)
         assert graph.opset_import[0].version >= 17
         assert "BatchNormalization" not in {n.op_type for n in graph.graph.node}
-        assert [i.name for i in graph.graph.input][-1] == "state.carry.count"
+        assert [i.name for i in graph.graph.input][-1] == "state"  # the state packed into one vector
+        assert [o.name for o in graph.graph.output] == ["outputs", "state_out"]
 
 
 @pytest.mark.parametrize("chunk", [1, 4])

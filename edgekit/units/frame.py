@@ -27,6 +27,8 @@ GOLDEN, GOLDEN_FRAMES = "reference.npz", 512  # reference outputs shipped in the
 WHOLE_SEQUENCE_LIMIT = WINDOW * 16  # a reference without a finite horizon and with a delay is computed in one piece
 HOP_SECONDS = 0.010  # one frame of the published audio front end: 10 ms shift
 MAX_CHUNK = 1024  # frames per call an entry may take
+STATE_PACKING = ("entries take (x, state) and return (outputs, state): state is one float32 vector, the state "
+                 "tensors flattened in manifest order; outputs likewise, each [batch, frames, ...]")
 MID_STREAM = 4096  # frames streamed before the compute-only timing, so its state is a realistic one
 
 
@@ -106,12 +108,29 @@ class FrameSession:
 
     def __init__(self, bundle: Bundle, allow_nonfinite: bool = False):
         m = bundle.manifest
+        if m.get("state_packing") != STATE_PACKING:
+            raise BundleError(f"{bundle.path} was built by an earlier edgekit (one tensor per state)",
+                              "recompile the bundle with this edgekit")
         self.bundle, self.input_size, self.batch = bundle, m["input"]["shape"][-1], m["batch"]
         self.outputs, self.state_specs, self.delay = [o["name"] for o in m["outputs"]], m["state"], m["delay"]
         self.output_shapes = {o["name"]: o["shape"][2:] for o in m["outputs"]}
+        self.entries = {e["frames"]: name for name, e in m["entries"].items() if e["frames"]}
         self.allow_nonfinite = allow_nonfinite
 
     def check_input(self, x: np.ndarray) -> np.ndarray:
+        """x as float32 frames of a built chunk size, or a clear error (the common case costs ~2 us)."""
+        fits = type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 3 and x.shape[0] == self.batch \
+            and x.shape[2] == self.input_size and x.shape[1] in self.entries
+        if not fits:
+            x = self._convert(x)
+        if not self.allow_nonfinite and not np.isfinite(x).all():
+            bad = int(np.argwhere(~np.isfinite(x))[0][1])
+            raise InputShapeError(f"frame {bad} of this call holds NaN or Inf; the call was refused and the state is "
+                                  "as before it", "clean the input, or open the session with allow_nonfinite=True "
+                                  "(outputs are then non-finite from that frame on, as in PyTorch)")
+        return x
+
+    def _convert(self, x) -> np.ndarray:
         x = np.asarray(x)
         if x.ndim != 3 or x.shape[0] != self.batch or x.shape[2] != self.input_size:
             raise InputShapeError(f"input of shape {x.shape} does not fit this bundle",
@@ -119,13 +138,7 @@ class FrameSession:
         if not np.issubdtype(x.dtype, np.floating):
             raise InputShapeError(f"input dtype {x.dtype} is not floating point", "pass float32 frames")
         entry_for(self.bundle, x.shape[1])
-        x = x.astype(np.float32, copy=False)
-        if not self.allow_nonfinite and not np.isfinite(x).all():
-            bad = int(np.argwhere(~np.isfinite(x))[0][1])
-            raise InputShapeError(f"frame {bad} of this call holds NaN or Inf; the call was refused and the state is "
-                                  "as before it", "clean the input, or open the session with allow_nonfinite=True "
-                                  "(outputs are then non-finite from that frame on, as in PyTorch)")
-        return x
+        return x.astype(np.float32, copy=False)
 
     def reset(self) -> None:
         raise NotImplementedError
@@ -156,7 +169,9 @@ class FrameSession:
 
 
 class LocalSession(FrameSession):
-    """The bundle's library in this process. State never leaves the device between calls."""
+    """The bundle's library in this process. The state is one flat vector that stays on the device between
+    calls; on a CPU the input goes in through a preallocated aligned buffer and the outputs come back as views
+    of one flat vector, so a call copies one frame in and nothing else."""
 
     OPS = ("reset", "step", "flush")  # what a Worker may run
 
@@ -164,11 +179,12 @@ class LocalSession(FrameSession):
         check_runs_here(bundle)
         self.vm = load_library(bundle)  # first: it proves the manifest's interface fields before they are used
         super().__init__(bundle, allow_nonfinite)
-        self.funcs = {name: self.vm.raw(name) for name in bundle.manifest["entries"]}
+        self.funcs = {name: self.vm.raw_function(name) for name in bundle.manifest["entries"]}
+        self.inputs = {}  # frames per call -> (numpy buffer, the same memory as a device tensor)
         self.reset()
 
     def reset(self) -> None:
-        self.state, self.flushed = [self.vm.tensor(s) for s in self.bundle.zero_state()], False
+        self.state, self.flushed = self.vm.tensor(pack(self.bundle.zero_state())), False
 
     def _ended(self, ending: bool) -> None:
         """A flushed stream has ended: stepping or flushing it again would compute nothing meaningful."""
@@ -176,22 +192,38 @@ class LocalSession(FrameSession):
             raise EdgekitError("this stream was flushed: it has ended", "call reset() to start a new stream")
         self.flushed = ending
 
-    def _call(self, entry: str, *args) -> dict[str, np.ndarray]:
+    def _call(self, entry: str, frames: int, *args) -> dict[str, np.ndarray]:
         self._ended(entry == "flush")
-        result = self.funcs[entry](*args, *self.state)
-        n = len(self.outputs)
-        self.state = result[n:]
-        return {name: self.vm.numpy(result[i]) for i, name in enumerate(self.outputs)}
+        outputs, self.state = self.funcs[entry](*args, self.state)
+        return unpack(self.vm.numpy(outputs), self.output_shapes, self.batch, frames)
+
+    def _input(self, x: np.ndarray):
+        if self.bundle.device != "cpu":
+            return self.vm.tensor(x)
+        if x.shape not in self.inputs:
+            self.inputs[x.shape] = self.vm.aligned(x.shape, x.dtype)
+        buf, tensor = self.inputs[x.shape]
+        np.copyto(buf, x)
+        return tensor
 
     def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
         x = self.check_input(x)
-        return self._call(entry_for(self.bundle, x.shape[1]), self.vm.tensor(x))
+        return self._call(self.entries[x.shape[1]], x.shape[1], self._input(x))
 
     def flush(self) -> dict[str, np.ndarray]:
         if self.delay:
-            return self._call("flush")
+            return self._call("flush", self.delay)
         self._ended(True)  # nothing to compute without a delay, but the stream ends all the same
         return {n: np.zeros((self.batch, 0, *s), np.float32) for n, s in self.output_shapes.items()}
+
+    def read_state(self) -> dict[str, np.ndarray]:
+        """The state now, tensor by tensor (a copy)."""
+        shapes = {s["name"]: s["shape"] for s in self.state_specs}
+        return {k: v.copy() for k, v in unpack(self.vm.numpy(self.state), shapes).items()}
+
+    def write_state(self, state: dict[str, np.ndarray]) -> None:
+        """Continue the stream from this state (as `read_state` returns it)."""
+        self.state = self.vm.tensor(pack([state[s["name"]] for s in self.state_specs]))
 
 
 class RemoteSession(WorkerSession, FrameSession):
@@ -206,6 +238,20 @@ class RemoteSession(WorkerSession, FrameSession):
 
     def flush(self) -> dict[str, np.ndarray]:
         return self.worker("flush")
+
+
+def unpack(flat: np.ndarray, shapes: dict[str, list[int]], *lead: int) -> dict[str, np.ndarray]:
+    """Views of a packed vector as named arrays of shapes `lead + shape`, in order (the entries' packing)."""
+    out, at = {}, 0
+    for name, shape in shapes.items():
+        size = math.prod(lead) * math.prod(shape)
+        out[name] = flat[at:at + size].reshape(*lead, *shape)
+        at += size
+    return out
+
+
+def pack(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(a, np.float32).reshape(-1) for a in arrays])
 
 
 def _concat(pieces: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -321,23 +367,21 @@ def _tvm_engine(bundle: Bundle, torch_model, frames: int, threads: int | None):
 
 
 class OrtFrames:
-    """The bundle's frame entries in ONNX Runtime, the state carried between calls in numpy: x [B, K, F] with K
-    one of `chunks` -> the outputs, in manifest order."""
+    """The bundle's frame entries in ONNX Runtime, the packed state carried between calls in numpy: x [B, K, F]
+    with K one of `chunks` -> the outputs, in manifest order."""
 
     def __init__(self, bundle: Bundle, threads: int | None, chunks: tuple[int, ...]):
         m = bundle.manifest
         self.bundle, self.sessions = bundle, {k: ort_session(bundle, entry_for(bundle, k), threads) for k in chunks}
-        self.names = [f"state.{s['name']}" for s in m["state"]]
-        self.outputs = len(m["outputs"])
+        self.shapes, self.batch = {o["name"]: o["shape"][2:] for o in m["outputs"]}, m["batch"]
         self.reset()
 
     def reset(self) -> None:
-        self.state = dict(zip(self.names, self.bundle.zero_state()))
+        self.state = pack(self.bundle.zero_state())
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
-        result = self.sessions[x.shape[1]].run(None, {"x": x, **self.state})
-        self.state = dict(zip(self.names, result[self.outputs:]))
-        return result[:self.outputs]
+        outputs, self.state = self.sessions[x.shape[1]].run(None, {"x": x, "state": self.state})
+        return list(unpack(outputs, self.shapes, self.batch, x.shape[1]).values())
 
 
 def _tvm_vm_only(bundle: Bundle, frames: int, calls: int, seed: int) -> dict:
@@ -355,7 +399,7 @@ def _tvm_vm_only(bundle: Bundle, frames: int, calls: int, seed: int) -> dict:
     with bundle.verified_library() as lib:
         vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), dev)
     entry = entry_for(bundle, frames)
-    args = [x[:, MID_STREAM:], *[session.vm.numpy(t) for t in session.state]]
+    args = [x[:, MID_STREAM:], session.vm.numpy(session.state)]
     vm.set_input(entry, *[tvm.runtime.tensor(a, dev) for a in args])
     te = vm.time_evaluator("invoke_stateful", dev, number=max(1, calls // 5), repeat=5)(entry)
     per_frame = te.mean / frames
@@ -373,7 +417,10 @@ class Frame(Unit):
     ExportOptions, ValidateOptions = ExportOptions, ValidateOptions
 
     def export_entries(self, net, options: ExportOptions) -> list[tuple]:
-        return [(e, *net.entry(entry_frames(e), options.batch)) for e in entry_names(options.chunks, net.delay)]
+        """Every entry with its state packed into one flat vector: (x?, state [S]) -> (outputs [O], state [S]),
+        so that a call passes two tensors whatever the number of state tensors (`STATE_PACKING`)."""
+        return [(e, *net.entry(entry_frames(e), options.batch, packed=True))
+                for e in entry_names(options.chunks, net.delay)]
 
     def manifest_fields(self, net, options: ExportOptions) -> dict:
         b = options.batch
@@ -388,6 +435,7 @@ class Frame(Unit):
             "state_bytes": sum(4 * math.prod(s.shape) for s in net.state_spec(b)),
             "entries": {e: {"frames": entry_frames(e), "onnx": f"onnx/{e}.onnx"}
                         for e in entry_names(options.chunks, net.delay)},
+            "state_packing": STATE_PACKING,
         }
 
     def write_golden(self, net, path: Path) -> dict:

@@ -28,11 +28,11 @@ FP32_EXACT_COUNT = 2**24  # 16,777,216: the last integer n with n + 1 exact in f
 
 
 def _read_state(session) -> dict[str, np.ndarray]:
-    return {s["name"]: np.array(session.vm.numpy(t)) for s, t in zip(session.state_specs, session.state)}
+    return session.read_state()
 
 
 def _write_state(session, state: dict[str, np.ndarray]) -> None:
-    session.state = [session.vm.tensor(state[s["name"]].astype(s["dtype"])) for s in session.state_specs]
+    session.write_state(state)
 
 
 def _layers(state: dict[str, np.ndarray]) -> list[int]:

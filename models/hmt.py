@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgekit.errors import CheckpointError
@@ -69,17 +70,90 @@ class Block(nn.Module):
         qkv = flat(self.qkv, self.norm1(x)).view(b, t, 3, self.heads, self.d_head)
         return qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
 
-    def finish(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
-               ) -> torch.Tensor:
-        """Masked softmax attention of q over (k, v) (allowed: bool, broadcast to [B, H, Tq, Tk]), then the FFN."""
+    def finish(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+               memory: torch.Tensor | None = None) -> torch.Tensor:
+        """Masked softmax attention of q over (k, v) (allowed: bool, broadcast to [B, H, Tq, Tk]), then the FFN,
+        widened by the hidden units of `memory` [U, 2d + 1] (rows: input weights, bias, output weights) if given."""
         s = q @ k.transpose(-1, -2) / math.sqrt(self.d_head)
         a = torch.softmax(torch.where(allowed, s, torch.full_like(s, NEG)), dim=-1)
         o = (a @ v).transpose(1, 2).flatten(2)
         x = x + flat(self.proj, o)
-        return x + flat(self.ffn, self.norm2(x))
+        h = self.norm2(x)
+        y = flat(self.ffn, h)
+        if memory is not None:  # extra hidden units [U, w1 | b1 | w2]: the FFN widened by U units
+            d = h.shape[-1]
+            y = y + flat(lambda r: F.gelu(r @ memory[:, :d].t() + memory[:, d]) @ memory[:, d + 1:], h)
+        return x + y
 
 
-class HMT(SegmentModel):
+class ByteBackbone:
+    """The backbone a byte LM family builds on (HMT, memlm): byte embedding, learned absolute positions over
+    `slots` positions, pre-norm blocks, tied output; the compact and masked passes and the decode step over a KV
+    cache. A mixin for an nn.Module: `build_backbone` makes its parameters."""
+
+    def build_backbone(self, vocab: int, d_model: int, layers: int, heads: int, ffn: int, slots: int) -> None:
+        if d_model % heads:
+            raise ValueError(f"d_model {d_model} is not a multiple of heads {heads}")
+        self.slots, self.d = slots, d_model
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Embedding(slots, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, heads, ffn) for _ in range(layers))
+        self.norm = nn.LayerNorm(d_model)
+
+    def backbone(self, x: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor, keep_kv: bool = False,
+                 memory: torch.Tensor | None = None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Final normed hidden states [B, T, d] of input embeddings x [B, T, d] at position ids pos ([B, T] or [T]);
+        allowed [B, 1, T, T] (bool) says which keys each query sees. Also each layer's (k, v) if keep_kv. `memory`
+        [layers, U, 2d + 1]: extra FFN hidden units per layer (see `Block.finish`)."""
+        x = x + self.pos(pos)
+        kv = []
+        for j, blk in enumerate(self.blocks):
+            q, k, v = blk.qkv_heads(x)
+            if keep_kv:
+                kv.append((k, v))
+            x = blk.finish(x, q, k, v, allowed, None if memory is None else memory[j])
+        return self.norm(x), kv
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return flat(lambda x: x @ self.embed.weight.t(), h)
+
+    def causal(self, t: int) -> torch.Tensor:
+        return torch.ones(t, t, dtype=torch.bool).tril().view(1, 1, t, t)
+
+    def run_compact(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone over a compact sequence of embeddings (every position real): positions 0..T-1."""
+        t = x.shape[1]
+        return self.backbone(x, torch.arange(t), self.causal(t))[0]
+
+    def _allowed(self, valid: torch.Tensor) -> torch.Tensor:
+        """Causal in slot order, and only real keys: [B, 1, S, S] (slot order is the order of the real tokens)."""
+        return self.causal(valid.shape[1]) & valid.view(valid.shape[0], 1, 1, -1)
+
+    def decode_step(self, token: torch.Tensor, cache: dict[str, torch.Tensor], memory: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The next token [B] of the current segment over its KV cache: logits [B, V] and the cache with the token
+        in slot `slot`. The caller runs the segment step once the segment holds L tokens (slot = S)."""
+        kv, mask, slot = cache["kv"], cache["kv_mask"], cache["slot"]
+        b, s = mask.shape
+        dtype = self.embed.weight.dtype
+        oh = (torch.arange(s).view(1, -1) == slot.view(b, 1)).to(dtype)  # [B, S]
+        pos = mask.sum(dim=1).to(torch.int64)  # real tokens before this one
+        mask = torch.maximum(mask, oh)
+        allowed = (mask > 0).view(b, 1, 1, s)
+        ohk = oh.view(b, 1, s, 1)
+        x = (self.embed(token) + self.pos(pos)).unsqueeze(1)
+        new_kv = []
+        for j, blk in enumerate(self.blocks):
+            q, k, v = blk.qkv_heads(x)
+            kc = kv[j, 0] * (1 - ohk) + k * ohk
+            vc = kv[j, 1] * (1 - ohk) + v * ohk
+            new_kv.append(torch.stack([kc, vc]))
+            x = blk.finish(x, q, kc, vc, allowed, None if memory is None else memory[j])
+        logits = self.logits(self.norm(x))[:, 0]
+        return logits, {"kv": torch.stack(new_kv), "kv_mask": mask, "slot": slot + 1}
+
+
+class HMT(ByteBackbone, SegmentModel):
     family = "hmt"
 
     def __init__(self, vocab: int = VOCAB, d_model: int = 256, layers: int = 4, heads: int = 4, ffn: int = 1024,
@@ -88,18 +162,12 @@ class HMT(SegmentModel):
         super().__init__()
         summary = segment // 2 if summary is None else summary
         recall_dim = d_model if recall_dim is None else recall_dim
-        if d_model % heads:
-            raise ValueError(f"d_model {d_model} is not a multiple of heads {heads}")
         if not (1 <= sensory <= segment and 1 <= summary <= segment and memory >= 1):
             raise ValueError("need 1 <= sensory <= segment, 1 <= summary <= segment and memory >= 1")
         self._config = dict(vocab=vocab, d_model=d_model, layers=layers, heads=heads, ffn=ffn, segment=segment,
                             memory=memory, sensory=sensory, summary=summary, recall_dim=recall_dim)
-        self.L, self.N, self.k, self.j, self.d = segment, memory, sensory, summary, d_model
-        self.slots = 1 + sensory + segment + 1  # [P, sensory, segment, P]
-        self.embed = nn.Embedding(vocab, d_model)
-        self.pos = nn.Embedding(self.slots, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, heads, ffn) for _ in range(layers))
-        self.norm = nn.LayerNorm(d_model)
+        self.L, self.N, self.k, self.j = segment, memory, sensory, summary
+        self.build_backbone(vocab, d_model, layers, heads, ffn, 1 + sensory + segment + 1)  # [P, sensory, segment, P]
         # HMT's own parameters: summary prompt T, first-segment memory P_0, recall projections W_q, W_k.
         self.prompt = nn.Parameter(torch.zeros(d_model))
         self.first_memory = nn.Parameter(torch.zeros(d_model))
@@ -135,32 +203,6 @@ class HMT(SegmentModel):
     @property
     def warm_segments(self) -> int:
         return self.N
-
-    # ---- the backbone -------------------------------------------------------------------------------------------
-
-    def backbone(self, x: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor, keep_kv: bool = False
-                 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Final normed hidden states [B, T, d] of input embeddings x [B, T, d] at position ids pos ([B, T] or [T]);
-        allowed [B, 1, T, T] (bool) says which keys each query sees. Also each layer's (k, v) if keep_kv."""
-        x = x + self.pos(pos)
-        kv = []
-        for blk in self.blocks:
-            q, k, v = blk.qkv_heads(x)
-            if keep_kv:
-                kv.append((k, v))
-            x = blk.finish(x, q, k, v, allowed)
-        return self.norm(x), kv
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return flat(lambda x: x @ self.embed.weight.t(), h)
-
-    def causal(self, t: int) -> torch.Tensor:
-        return torch.ones(t, t, dtype=torch.bool).tril().view(1, 1, t, t)
-
-    def run_compact(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone over a compact sequence of embeddings (every position real): positions 0..T-1."""
-        t = x.shape[1]
-        return self.backbone(x, torch.arange(t), self.causal(t))[0]
 
     def recall(self, s: torch.Tensor, mem: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """P = softmax((s W_q)(M W_k)^T / sqrt(r)) M for summaries s [B, d] over memories mem [B, n, d]; slots with
@@ -285,33 +327,6 @@ class HMT(SegmentModel):
         outs = {"logits": logits, "memory_embedding": m, "kv": kv, "kv_mask": valid[:, :-1].to(dtype),
                 "slot": (1 + k + n).view(b)}
         return outs, new_state
-
-    def _allowed(self, valid: torch.Tensor) -> torch.Tensor:
-        """Causal in slot order, and only real keys: [B, 1, S, S] (slot order is the order of the real tokens)."""
-        return self.causal(valid.shape[1]) & valid.view(valid.shape[0], 1, 1, -1)
-
-    def decode_step(self, token: torch.Tensor, cache: dict[str, torch.Tensor]
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The next token [B] of the current segment over its KV cache: logits [B, V] and the cache with the token
-        in slot `slot`. The caller runs the segment step once the segment holds L tokens (slot = S)."""
-        kv, mask, slot = cache["kv"], cache["kv_mask"], cache["slot"]
-        b, s = mask.shape
-        dtype = self.embed.weight.dtype
-        oh = (torch.arange(s).view(1, -1) == slot.view(b, 1)).to(dtype)  # [B, S]
-        pos = mask.sum(dim=1).to(torch.int64)  # real tokens before this one
-        mask = torch.maximum(mask, oh)
-        allowed = (mask > 0).view(b, 1, 1, s)
-        ohk = oh.view(b, 1, s, 1)
-        x = (self.embed(token) + self.pos(pos)).unsqueeze(1)
-        new_kv = []
-        for j, blk in enumerate(self.blocks):
-            q, k, v = blk.qkv_heads(x)
-            kc = kv[j, 0] * (1 - ohk) + k * ohk
-            vc = kv[j, 1] * (1 - ohk) + v * ohk
-            new_kv.append(torch.stack([kc, vc]))
-            x = blk.finish(x, q, kc, vc, allowed)
-        logits = self.logits(self.norm(x))[:, 0]
-        return logits, {"kv": torch.stack(new_kv), "kv_mask": mask, "slot": slot + 1}
 
 
 class KVCacheLM:

@@ -102,8 +102,9 @@ def staging_dir(out: Path) -> Path:
 
 
 def publish(stage: Path, manifest: dict, out: Path, force: bool) -> Path:
-    """Checksum every file, write the manifest, then move the staged bundle into place in one rename."""
-    files = sorted(p for p in stage.rglob("*") if p.is_file())
+    """Checksum every file (but edgekit's own reports, which are not part of the checksums), write the manifest,
+    then move the staged bundle into place in one rename."""
+    files = sorted(p for p in stage.rglob("*") if p.is_file() and str(p.relative_to(stage)) not in REPORTS)
     manifest = {**manifest, "files": {str(p.relative_to(stage)): file_sha256(p) for p in files}}
     (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     check_destination(out, force)

@@ -214,7 +214,10 @@ def compile_cmd(model: str, checkpoint: Path | None, config: str | None, target:
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object instead of tables")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               help="write the report here  [default: BUNDLE/validation.json]")
-def validate(bundle: Path, as_json: bool, report_path: Path | None, **flags) -> None:
+@click.option("--runner", type=click.Choice(["python", "native"]), default="python", show_default=True,
+              help="frame models: stream through a Python session, or the bundle's native runner (`edgekit runner`; "
+                   "ARM bundles under qemu-aarch64 here)")
+def validate(bundle: Path, as_json: bool, report_path: Path | None, runner: str, **flags) -> None:
     """Stream BUNDLE against the float64 PyTorch model it was compiled from (without torch: the golden record
     compiled into it).
 
@@ -231,7 +234,7 @@ def validate(bundle: Path, as_json: bool, report_path: Path | None, **flags) -> 
     unit = units.of(load(bundle, check_machine=False))
     options = unit.validate_options(**_given(**flags))
     with counter("streaming") as progress:
-        report = run(bundle, options, progress=progress, report_path=report_path)
+        report = run(bundle, options, progress=progress, report_path=report_path, runner=runner)
     if as_json:
         click.echo(json.dumps(report))
     else:
@@ -272,6 +275,31 @@ def bench(bundle: Path, calls: int, warmup: int, engines: tuple[str, ...], threa
         from edgekit.artifact import load
 
         _print(units.of(load(bundle, check_machine=False)).render_bench(report))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+def runner(bundle: Path) -> None:
+    """Build the native runner `edgekit-run` into BUNDLE (a frame model for a CPU target): a C++ program over
+    TVM's runtime, so the board needs no Python.
+
+    \b
+    Built with the target's g++ against the TVM runtime and tvm-ffi libraries of the wheels (aarch64 ones for ARM
+    targets), which go into BUNDLE/runner/ beside it; all three are listed and checksummed in the manifest. On
+    the board (a copy of the whole bundle):
+      BUNDLE/runner/edgekit-run BUNDLE --in frames.f32 --out outputs.f32 --chunk 16 --times times.json
+    frames: raw float32 [T, batch, features]; outputs float32 per frame; --times: every call's time, load time,
+    first output and peak RSS as JSON. It verifies the sha256 of what it loads and refuses NaN/Inf frames.
+    Here: `edgekit validate BUNDLE --runner native` streams through it (ARM bundles under qemu-aarch64).
+    """
+    from edgekit.runner import add_runner
+
+    with stages(f"adding the native runner to {bundle}") as say:
+        b = add_runner(bundle, progress=say)
+    size = sum((b.path / f).stat().st_size for f in (b.manifest["runner"]["executable"],
+                                                     *b.manifest["runner"]["libraries"]))
+    console.print(f"[green]built[/] {b.path / b.manifest['runner']['executable']} ({size / 2**20:.1f} MiB with "
+                  f"its runtime libraries; {b.manifest['runner']['compiler']})", highlight=False)
 
 
 @main.command()

@@ -99,10 +99,20 @@ def prepare(cache_dir: Path | None = None, progress: Progress | None = None) -> 
     return root
 
 
+def command(root: Path) -> list[str]:
+    """argv prefix that runs an aarch64 program against the root's libraries (its loader, libc, libstdc++)."""
+    return [_qemu(), "-L", str(root)]
+
+
 def python_command(root: Path) -> list[str]:
     """argv prefix that runs the root's aarch64 Python. -E -s keep the host's PYTHON* variables and user
     site out of it; the wheels sit in its own dist-packages, so scripts run by path need nothing else."""
-    return [_qemu(), "-L", str(root), str(root / _PYTHON), "-E", "-s"]
+    return [*command(root), str(root / _PYTHON), "-E", "-s"]
+
+
+def site_packages(root: Path) -> Path:
+    """Where the root's aarch64 wheels are unpacked (tvm_ffi/, tvm/lib/: what a native runner links)."""
+    return root / _SITE
 
 
 def run(lib_path: str | os.PathLike, inputs: Sequence[np.ndarray], function: str = "main",

@@ -8,7 +8,10 @@ from typing import Callable
 
 from edgekit import units
 from edgekit.artifact import Bundle, load
+from edgekit.errors import EdgekitError
 from edgekit.runtime import Session
+
+RUNNERS = ("python", "native")  # what streams the bundle: a Python session in its own process, or edgekit-run
 
 
 def reference_model(bundle: Bundle):
@@ -21,16 +24,24 @@ def reference_model(bundle: Bundle):
 
 
 def validate(bundle_path: Path, options=None, progress: Callable[[int, int], None] = lambda done, total: None,
-             report_path: Path | None = None, **fields) -> dict:
+             report_path: Path | None = None, runner: str = "python", **fields) -> dict:
     """Stream the bundle against its reference; return the report (also saved as validation.json in the bundle,
-    or at `report_path`). `options` is the unit's ValidateOptions, or give its fields (e.g. frames=100_000)."""
+    or at `report_path`). `options` is the unit's ValidateOptions, or give its fields (e.g. frames=100_000).
+    runner="native" streams through the bundle's native runner (`edgekit runner`) instead of a Python session."""
     bundle = load(bundle_path, check_machine=False)
     unit = units.of(bundle)
     options = options if options is not None else unit.validate_options(**fields)
-    session = Session(bundle, isolated=True)  # the artifact's memory apart from the reference's
+    if runner not in RUNNERS:
+        raise EdgekitError(f"unknown runner {runner!r}", f"choose one of: {', '.join(RUNNERS)}")
+    if runner == "native":
+        from edgekit.runner import NativeSession
+
+        session = NativeSession(bundle)
+    else:
+        session = Session(bundle, isolated=True)  # the artifact's memory apart from the reference's
     net = reference_model(bundle)
     report = unit.validate(bundle, session, net, options, progress)
-    report["execution"] = session.execution
+    report["execution"], report["runner"] = session.execution, runner
     if net is None:
         report["reference"] += ", read from the bundle's golden record (computed at compile time)"
     report["runtime_startup_seconds"] = round(session.startup_seconds, 2)

@@ -1,0 +1,172 @@
+"""The native runner, `edgekit-run`: a C++ program (csrc/runner.cc) that streams a frame bundle through its
+compiled entries with TVM's runtime library alone, so a board needs no Python. `add_runner` builds it with the
+target's g++ against the TVM runtime and tvm-ffi of the wheels (for aarch64 the aarch64 wheels of the emulation
+root) and republishes the bundle with the runner and those two libraries in `runner/`, listed and checksummed in
+the manifest like every other file. `NativeSession` drives it over a pipe with the frame sessions' interface,
+so validation and reports run through it unchanged: natively, or under qemu-aarch64 for ARM bundles here."""
+from __future__ import annotations
+
+import importlib.util
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgekit.artifact import INTERFACE_KEYS, REPORTS, Bundle, check_runs_here, file_sha256, load, publish, staging_dir
+from edgekit.errors import BundleError, CompileError, EdgekitError
+from edgekit.units.frame import FrameSession, unpack
+from edgekit.worker import EMULATED
+
+SOURCE = Path(__file__).with_name("csrc") / "runner.cc"
+FOLDER = "runner"
+EXECUTABLE = f"{FOLDER}/edgekit-run"
+RUNTIME = ("tvm_ffi/lib/libtvm_ffi.so", "tvm/lib/libtvm_runtime.so")  # inside a site-packages holding the wheels
+Progress = Callable[[str], None]
+
+
+def add_runner(path: Path, progress: Progress = lambda msg: None) -> Bundle:
+    """Build the native runner for the bundle's target into the bundle (its files checksummed in the manifest);
+    the bundle is verified first and republished atomically, its reports kept."""
+    bundle = load(path, check_machine=False)
+    if bundle.device != "cpu" or bundle.manifest["unit"] != "frame":
+        raise BundleError(f"{bundle.path} is a {bundle.manifest['unit']} bundle running on {bundle.device}: the "
+                          "native runner streams frame bundles on CPUs", "run it with the Python session")
+    stage = staging_dir(bundle.path)
+    try:
+        for rel, digest in bundle.manifest["files"].items():
+            if not rel.startswith(f"{FOLDER}/"):
+                (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(bundle.path / rel, stage / rel)
+                if file_sha256(stage / rel) != digest:
+                    raise BundleError(f"{bundle.path}: {rel} changed while the runner was being added",
+                                      "recompile the bundle; do not edit files inside it")
+        fields = _build(bundle, stage / FOLDER, progress)
+        for report in REPORTS:
+            if (bundle.path / report).is_file() and not (bundle.path / report).is_symlink():
+                shutil.copyfile(bundle.path / report, stage / report)
+        manifest = {k: v for k, v in bundle.manifest.items() if k != "files"}
+        publish(stage, {**manifest, "runner": fields}, bundle.path, force=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return load(bundle.path, check_machine=False)
+
+
+def _build(bundle: Bundle, out: Path, progress: Progress) -> dict:
+    """Compile the runner into `out` with the runtime libraries beside it (found through rpath $ORIGIN)."""
+    from edgekit import targets
+
+    target = targets.get(bundle.target["name"])
+    cxx = target.cc[:-3] + "g++" if target.cc.endswith("gcc") else target.cc
+    if shutil.which(cxx) is None:
+        raise CompileError(f"the native runner for {target.name} is built with {cxx}, which is not installed",
+                           target.install or "install the target's C++ compiler")
+    site = _site(bundle, progress)
+    out.mkdir(parents=True)
+    for lib in RUNTIME:
+        shutil.copyfile(site / lib, out / Path(lib).name)
+    progress(f"building edgekit-run with {cxx}")
+    keys = ",".join(f'"{k}"' for k in INTERFACE_KEYS)  # the manifest fields the library's digest covers
+    cmd = [cxx, "-O2", "-std=c++17", f"-DEDGEKIT_INTERFACE_KEYS={keys}", f"-I{site / 'tvm_ffi/include'}",
+           str(SOURCE), "-o", str(out / "edgekit-run"), f"-L{out}", "-Wl,--no-as-needed", "-ltvm_ffi", "-ltvm_runtime",
+           "-Wl,-rpath,$ORIGIN"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise CompileError(f"building the native runner failed:\n{proc.stderr[-3000:]}",
+                           "check the C++ compiler and the apache-tvm-ffi wheel's headers")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    return {"executable": EXECUTABLE, "libraries": [f"{FOLDER}/{Path(lib).name}" for lib in RUNTIME],
+            "compiler": version, "source_sha256": file_sha256(SOURCE)}
+
+
+def _site(bundle: Bundle, progress: Progress) -> Path:
+    """The site-packages whose TVM runtime and tvm-ffi the runner links: this Python's for this machine's
+    bundles, the aarch64 emulation root's for ARM bundles built on x86_64."""
+    if _emulated(bundle):
+        from edgekit import emulator
+
+        return emulator.site_packages(emulator.prepare(progress=progress))
+    check_runs_here(bundle)
+    spec = importlib.util.find_spec("tvm_ffi")  # found, not imported: no need to load anything here
+    return Path(spec.origin).parent.parent
+
+
+def _emulated(bundle: Bundle) -> bool:
+    return bundle.target["arch"] == "aarch64" and platform.machine() == "x86_64"
+
+
+class NativeSession(FrameSession):
+    """A frame session served by the bundle's native runner over a pipe (`edgekit-run BUNDLE --serve`), under
+    qemu-aarch64 for an ARM bundle on x86_64. `times` holds (frames, nanoseconds) of every call, timed inside
+    the runner around the compiled function."""
+
+    def __init__(self, bundle: Bundle, allow_nonfinite: bool = False, progress: Progress = lambda msg: None):
+        super().__init__(bundle, allow_nonfinite)
+        if "runner" not in bundle.manifest:
+            raise BundleError(f"{bundle.path} has no native runner", f"build it in: edgekit runner {bundle.path}")
+        prefix = []
+        if _emulated(bundle):
+            from edgekit import emulator
+
+            prefix = emulator.command(emulator.prepare(progress=progress))
+        else:
+            check_runs_here(bundle)
+        self.execution = "native runner" + (f" under {EMULATED}" if prefix else "")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen([*prefix, str(bundle.path / bundle.manifest["runner"]["executable"]),
+                                      str(bundle.path), "--serve", *(["--allow-nonfinite"] if allow_nonfinite else [])],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.pid = self.proc.pid
+        self.load_seconds = int.from_bytes(self._read(8), "little", signed=True) / 1e9
+        self.startup_seconds = time.perf_counter() - t0
+        self.times: list[tuple[int, int]] = []
+
+    def _read(self, n: int) -> bytes:
+        data = self.proc.stdout.read(n)
+        if len(data) < n:
+            self._stopped()
+        return data
+
+    def _stopped(self):
+        self.proc.wait(timeout=30)
+        raise BundleError(f"the native runner for {self.bundle.path} stopped: "
+                          f"{self.proc.stderr.read().decode(errors='replace').strip()[-2000:]}",
+                          f"rebuild it with `edgekit runner {self.bundle.path}`; check the bundle with `edgekit info`")
+
+    def _request(self, op: int, x: np.ndarray | None = None) -> np.ndarray:
+        try:
+            self.proc.stdin.write(op.to_bytes(4, "little", signed=True) + (x.tobytes() if x is not None else b""))
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            self._stopped()
+        n = int.from_bytes(self._read(8), "little", signed=True)
+        payload = self._read(abs(n) * (4 if n > 0 else 1))
+        ns = int.from_bytes(self._read(8), "little", signed=True)
+        if n < 0:
+            raise EdgekitError(payload.decode(errors="replace"))
+        if op:
+            self.times.append((max(op, 0), ns))
+        return np.frombuffer(payload, np.float32)
+
+    def reset(self) -> None:
+        self._request(0)
+
+    def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        x = self.check_input(x)
+        return unpack(self._request(x.shape[1], x), self.output_shapes, self.batch, x.shape[1])
+
+    def flush(self) -> dict[str, np.ndarray]:
+        return unpack(self._request(-1), self.output_shapes, self.batch, self.delay)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+    def __del__(self) -> None:
+        if getattr(self, "proc", None) is not None and self.proc.poll() is None:
+            self.proc.kill()

@@ -17,8 +17,11 @@ from __future__ import annotations
 import wave
 from functools import cache
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+import soundfile
+import soxr
 
 from edgekit.errors import EdgekitError
 
@@ -128,27 +131,36 @@ class FrontEnd:
 
 
 def read_wav(path: Path) -> np.ndarray:
-    """A 16 kHz PCM WAV file as float32 in [-1, 1] (channels averaged): the scale torchaudio.load gives."""
+    """A sound file as float32 16 kHz mono in [-1, 1] (channels averaged, resampled): the scale torchaudio.load
+    gives."""
     with WavReader(path) as r:
-        return np.concatenate(list(r.blocks())) if r.frames else np.zeros(0, np.float32)
+        return np.concatenate([np.zeros(0, np.float32), *r.blocks()])
 
 
 class WavReader:
-    """Reads a 16 kHz PCM WAV in blocks (constant memory on hour-long files), as float32 mono in [-1, 1]."""
+    """Reads any sound file libsndfile reads (WAV of 8/16/24/32-bit PCM or float at any rate and channel count,
+    FLAC, OGG, AIFF, ...) in blocks of about `block` output samples, as float32 16 kHz mono in [-1, 1]: channels
+    averaged, other rates resampled by soxr (streaming, so memory is constant on hour-long files)."""
 
     def __init__(self, path: Path, block: int = SAMPLE_RATE // 10):
-        self.path, self.block = Path(path), block
+        self.path = Path(path)
         try:
-            self.file = wave.open(str(self.path), "rb")
-        except (OSError, EOFError, wave.Error) as e:
-            raise EdgekitError(f"cannot read {path} as a WAV file: {e}",
-                               "pass a PCM WAV file (e.g. `sox in.any -r 16000 -c 1 -b 16 out.wav`)") from None
-        self.channels, self.width = self.file.getnchannels(), self.file.getsampwidth()
-        self.frames, rate = self.file.getnframes(), self.file.getframerate()
-        if rate != SAMPLE_RATE or self.width not in (1, 2, 4):
+            self.file = soundfile.SoundFile(str(self.path))
+        except (soundfile.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as e:
+            raise EdgekitError(f"cannot read {path} as a sound file: {e}",
+                               "pass a WAV (any rate, channels, 8/16/24/32-bit or float), FLAC or OGG file") from None
+        self.rate, self.channels, self.frames = self.file.samplerate, self.file.channels, self.file.frames
+        if not (1000 <= self.rate <= 768_000) or not 1 <= self.channels <= 64:
             self.file.close()
-            raise EdgekitError(f"{path} is {rate} Hz, {8 * self.width}-bit; the model needs "
-                               f"{SAMPLE_RATE} Hz PCM", f"convert it: sox {path} -r {SAMPLE_RATE} -c 1 -b 16 out.wav")
+            raise EdgekitError(f"{path} claims {self.rate} Hz and {self.channels} channels: a damaged header",
+                               "re-export the audio, e.g. `sox in.wav out.wav`")
+        self.block = max(1, block * self.rate // SAMPLE_RATE)
+
+    def describe(self) -> str:
+        """What the file holds and what is done to it, for the user."""
+        done = [f"resampled to {SAMPLE_RATE} Hz"] * (self.rate != SAMPLE_RATE) + ["mixed to mono"] * (self.channels > 1)
+        return (f"{self.rate} Hz, {self.channels} channel{'s' * (self.channels > 1)}, {self.file.subtype_info}, "
+                f"{self.frames / self.rate:.1f} s" + (f" ({', '.join(done)})" if done else ""))
 
     def __enter__(self) -> "WavReader":
         return self
@@ -156,17 +168,28 @@ class WavReader:
     def __exit__(self, *exc) -> None:
         self.file.close()
 
-    def blocks(self):
-        """float32 mono blocks of up to `block` samples each, until the end of the file."""
-        dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[self.width]
-        scale = float(2 ** (8 * self.width - 1))
-        frame_bytes = self.width * self.channels
-        while raw := self.file.readframes(self.block):
-            raw = raw[:len(raw) - len(raw) % frame_bytes]  # a truncated file ends mid-frame: drop the partial one
-            x = np.frombuffer(raw, dtype=dtype).astype(np.float32)
-            if self.width == 1:
-                x -= 128.0
-            yield (x / scale).reshape(-1, self.channels).mean(axis=1)
+    def blocks(self) -> Iterator[np.ndarray]:
+        """float32 16 kHz mono blocks until the end of the file (a truncated file ends at its last whole frame)."""
+        resample = Resampler(self.rate)
+        try:
+            for x in self.file.blocks(self.block, dtype="float32", always_2d=True):
+                yield resample(x.mean(axis=1))
+        except (RuntimeError, ValueError) as e:  # libsndfile errors mid-file are RuntimeErrors
+            raise EdgekitError(f"{self.path} is damaged after {self.file.tell() / self.rate:.1f} s: {e}",
+                               "re-export the audio, e.g. `sox in.wav out.wav`") from None
+        yield resample(np.zeros(0, np.float32), last=True)
+
+
+class Resampler:
+    """Streaming conversion of float32 mono blocks at `rate` to 16 kHz with soxr (high quality); identity at
+    16 kHz. Blocks in, blocks out, the filter's state carried between them."""
+
+    def __init__(self, rate: int):
+        self.stream = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32") if rate != SAMPLE_RATE else None
+
+    def __call__(self, x: np.ndarray, last: bool = False) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return self.stream.resample_chunk(x, last=last) if self.stream else x
 
 
 def write_wav(path: Path, samples: np.ndarray, rate: int = SAMPLE_RATE) -> None:

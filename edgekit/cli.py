@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekit.errors import EdgekitError
-from edgekit.units import frame, segment
+from edgekit.units import frame, memory, segment
 
-FRAME, SEGMENT = frame.ValidateOptions(), segment.ValidateOptions()  # the defaults the help shows
+FRAME, SEGMENT, MEMORY = frame.ValidateOptions(), segment.ValidateOptions(), memory.ValidateOptions()  # help defaults
 
 
 def _console(stderr: bool = False) -> Console:
@@ -206,6 +206,10 @@ def compile_cmd(model: str, checkpoint: Path | None, config: str | None, target:
 @click.option("--decode-segments", type=int,
               help="segment LMs: of those, the last ones fed byte by byte (the generation path)  "
                    f"[default: {SEGMENT.decode_segments}]")
+@click.option("--documents", type=int,
+              help=f"memory-bank LMs: documents in the stream, each fetching its block  [default: {MEMORY.documents}]")
+@click.option("--document-segments", type=int,
+              help=f"memory-bank LMs: segments per document  [default: {MEMORY.document_segments}]")
 @click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="segment LMs: stream this file's bytes (repeated) instead of random bytes")
 @click.option("--seed", type=int, help=f"seed of the random input stream  [default: {FRAME.seed}]")
@@ -224,7 +228,9 @@ def validate(bundle: Path, as_json: bool, report_path: Path | None, runner: str,
     A frame model streams --frames random frames: max abs and relative error per output, error by stream decile
     (drift), spike agreement and sparsity per layer (spiking models), prediction agreement. A segment-level LM
     (`edgekit compile hmt`) streams --segments segments of bytes: logits and memory embeddings of each segment,
-    and for the last --decode-segments the byte-by-byte logits that generation sees. Both: state bytes and the
+    and for the last --decode-segments the byte-by-byte logits that generation sees; an LM over a memory bank
+    (`edgekit compile memlm`) streams --documents documents, each first retrieving and fetching its block: the
+    retrieved paths must be the reference's. All: state bytes and the
     artifact process's resident memory at T/10 and T. Exits 1 if a check fails. Saved as validation.json.
     """
     from edgekit import units
@@ -329,44 +335,78 @@ def info(bundle: Path, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--wav", type=click.Path(path_type=Path), help="16 kHz WAV file to stream")
-@click.option("--mic", is_flag=True, help="stream the default microphone instead (needs the sounddevice package)")
+@click.option("--wav", type=click.Path(path_type=Path),
+              help="sound file to stream: WAV at any rate and channel count, 8/16/24/32-bit or float (also FLAC, OGG)")
+@click.option("--mic", is_flag=True, help="stream a microphone instead (needs the sounddevice package and PortAudio)")
+@click.option("--device", help="with --mic: input device name (or part of it) or index; `python -m sounddevice` lists them")
 @click.option("--bundle", type=click.Path(path_type=Path), help="a compiled LMUFormer bundle (default: the demo model)")
 @click.option("--checkpoint", type=click.Path(path_type=Path),
               help="an LMUFormer checkpoint (e.g. a public SCv2 one), compiled for this host on first use")
 @click.option("--labels", help="class names in model order, comma-separated (when the model does not say)")
 @click.option("--hop", type=int, default=14, show_default=True, help="frames between window starts (10 ms each)")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="keyword probability to detect (0.5: chosen on the demo's validation streams)")
+              help="smoothed keyword probability to detect (chosen on the demo's validation streams)")
+@click.option("--smooth", type=click.IntRange(min=1), default=3, show_default=True,
+              help="windows the probabilities are averaged over before peak picking")
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True, help="play the WAV this many times (a long stream)")
-def stream(wav: Path | None, mic: bool, bundle: Path | None, checkpoint: Path | None, labels: str | None, hop: int,
-           threshold: float, repeat: int) -> None:
-    """Spot keywords in a WAV file (or the microphone) with a compiled LMUFormer, printing each detection
-    as it happens, then the real-time factor and resident memory.
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON Lines on stdout: one object per detection, then one {\"summary\": ...}")
+def stream(wav: Path | None, mic: bool, device: str | None, bundle: Path | None, checkpoint: Path | None,
+           labels: str | None, hop: int, threshold: float, smooth: int, repeat: int, as_json: bool) -> None:
+    """Spot keywords in a sound file (or a microphone) with a compiled LMUFormer, printing each detection as
+    soon as it is final, then the real-time factor and resident memory (also after Ctrl-C).
+
+    Each detection gives the word's start and end (seconds from the start of the stream: the stretch shared
+    by the one-second windows that heard it), the keyword, and its confidence (the keyword's probability
+    averaged over --smooth neighbouring windows, 0-1).
 
     With no model option it uses the demo keyword spotter shipped with edgekit (yes, no, up, down, left,
     right, on, off, stop, go), compiled for this host on first use and cached under ~/.cache/edgekit
     ($EDGEKIT_CACHE).
+
+    \b
+    edgekit stream --wav speech.wav                  # any rate, channels, bit depth: converted on the fly
+    edgekit stream --mic --device 2                  # live, from input device 2
+    edgekit stream --wav speech.wav --json | jq .    # JSON Lines for scripts
     """
-    from edgekit.apps.kws import detect, mic_blocks, open_model, wav_blocks
+    from edgekit.apps.kws import detect, open_mic, open_model, open_wav
 
     if bool(wav) == mic:
         raise click.UsageError("pass --wav FILE or --mic")
+    if device is not None and not mic:
+        raise click.UsageError("--device picks a microphone: pass it with --mic")
+    about, source = open_wav(wav, repeat) if wav else open_mic(device)
     with stages("loading the model") as say:
         b, spec = open_model(bundle, checkpoint, labels.split(",") if labels else None, say)
-    source = wav_blocks(wav, repeat) if wav else mic_blocks()
-    console.print(f"streaming {wav or 'the microphone'} through {b.path} ({b.manifest['target']['name']}), "
-                  f"{spec.clip_frames}-frame windows every {hop} frames; Ctrl-C stops")
-    show = lambda d: console.print(f"{d.time:9.2f} s  [bold]{d.label}[/]  {d.confidence:.2f}")  # noqa: E731
-    try:
-        report = detect(b, spec, source, hop=hop, threshold=threshold, on_detection=show)
-    except KeyboardInterrupt:
-        return
-    if not report.audio_seconds:
+    out = err_console if as_json else console
+    keywords = ", ".join(x for x in spec.labels if not x.startswith("_"))
+    out.print(f"streaming {about}\nthrough {b.path} ({b.manifest['target']['name']}): {keywords}; "
+              f"{spec.clip_frames}-frame windows every {hop} frames, smoothed over {smooth}, threshold {threshold}; "
+              "Ctrl-C stops", highlight=False, markup=False)
+    if not as_json:
+        console.print(f"{'start s':>9} {'end s':>9}  {'keyword':<10} confidence", highlight=False)
+
+    def show(d) -> None:
+        if as_json:
+            print(json.dumps({"label": d.label, "start": d.start, "end": d.end, "confidence": d.confidence}),
+                  flush=True)
+        else:
+            console.print(f"{d.start:9.2f} {d.end:9.2f}  {d.label:<10} {d.confidence:.2f}", highlight=False)
+
+    report = detect(b, spec, source, hop=hop, threshold=threshold, smooth=smooth, on_detection=show)
+    if not report.audio_seconds and not report.interrupted:
         raise EdgekitError(f"{wav} holds no audio samples: nothing was streamed", "pass a WAV file with sound in it")
+    summary = {"audio_seconds": round(report.audio_seconds, 2), "detections": report.detections,
+               "real_time_factor": round(report.rtf, 5), "cpu_real_time_factor": round(report.cpu_rtf, 5),
+               "rss_mib": [[t, round(r / 2**20, 1)] for t, r in report.rss], "interrupted": report.interrupted}
+    if as_json:
+        print(json.dumps({"summary": summary}), flush=True)
+        return
     rss = " -> ".join(f"{r / 2**20:.1f} MiB at {t:g} s" for t, r in report.rss[:2] + report.rss[2:][-1:])
-    console.print(f"{report.detections} detections in {report.audio_seconds:.1f} s of audio; real-time factor "
-                  f"{report.rtf:.4f} (CPU time {report.cpu_rtf:.4f}); RSS {rss}")
+    console.print(("interrupted: " if report.interrupted else "") +
+                  f"{report.detections} detections in {report.audio_seconds:.1f} s of audio; real-time factor "
+                  f"{report.rtf:.4f} (compute time / audio time; CPU time {report.cpu_rtf:.4f}); RSS {rss}",
+                  highlight=False)
 
 
 @main.command(name="compare-kv")

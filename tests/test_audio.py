@@ -2,9 +2,12 @@
 import math
 
 import numpy as np
+import pytest
+import soundfile
 import torch
 
 from edgekit import audio
+from edgekit.errors import EdgekitError
 
 
 def speechlike(seconds: float = 1.0, seed: int = 0) -> np.ndarray:
@@ -92,3 +95,27 @@ def test_wav_round_trip(tmp_path):
     audio.write_wav(tmp_path / "a.wav", wave)
     back = audio.read_wav(tmp_path / "a.wav")
     assert back.dtype == np.float32 and np.abs(back - wave).max() <= 1 / 32768
+
+
+@pytest.mark.parametrize("rate,channels,subtype", [(22050, 1, "PCM_16"), (22050, 2, "PCM_24"), (44100, 2, "FLOAT"),
+                                                   (8000, 1, "PCM_U8"), (48000, 1, "PCM_32"), (16000, 2, "DOUBLE")])
+def test_any_wav_is_read_as_16k_mono(tmp_path, rate, channels, subtype):
+    """A 440 Hz tone in any rate, channel count and sample format comes back as the same tone at 16 kHz mono,
+    at every block size (the resampler streams: blocks in, blocks out)."""
+    t = np.arange(int(1.5 * rate)) / rate
+    tone = 0.5 * np.sin(2 * np.pi * 440 * t)
+    soundfile.write(tmp_path / "a.wav", np.stack([tone] + [0.5 * tone] * (channels - 1), 1), rate, subtype=subtype)
+    with audio.WavReader(tmp_path / "a.wav", block=777) as r:
+        assert (r.rate, r.channels) == (rate, channels)
+        x = np.concatenate(list(r.blocks()))
+    want = 0.5 * np.sin(2 * np.pi * 440 * np.arange(24000) / 16000) * (1 + 0.5 * (channels - 1)) / channels
+    assert x.dtype == np.float32 and abs(len(x) - 24000) <= 1
+    inner = slice(800, 23000)  # away from the resampler's edges
+    assert np.abs(x[inner] - want[inner]).max() < (0.02 if subtype == "PCM_U8" else 2e-3)
+    assert np.array_equal(audio.read_wav(tmp_path / "a.wav"), x)
+
+
+def test_unreadable_sound_file_is_one_clear_error(tmp_path):
+    (tmp_path / "a.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    with pytest.raises(EdgekitError, match="cannot read .* as a sound file"):
+        audio.WavReader(tmp_path / "a.wav")

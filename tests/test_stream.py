@@ -1,19 +1,23 @@
 """The keyword-spotting demo: synthetic data set layout, staggered windows == offline clips, `edgekit stream`."""
+import json
 import re
 import sys
+import types
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 from click.testing import CliRunner
 
 from edgekit import audio
 from edgekit.cli import main
 from edgekit.errors import EdgekitError
-from edgekit.apps.kws import (DEMO_CHECKPOINT, SCV2_LABELS, SUPPRESS_FRAMES, ClipSpec, Merger, StaggeredClassifier,
-                            Window, host_bundle)
+from edgekit.apps import kws
+from edgekit.apps.kws import (DEMO_CHECKPOINT, SCV2_LABELS, SUPPRESS_FRAMES, ClipSpec, Detector, StaggeredClassifier,
+                              Window, detect, host_bundle)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "kws"))
 from make_dataset import make_dataset, split_of, synthesize  # noqa: E402
@@ -70,22 +74,104 @@ def test_windows_are_offline_clip_classifications(cache, monkeypatch):
     assert np.abs(np.stack([w.probs for w in windows]) - ref).max() < 1e-4
 
 
-def test_stream_cli_detects_keyword_with_cached_demo(cache, tmp_path, monkeypatch):
+def spoken_yes(at: float = 0.5, seconds: float = 2.2) -> np.ndarray:
     speech = synthesize("yes", TEST_VOICE, 160, 50)
-    x = np.zeros(int(2.2 * audio.SAMPLE_RATE), np.float32)
-    x[8000:8000 + len(speech)] = 0.5 * speech / np.abs(speech).max()
-    x += 0.003 * np.random.default_rng(0).standard_normal(len(x)).astype(np.float32)
-    audio.write_wav(tmp_path / "yes.wav", x)
+    x = np.zeros(int(seconds * audio.SAMPLE_RATE), np.float32)
+    x[int(at * audio.SAMPLE_RATE):int(at * audio.SAMPLE_RATE) + len(speech)] = 0.5 * speech / np.abs(speech).max()
+    return x + 0.003 * np.random.default_rng(0).standard_normal(len(x)).astype(np.float32)
+
+
+def test_stream_cli_detects_keyword_with_cached_demo(cache, tmp_path, monkeypatch):
+    audio.write_wav(tmp_path / "yes.wav", spoken_yes())
     monkeypatch.setenv("EDGEKIT_CACHE", str(cache))
     monkeypatch.setattr(sys.modules["edgekit.compile"], "compile", lambda *a, **k: pytest.fail("the cached bundle was not used"))
     result = CliRunner().invoke(main, ["stream", "--wav", str(tmp_path / "yes.wav")])
     assert result.exit_code == 0, result.output
-    detections = re.findall(r"^\s*([\d.]+) s\s+(\S+)\s+([\d.]+)$", result.output, re.M)
-    assert [d[1] for d in detections] == ["yes"], result.output
-    assert 0.3 <= float(detections[0][0]) <= 1.5 and "real-time factor" in result.output
+    assert "start s" in result.output and "confidence" in result.output  # the header
+    detections = re.findall(r"^\s*([\d.]+)\s+([\d.]+)\s+(\S+)\s+([\d.]+)$", result.output, re.M)
+    assert [d[2] for d in detections] == ["yes"], result.output
+    start, end = float(detections[0][0]), float(detections[0][1])
+    word = (0.5, 0.5 + len(synthesize("yes", TEST_VOICE, 160, 50)) / audio.SAMPLE_RATE)
+    assert word[0] - 0.15 <= start < end <= word[1] + 0.15, (start, end, word)  # the word's span, within a hop
+    assert "real-time factor" in result.output
 
 
-def test_clip_spec_and_merger():
+@pytest.mark.parametrize("rate,channels,subtype", [(22050, 1, "PCM_16"), (22050, 2, "PCM_24"), (44100, 1, "FLOAT"),
+                                                   (48000, 2, "PCM_U8")])
+def test_stream_json_lines_from_any_wav(cache, tmp_path, monkeypatch, rate, channels, subtype):
+    """22,050 Hz (what espeak-ng writes), 24-bit, float, stereo, 8-bit: converted on the fly;
+    --json prints only JSON Lines on stdout: detections, then one summary."""
+    import soxr
+
+    x = soxr.resample(spoken_yes(), audio.SAMPLE_RATE, rate)
+    soundfile.write(tmp_path / "yes.wav", np.stack([x] * channels, 1), rate, subtype=subtype)
+    monkeypatch.setenv("EDGEKIT_CACHE", str(cache))
+    r = CliRunner().invoke(main, ["stream", "--wav", str(tmp_path / "yes.wav"), "--json"])
+    assert r.exit_code == 0, r.output + r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [d["label"] for d in lines[:-1]] == ["yes"], r.stdout
+    assert set(lines[0]) == {"label", "start", "end", "confidence"} and lines[0]["start"] < lines[0]["end"]
+    summary = lines[-1]["summary"]
+    assert summary["detections"] == 1 and abs(summary["audio_seconds"] - 2.2) < 0.01 and summary["real_time_factor"] > 0
+    assert summary["rss_mib"] and not summary["interrupted"]
+    assert f"{rate} Hz" in r.stderr  # the header says what was read and how it was converted
+
+
+def test_ctrl_c_still_prints_the_summary(cache, tmp_path, monkeypatch):
+    def interrupted(path, repeat):
+        def blocks():
+            x = spoken_yes(seconds=1.5)
+            yield from np.split(x[:16000], 10)
+            raise KeyboardInterrupt
+        return "a stream", blocks()
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(cache))
+    monkeypatch.setattr(kws, "open_wav", interrupted)
+    r = CliRunner().invoke(main, ["stream", "--wav", "x.wav", "--json"])
+    assert r.exit_code == 0, r.output + r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [d["label"] for d in lines[:-1]] == ["yes"]  # the word heard before Ctrl-C is still detected
+    assert lines[-1]["summary"]["interrupted"] and lines[-1]["summary"]["audio_seconds"] == 1.0
+
+
+def fake_sounddevice(devices: list[str]) -> types.ModuleType:
+    sd = types.ModuleType("sounddevice")
+    sd.PortAudioError = type("PortAudioError", (Exception,), {})
+
+    def query_devices(device, kind):
+        if not devices or (device is not None and device not in devices and device != 0):
+            raise (sd.PortAudioError("Error querying device -1") if device is None else
+                   ValueError(f"No input device matching {device!r}"))
+        return {"name": devices[0], "default_samplerate": 44100.0}
+
+    sd.query_devices, sd.InputStream = query_devices, lambda **kw: pytest.fail("a stream was opened")
+    return sd
+
+
+@pytest.mark.parametrize("module,args,message", [
+    (None, [], "needs the sounddevice package"),
+    ("portaudio", [], "needs the PortAudio library"),
+    (fake_sounddevice([]), [], "no usable input device"),
+    (fake_sounddevice(["USB mic"]), ["--device", "headset"], "no usable input device 'headset'"),
+])
+def test_mic_failures_are_one_line_errors(tmp_path, monkeypatch, module, args, message):
+    if module == "portaudio":  # the real sounddevice raises OSError at import where PortAudio is missing
+        (tmp_path / "sounddevice.py").write_text("raise OSError('PortAudio library not found')\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(sys.modules, "sounddevice", raising=False)
+    else:
+        monkeypatch.setitem(sys.modules, "sounddevice", module)
+    monkeypatch.setattr(kws, "open_model", lambda *a: pytest.fail("the model was loaded before the microphone"))
+    r = CliRunner().invoke(main, ["stream", "--mic", *args])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+
+
+def test_device_needs_mic(tmp_path):
+    r = CliRunner().invoke(main, ["stream", "--wav", str(tmp_path / "a.wav"), "--device", "1"])
+    assert r.exit_code == 2 and "--device picks a microphone" in r.output
+
+
+def test_clip_spec_and_detector():
     scv2 = ClipSpec.for_model(35, None)
     assert scv2.labels == SCV2_LABELS and (scv2.clip_frames, scv2.pad_to) == (98, 128)
     with pytest.raises(EdgekitError, match="--labels"):
@@ -93,16 +179,40 @@ def test_clip_spec_and_merger():
     spec = ClipSpec(["_silence_", "_unknown_", "yes", "no"])
     p = lambda i, v: np.eye(4)[i] * v + (1 - v) / 4  # noqa: E731
 
-    def detections(seq: list[tuple[int, float]], radius: int) -> list[tuple[str, int]]:
-        merge = Merger(spec, threshold=0.5, hop=SUPPRESS_FRAMES // radius)
-        assert merge.radius == radius
-        out = [d for s, (i, v) in enumerate(seq) for d in merge.push(Window(14 * s, p(i, v)))] + merge.close()
-        return [(d.label, round(d.time / 0.14 - 3.5)) for d in out]  # window index of each detection
+    def detections(seq: list[tuple[int, float]], radius: int, smooth: int = 1) -> list[tuple[str, int, int]]:
+        detector = Detector(spec, threshold=0.5, hop=SUPPRESS_FRAMES // radius, smooth=smooth)
+        assert detector.radius == radius
+        out = [d for s, (i, v) in enumerate(seq) for d in detector.push(Window(14 * s, p(i, v)))] + detector.close()
+        return [(d.label, round(d.start / 0.14), round((d.end - 0.98) / 0.14)) for d in out]  # first, last window
 
-    # one detection at the most confident window; silence and unknown never detect; the last one is flushed
-    assert detections([(2, 0.6), (2, 0.9), (3, 0.7), (1, 0.9), (0, 1.0), (3, 0.8)], radius=2) == [("yes", 1), ("no", 5)]
+    # unsmoothed: one detection at the most confident window; silence and unknown never detect; the last one is
+    # flushed; a detection spans the overlap of the run of windows that chose its keyword
+    assert detections([(2, 0.6), (2, 0.9), (3, 0.7), (1, 0.9), (0, 1.0), (3, 0.8)], radius=2) == [
+        ("yes", 1, 0), ("no", 5, 5)]
     # the same keyword twice in a row is two detections, even where the windows between them detect it too
-    assert detections([(2, 0.7), (2, 0.8), (2, 0.6), (2, 0.9), (2, 0.95)], radius=2) == [("yes", 1), ("yes", 4)]
+    assert [d[0] for d in detections([(2, 0.7), (2, 0.8), (2, 0.6), (2, 0.9), (2, 0.95)], radius=2)] == ["yes"] * 2
+    # smoothed over 3 windows: a keyword heard by a single window (a prefix cut from a longer word) is dropped,
+    # a keyword heard by several overlapping windows is kept
+    blip = [(0, 1.0)] * 3 + [(2, 0.9), (1, 0.9), (1, 0.9)] + [(0, 1.0)] * 6
+    word = [(0, 1.0)] * 3 + [(2, 0.6), (2, 0.9), (2, 0.8), (2, 0.7)] + [(0, 1.0)] * 6
+    assert detections(blip, radius=2) == [("yes", 3, 3)] and detections(blip, radius=2, smooth=3) == []
+    assert detections(word, radius=2, smooth=3) == [("yes", 6, 3)]
+
+
+def test_detections_do_not_depend_on_window_phase(cache, monkeypatch):
+    """The same speech with the window grid shifted by a fraction of a hop gives the same detections."""
+    monkeypatch.setenv("EDGEKIT_CACHE", str(cache))
+    bundle, spec = host_bundle(DEMO_CHECKPOINT), ClipSpec.for_model(len(LABELS), DEMO_CHECKPOINT)
+    x = np.concatenate([spoken_yes(at=0.3, seconds=1.4), spoken_yes(at=0.1, seconds=1.6)])
+    runs = []
+    for shift in (0, 3, 7, 11):
+        found = []
+        detect(bundle, spec, [np.concatenate([np.zeros(shift * 160, np.float32), x])], on_detection=found.append)
+        runs.append([(d.label, d.start - shift / 100, d.end - shift / 100) for d in found])
+    assert [label for label, _, _ in runs[0]] == ["yes", "yes"]
+    for run in runs[1:]:
+        assert [d[0] for d in run] == ["yes", "yes"]
+        assert all(abs(a[1] - b[1]) <= 0.14 and abs(a[2] - b[2]) <= 0.14 for a, b in zip(run, runs[0])), runs
 
 
 def test_an_empty_wav_is_one_clear_error(cache, tmp_path, monkeypatch):

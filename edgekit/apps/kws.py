@@ -4,18 +4,19 @@ The classifier was trained on 1 s clips from a zero state, and it classifies a c
 logits. Continuous detection keeps that exact setting: staggered sessions, one starting every `hop` frames, each
 fed one clip-length window from a fresh state and flushed, so each window's `mean_logits` is exactly the offline
 classification of that second of audio. Windows `hop` apart overlap, so every word lies whole inside some
-window near the position it had in training; non-maximum suppression over neighbouring windows turns them into
-one detection per utterance. Cost: clip_frames / hop sessions stepping every frame (7 for 98 frames, hop 14).
+window near the position it had in training; the detector smooths the windows' probabilities over neighbouring
+windows and picks one peak per utterance, so what is detected does not depend on where the window grid falls.
+Cost: clip_frames / hop sessions stepping every frame (7 for 98 frames, hop 14).
 """
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import json
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -70,16 +71,17 @@ class Window:
     start: int  # first frame
     probs: np.ndarray  # softmax of mean_logits over the window
 
-    def time(self, frames: int) -> float:
-        """Centre of the window in seconds."""
-        return (self.start + frames / 2) * audio.FRAME_SHIFT / audio.SAMPLE_RATE
-
 
 @dataclass
 class Detection:
-    time: float  # seconds from the start of the stream: centre of the most confident window
     label: str
-    confidence: float
+    start: float  # seconds from the start of the stream: the span shared by the windows that heard the word
+    end: float
+    confidence: float  # the keyword's probability averaged over neighbouring windows, at its peak
+
+    @property
+    def time(self) -> float:
+        return (self.start + self.end) / 2
 
 
 class StaggeredClassifier:
@@ -121,39 +123,84 @@ class StaggeredClassifier:
         return done
 
 
-class Merger:
-    """Turns per-window decisions into detections by non-maximum suppression: windows whose top class is a
-    keyword above `threshold` are taken most confident first, each suppressing the windows within `radius` of it.
-    One detection per utterance, also for the same keyword said twice in a row (which a run of consecutive
-    detecting windows would merge into one). `radius` spans SUPPRESS_FRAMES at the windows' `hop`. Suppression
-    only acts within `radius`, so a group of detecting windows is final once `radius` windows without a keyword
-    follow it: that bounds the latency."""
+class Position(NamedTuple):
+    """One smoothed position of the window sequence."""
 
-    def __init__(self, spec: ClipSpec, threshold: float, hop: int):
-        self.spec, self.threshold, self.radius = spec, threshold, max(1, round(SUPPRESS_FRAMES / hop))
-        self.group: list[tuple[int, Window, float]] = []  # (window index, window, score) since the last gap
+    index: int
+    label: str  # its top class
+    score: float  # the smoothed probability of that class if it is a keyword, else 0
+    windows: list[Window]  # the windows averaged there
+
+
+class Detector:
+    """Turns per-window probabilities into detections that do not depend on where the windows fall.
+
+    Smoothing: each window's probabilities are averaged with those of the `smooth - 1` windows before it, so a
+    word heard whole by several overlapping windows scores high wherever the window grid lies, while a keyword
+    heard in only one or two windows (the "yes" of "yesterday", in the windows that cut the rest of the word
+    off) does not. Peak picking: smoothed positions whose top class is a keyword above `threshold` are taken
+    most confident first, each suppressing the positions within `radius` (SUPPRESS_FRAMES at the windows' hop):
+    one detection per utterance, also for a keyword said twice in a row. A detection's span is the stretch
+    shared by the windows near the peak that chose its keyword (each held the word, so the word lies in all of
+    them). A group of peaks is final once `radius` positions without a keyword follow it: that bounds latency."""
+
+    def __init__(self, spec: ClipSpec, threshold: float, hop: int, smooth: int = 3):
+        self.spec, self.threshold = spec, threshold
+        self.radius = max(1, round(SUPPRESS_FRAMES / hop))
+        self.recent: deque[Window] = deque(maxlen=smooth)
+        self.before: deque[Position] = deque(maxlen=self.radius)  # the positions before a group opens
+        self.group: list[Position] = []  # from `radius` positions before its first peak to its end
         self.index, self.gap = 0, 0
 
     def push(self, w: Window) -> list[Detection]:
-        top = int(w.probs.argmax())
-        score = float(w.probs[top]) if self.spec.labels[top] not in NON_KEYWORDS else 0.0
+        self.recent.append(w)
+        mean = np.mean([r.probs for r in self.recent], axis=0)
+        top = int(mean.argmax())
+        label = self.spec.labels[top]
+        score = float(mean[top]) if label not in NON_KEYWORDS else 0.0
         self.index += 1
+        position = Position(self.index, label, score, list(self.recent))
         if score >= self.threshold:
-            self.group.append((self.index, w, score))
+            self.group = self.group or list(self.before)
+            self.group.append(position)
             self.gap = 0
             return []
+        if not self.group:
+            self.before.append(position)
+            return []
+        self.group.append(position)
         self.gap += 1
         return self.close() if self.gap > self.radius else []
 
     def close(self) -> list[Detection]:
         """Decide the pending group (at a long enough gap, or at the end of the stream)."""
-        kept: list[tuple[int, Window, float]] = []
-        for i, w, score in sorted(self.group, key=lambda g: -g[2]):
-            if all(abs(i - j) > self.radius for j, _, _ in kept):
-                kept.append((i, w, score))
+        peaks: list[Position] = []
+        for p in sorted((p for p in self.group if p.score >= self.threshold), key=lambda p: -p.score):
+            if all(abs(p.index - q.index) > self.radius for q in peaks):
+                peaks.append(p)
+        out = [self._detection(p) for p in sorted(peaks, key=lambda p: p.index)]
+        self.before.extend(self.group[-self.radius:])
         self.group = []
-        return [Detection(round(w.time(self.spec.clip_frames), 3), self.spec.labels[int(w.probs.argmax())], score)
-                for _, w, score in sorted(kept, key=lambda g: g[0])]
+        return out
+
+    def _detection(self, peak: Position) -> Detection:
+        """The word lies in every window that chose it: its span is the overlap of the run of such windows
+        around the peak (of the peak's own windows where that run spans more than a window)."""
+        k = self.spec.labels.index(peak.label)
+        near = sorted({w.start: w for p in self.group if abs(p.index - peak.index) <= self.radius
+                       for w in p.windows}.items())
+        chose = [w.probs.argmax() == k for _, w in near]
+        lo = hi = [s for s, _ in near].index(max(peak.windows, key=lambda w: w.probs[k]).start)
+        while lo > 0 and chose[lo - 1]:
+            lo -= 1
+        while hi + 1 < len(near) and chose[hi + 1]:
+            hi += 1
+        for held in ([w for _, w in near[lo:hi + 1]], peak.windows):
+            start, end = max(w.start for w in held), min(w.start for w in held) + self.spec.clip_frames
+            if end > start:
+                break
+        second = audio.FRAME_SHIFT / audio.SAMPLE_RATE
+        return Detection(peak.label, round(start * second, 3), round(end * second, 3), round(peak.score, 4))
 
 
 @dataclass
@@ -163,6 +210,7 @@ class StreamReport:
     compute_seconds: float = 0.0  # wall clock
     cpu_seconds: float = 0.0  # this process's CPU time: the cost on a machine shared with other jobs
     rss: list[tuple[float, int]] = field(default_factory=list)  # (audio seconds, bytes), one per `rss_every`
+    interrupted: bool = False  # stopped by Ctrl-C: the figures cover the audio streamed until then
 
     @property
     def rtf(self) -> float:
@@ -174,38 +222,51 @@ class StreamReport:
 
 
 def detect(bundle: Bundle, spec: ClipSpec, blocks: Iterable[np.ndarray], hop: int = 14, threshold: float = 0.5,
-           on_detection: Callable[[Detection], None] = lambda d: None, rss_every: float = 60.0,
+           smooth: int = 3, on_detection: Callable[[Detection], None] = lambda d: None, rss_every: float = 60.0,
            windows: list[Window] | None = None) -> StreamReport:
-    """Run a stream of float32 sample blocks (16 kHz, [-1, 1]) through the front end and the staggered
-    classifier; detections are passed to `on_detection` as soon as they are final. One clip of digital silence
-    after the end completes the windows still open. `windows`, when given, collects every window's
+    """Run a stream of float32 sample blocks (16 kHz, [-1, 1]) through the front end, the staggered classifier
+    and the detector; detections are passed to `on_detection` as soon as they are final. One clip of digital
+    silence after the end completes the windows still open. Ctrl-C ends the stream like its end (the report
+    says so), so a live stream still gets its summary. `windows`, when given, collects every window's
     probabilities (for plots and threshold studies)."""
-    front, clf, merge = audio.FrontEnd(), StaggeredClassifier(bundle, spec, hop), Merger(spec, threshold, hop)
+    front, clf = audio.FrontEnd(), StaggeredClassifier(bundle, spec, hop)
+    detector = Detector(spec, threshold, hop, smooth)
     report, pending = StreamReport(), np.zeros((0, audio.NUM_MEL_BINS), np.float32)
     tail = np.zeros(spec.clip_frames * audio.FRAME_SHIFT + audio.FRAME_LENGTH, np.float32)
     next_rss = 0.0
-    for samples, real in itertools.chain(((b, True) for b in blocks), [(tail, False)]):
-        t0, c0 = time.perf_counter(), time.process_time()
-        pending = np.concatenate([pending, front.push(samples)])
-        found = []
-        while len(pending) >= hop:
-            for w in clf.push(pending[:hop]):
-                found += merge.push(w)
-                if windows is not None:
-                    windows.append(w)
-            pending = pending[hop:]
-        report.compute_seconds += time.perf_counter() - t0
-        report.cpu_seconds += time.process_time() - c0
-        report.audio_seconds += real * len(samples) / audio.SAMPLE_RATE
+
+    def emit(found: list[Detection]) -> None:
         for d in found:
             report.detections += 1
             on_detection(d)
-        if report.audio_seconds >= next_rss:
-            report.rss.append((round(report.audio_seconds, 1), rss_bytes()))
-            next_rss += rss_every
-    for d in merge.close():
-        report.detections += 1
-        on_detection(d)
+
+    try:
+        for samples in blocks:
+            t0, c0 = time.perf_counter(), time.process_time()
+            pending = np.concatenate([pending, front.push(samples)])
+            found = []
+            while len(pending) >= hop:
+                for w in clf.push(pending[:hop]):
+                    found += detector.push(w)
+                    if windows is not None:
+                        windows.append(w)
+                pending = pending[hop:]
+            report.compute_seconds += time.perf_counter() - t0
+            report.cpu_seconds += time.process_time() - c0
+            report.audio_seconds += len(samples) / audio.SAMPLE_RATE
+            emit(found)
+            if report.audio_seconds >= next_rss:
+                report.rss.append((round(report.audio_seconds, 1), rss_bytes()))
+                next_rss += rss_every
+    except KeyboardInterrupt:
+        report.interrupted = True
+    pending = np.concatenate([pending, front.push(tail)])
+    for t in range(0, len(pending) - hop + 1, hop):
+        for w in clf.push(pending[t:t + hop]):
+            emit(detector.push(w))
+            if windows is not None:
+                windows.append(w)
+    emit(detector.close())
     report.rss.append((round(report.audio_seconds, 1), rss_bytes()))
     return report
 
@@ -248,20 +309,46 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
-def wav_blocks(path: Path, repeat: int = 1) -> Iterator[np.ndarray]:
-    """A WAV file's samples in 100 ms blocks, `repeat` times over (an endless stream from a short file)."""
-    for _ in range(repeat):
-        with audio.WavReader(path) as r:
-            yield from r.blocks()
+def open_wav(path: Path, repeat: int = 1) -> tuple[str, Iterator[np.ndarray]]:
+    """What the file holds, and its samples as 16 kHz mono blocks, `repeat` times over (an endless stream from
+    a short file). Opened now, so that a file that cannot be read fails before anything is printed."""
+    with audio.WavReader(path) as r:
+        about = f"{path} ({r.describe()})"
+
+    def blocks() -> Iterator[np.ndarray]:
+        for _ in range(repeat):
+            with audio.WavReader(path) as r:
+                yield from r.blocks()
+
+    return about, blocks()
 
 
-def mic_blocks() -> Iterator[np.ndarray]:
-    """The default input device in 100 ms blocks, until interrupted."""
+def open_mic(device: str | None = None) -> tuple[str, Iterator[np.ndarray]]:
+    """An input device (`device`: a name, part of one, or an index; default: the system's) in 100 ms blocks,
+    resampled to 16 kHz from the device's own rate, until interrupted. Each way it can fail is one clear error."""
     try:
         import sounddevice
     except ImportError:
         raise EdgekitError("--mic needs the sounddevice package", "pip install sounddevice") from None
-    with sounddevice.InputStream(samplerate=audio.SAMPLE_RATE, channels=1, dtype="float32",
-                                 blocksize=audio.SAMPLE_RATE // 10) as mic:
-        while True:
-            yield mic.read(audio.SAMPLE_RATE // 10)[0][:, 0]
+    except OSError as e:  # sounddevice imports PortAudio at import time
+        raise EdgekitError(f"--mic needs the PortAudio library ({e})",
+                           "install it: apt install libportaudio2 (Debian/Ubuntu), brew install portaudio (macOS)") \
+            from None
+    which = int(device) if device is not None and device.isdigit() else device
+    try:
+        info = sounddevice.query_devices(which, "input")
+        rate = int(info["default_samplerate"])
+        mic = sounddevice.InputStream(device=which, samplerate=rate, channels=1, dtype="float32", blocksize=rate // 10)
+    except (sounddevice.PortAudioError, ValueError) as e:
+        raise EdgekitError(f"no usable input device{f' {device!r}' if device is not None else ''}: {e}",
+                           "list the devices with `python -m sounddevice` and pick one with --device NAME|INDEX") \
+            from None
+    resample = audio.Resampler(rate)
+
+    def blocks() -> Iterator[np.ndarray]:
+        with mic:
+            while True:
+                yield resample(mic.read(rate // 10)[0][:, 0])
+
+    resampled = f", resampled to {audio.SAMPLE_RATE} Hz" * (rate != audio.SAMPLE_RATE)
+    return f"the microphone {info['name']!r} ({rate} Hz{resampled})", blocks()

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edgekit import audio  # noqa: E402
-from edgekit.apps.kws import DEMO_CHECKPOINT, Detection, Merger, Window, detect, open_model, wav_blocks  # noqa: E402
+from edgekit.apps.kws import DEMO_CHECKPOINT, Detection, Detector, Window, detect, open_model, open_wav  # noqa: E402
 from make_dataset import SCV2_WORDS, make_stream  # noqa: E402
 from speech_commands import KEYWORDS  # noqa: E402
 
@@ -57,7 +57,7 @@ def single_session_baseline(bundle, spec, x: np.ndarray, threshold: float, hop: 
 
     session = Session(bundle)
     logits = session.feed(audio.features(x)[None], 1)["logits"][0, session.delay:]
-    merge, out, w = Merger(spec, threshold, hop), [], spec.clip_frames
+    merge, out, w = Detector(spec, threshold, hop), [], spec.clip_frames
     for start in range(0, len(logits) - w + 1, hop):
         out += merge.push(Window(start, _softmax(logits[start:start + w].mean(0))))
     return out + merge.close()
@@ -124,7 +124,7 @@ def main() -> None:
     first = None
     for hop in a.hop:
         windows: list[Window] = []
-        report = detect(bundle, spec, wav_blocks(wav), hop=hop, threshold=min(a.threshold), windows=windows)
+        report = detect(bundle, spec, open_wav(wav)[1], hop=hop, threshold=min(a.threshold), windows=windows)
         for th in a.threshold:
             dets = _redetect(spec, windows, th, hop)
             s = score(dets, truth)
@@ -142,7 +142,7 @@ def main() -> None:
     plot(a.out / "timeline.png", x, truth, *first)
     if a.hour:
         repeat = int(np.ceil(3600 / (len(x) / audio.SAMPLE_RATE)))
-        report = detect(bundle, spec, wav_blocks(wav, repeat), hop=a.hop[0], threshold=a.threshold[0])
+        report = detect(bundle, spec, open_wav(wav, repeat)[1], hop=a.hop[0], threshold=a.threshold[0])
         results["hour"] = {"audio_seconds": round(report.audio_seconds, 1), "rtf": round(report.rtf, 4),
                            "cpu_rtf": round(report.cpu_rtf, 4), "detections": report.detections,
                            "rss_mib": [[t, round(r / 2**20, 2)] for t, r in report.rss]}
@@ -152,9 +152,9 @@ def main() -> None:
     (a.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
-def _redetect(spec, windows: list[Window], threshold: float, hop: int) -> list[Detection]:
+def _redetect(spec, windows: list[Window], threshold: float, hop: int, smooth: int = 3) -> list[Detection]:
     """Detections at another threshold from the same windows (the classifier does not depend on it)."""
-    merge, out = Merger(spec, threshold, hop), []
+    merge, out = Detector(spec, threshold, hop, smooth), []
     for w in windows:
         out += merge.push(w)
     return out + merge.close()

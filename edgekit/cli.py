@@ -285,6 +285,44 @@ def bench(bundle: Path, calls: int, warmup: int, engines: tuple[str, ...], threa
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="directory for report.json, report.md and the PNG plots (new or empty)")
+@click.option("--engine", "engines", multiple=True, type=click.Choice(["python", "native"]),
+              default=("python", "native"), show_default=True,
+              help="python: a Python session; native: the bundle's runner (`edgekit runner BUNDLE` builds it)")
+@click.option("--calls", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="timed calls per engine and chunk size")
+@click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True,
+              help="calls before them (timed, plotted, left out of the statistics)")
+@click.option("--threads", type=click.IntRange(min=1), help="TVM threads  [default: one per physical core]")
+@click.option("--force", is_flag=True, help="replace an earlier report in --out")
+@click.option("--json", "as_json", is_flag=True, help="print report.json instead of the table")
+def report(bundle: Path, out: Path, engines: tuple[str, ...], calls: int, warmup: int, threads: int | None,
+           force: bool, as_json: bool) -> None:
+    """Latency report of a frame BUNDLE on this machine, per engine and chunk size, in the conventions of trtexec
+    and LiteRT's benchmark_model.
+
+    \b
+    Every call is timed over a carried state (random frames and stretches of silence), each engine in its own
+    process: min/median/mean/p90/p99/p99.9/max/std per frame, init time, first call, peak resident memory,
+    real-time factor, the machine (CPU, cores, governor, threads, pinning). Writes OUT/report.json (`runs`: one
+    entry per engine and chunk, with every call's time), OUT/report.md and PNG plots: latency CDF, per-call
+    timeline, resident memory over the run. A bundle for another machine is refused (no emulated timings).
+      edgekit runner out/lmu && edgekit report out/lmu -o out/lmu-report
+    """
+    from edgekit.report import markdown, report as run
+
+    with stages("timing") as say:
+        result = run(bundle, out, engines=engines, calls=calls, warmup=warmup, threads=threads, force=force,
+                     progress=say)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        console.print(markdown(result), markup=False, highlight=False)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
 def runner(bundle: Path) -> None:
     """Build the native runner `edgekit-run` into BUNDLE (a frame model for a CPU target): a C++ program over
     TVM's runtime, so the board needs no Python.

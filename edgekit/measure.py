@@ -109,6 +109,12 @@ def rss_bytes(pid: int | None = None) -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_rss_bytes(pid: int | None = None) -> int:
+    """The highest resident memory a process (this one by default) has had (VmHWM)."""
+    with open(f"/proc/{pid or 'self'}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def pieces(total: int, size: int, cuts: list[int] = ()) -> list[int]:
     """Ends of the pieces [0, total) is streamed in: every `size` items, and also at each cut (where memory is
     read), so that T/10 and T are two different points of the stream whenever T >= 2."""

@@ -101,10 +101,11 @@ def _emulated(bundle: Bundle) -> bool:
 
 class NativeSession(FrameSession):
     """A frame session served by the bundle's native runner over a pipe (`edgekit-run BUNDLE --serve`), under
-    qemu-aarch64 for an ARM bundle on x86_64. `times` holds (frames, nanoseconds) of every call, timed inside
-    the runner around the compiled function."""
+    qemu-aarch64 for an ARM bundle on x86_64; `env` is its environment (e.g. TVM_NUM_THREADS). `times` holds
+    (frames, nanoseconds) of every call, timed inside the runner around the compiled function."""
 
-    def __init__(self, bundle: Bundle, allow_nonfinite: bool = False, progress: Progress = lambda msg: None):
+    def __init__(self, bundle: Bundle, allow_nonfinite: bool = False, progress: Progress = lambda msg: None,
+                 env: dict | None = None):
         super().__init__(bundle, allow_nonfinite)
         if "runner" not in bundle.manifest:
             raise BundleError(f"{bundle.path} has no native runner", f"build it in: edgekit runner {bundle.path}")
@@ -119,7 +120,7 @@ class NativeSession(FrameSession):
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([*prefix, str(bundle.path / bundle.manifest["runner"]["executable"]),
                                       str(bundle.path), "--serve", *(["--allow-nonfinite"] if allow_nonfinite else [])],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         self.pid = self.proc.pid
         self.load_seconds = int.from_bytes(self._read(8), "little", signed=True) / 1e9
         self.startup_seconds = time.perf_counter() - t0

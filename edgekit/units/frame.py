@@ -385,6 +385,15 @@ class OrtFrames:
         return list(unpack(outputs, self.shapes, self.batch, x.shape[1]).values())
 
 
+def bench_frames(bundle: Bundle, frames: int, calls: int, rng: np.random.Generator) -> np.ndarray:
+    """Inputs of `calls` calls of `frames` frames [calls, batch, frames, features]: random frames and silence in
+    alternating stretches of `SILENCE_CALLS` calls, so that a decaying state reaches denormals as in real use."""
+    m = bundle.manifest
+    xs = rng.standard_normal((calls, m["batch"], frames, m["input"]["shape"][-1]), dtype=np.float32)
+    xs[(np.arange(calls) // SILENCE_CALLS) % 2 == 1] = 0
+    return xs
+
+
 def _tvm_vm_only(bundle: Bundle, frames: int, calls: int, seed: int) -> dict:
     """The compiled function alone, timed inside TVM (no Python per call): what compute costs. Its inputs are
     taken from the middle of a realistic stream (random frames, the state carried over `MID_STREAM` frames), not
@@ -516,8 +525,7 @@ class Frame(Unit):
         results = []
         for frames in chunk_sizes(bundle):
             n = max(options.warmup + 10, options.calls // frames)
-            xs = rng.standard_normal((n, m["batch"], frames, m["input"]["shape"][-1]), dtype=np.float32)
-            xs[(np.arange(n) // SILENCE_CALLS) % 2 == 1] = 0  # stretches of silence: a decaying state goes denormal
+            xs = bench_frames(bundle, frames, n, rng)
             for engine in options.engines:
                 progress(f"{engine}, chunk {frames}: {n} calls")
                 call = ENGINES[engine](bundle, torch_model, frames, options.threads)

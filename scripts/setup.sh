@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# espeak-ng and sox synthesise the keyword-spotting demo's data (examples/kws) and the stream tests' speech.
-apt_packages=(g++ gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user espeak-ng sox)
+# espeak-ng, flite and sox synthesise the keyword-spotting demo's data (examples/kws) and the stream tests' speech.
+apt_packages=(g++ gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user espeak-ng flite sox)
 missing=()
 for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

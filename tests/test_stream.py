@@ -20,7 +20,8 @@ from edgekit.apps.kws import (DEMO_CHECKPOINT, SCV2_LABELS, SUPPRESS_FRAMES, Cli
                               Window, detect, host_bundle)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "kws"))
-from make_dataset import make_dataset, split_of, synthesize  # noqa: E402
+from make_dataset import (make_dataset, reverberate, say, speakers, split_of, synthesize, telephone,  # noqa: E402
+                          training_speakers)
 from speech_commands import LABELS, load_split  # noqa: E402
 
 TEST_VOICE = "en-us+f3"  # f3 is a test-split speaker: never heard in training
@@ -55,6 +56,28 @@ def test_dataset_layout(tmp_path):
         "no"] * 2 + ["yes"] * 2
     assert split_of(TEST_VOICE.split("+")[1]) == "testing"
     assert np.array_equal(synthesize("go", TEST_VOICE, 150, 40), synthesize("go", TEST_VOICE, 150, 40))  # seeded
+
+
+def test_speakers_held_out_in_every_engine():
+    """kal, slt and ked never reach training or validation, whichever synthesizer speaks them; flite's awb and
+    rms are trained on; flite speaks deterministically at 16 kHz."""
+    held = {v for v in speakers() if split_of(v) == "heldout"}
+    assert held == {"flite:kal", "flite:kal16", "flite:slt", "festival:kal_diphone", "festival:ked_diphone",
+                    "festival:slt_hts"}
+    train = set(training_speakers())
+    assert {"flite:awb", "flite:rms"} <= train and not train & held
+    assert {split_of(v) for v in speakers() if v.startswith("espeak-ng:")} == {"training", "validation", "testing"}
+    a, b = (say("flite:awb", "go", np.random.default_rng(3)) for _ in range(2))
+    assert np.array_equal(a, b) and 0.1 < len(a) / audio.SAMPLE_RATE < 1.0
+
+
+def test_augmentation_room_and_telephone():
+    x = spoken_yes(at=0.1, seconds=1.0)
+    wet = reverberate(x, np.random.default_rng(0))
+    assert wet.shape == x.shape and np.isclose(np.abs(wet).max(), np.abs(x).max()) and not np.allclose(wet, x)
+    band = np.abs(np.fft.rfft(telephone(x)))
+    f = np.fft.rfftfreq(len(x), 1 / audio.SAMPLE_RATE)
+    assert band[(f > 3500) | (f < 250)].max() < 1e-6 * band.max()
 
 
 def test_windows_are_offline_clip_classifications(cache, monkeypatch):

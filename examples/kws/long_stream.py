@@ -22,12 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edgekit import audio  # noqa: E402
 from edgekit.apps.kws import DEMO_CHECKPOINT, Detection, Detector, Window, detect, open_model, open_wav  # noqa: E402
-from make_dataset import SCV2_WORDS, make_stream  # noqa: E402
+from make_dataset import PREFIX_WORDS, SCV2_WORDS, common_words, make_stream, speakers, split_of  # noqa: E402
 from speech_commands import KEYWORDS  # noqa: E402
 
 # Words absent from the training data of the demo model: the hardest "other words".
 UNSEEN_WORDS = ["apple", "river", "doctor", "pencil", "summer", "winter", "kitchen", "orange", "silver", "planet",
                 "basket", "dinner", "letter", "pocket", "morning", "evening", "camera", "forest", "island", "ticket"]
+# The other words of evaluation streams: SCv2 non-keywords, words never trained on, and prefix words.
+OTHERS = [w for w in SCV2_WORDS if w not in KEYWORDS] + UNSEEN_WORDS + common_words()[1] + PREFIX_WORDS * 8
 TOLERANCE = 0.5  # s: a detection counts for a word if its time lies within the word's span widened by this
 
 
@@ -104,7 +106,9 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--split", default="testing", help="whose voices: testing (unseen) or validation (for tuning)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--bundle", type=Path, help="default: the shipped demo model, compiled for this host")
+    p.add_argument("--bundle", type=Path, help="a compiled bundle (default: --checkpoint compiled for this host)")
+    p.add_argument("--checkpoint", type=Path, default=DEMO_CHECKPOINT, help="default: the shipped demo model")
+    p.add_argument("--smooth", type=int, default=3, help="windows averaged before peak picking")
     p.add_argument("--hop", type=int, nargs="*", default=[14], help="hops to compare (the first one is plotted)")
     p.add_argument("--threshold", type=float, nargs="*", default=[0.5])
     p.add_argument("--baseline", action="store_true", help="also score one never-reset session")
@@ -112,12 +116,12 @@ def main() -> None:
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     wav = a.out / "stream.wav"
-    others = [w for w in SCV2_WORDS if w not in KEYWORDS] + UNSEEN_WORDS
-    x, truth = make_stream(a.minutes, a.split, KEYWORDS, others, a.seed)
+    voices = [v for v in speakers() if split_of(v) == a.split]
+    x, truth = make_stream(a.minutes, voices, KEYWORDS, OTHERS, a.seed)
     audio.write_wav(wav, x)
     x = audio.read_wav(wav)
     (a.out / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
-    bundle, spec = open_model(a.bundle, None if a.bundle else DEMO_CHECKPOINT, None, print)
+    bundle, spec = open_model(a.bundle, None if a.bundle else a.checkpoint, None, print)
     results = {"bundle": str(bundle.path), "stream": {"seconds": round(len(x) / audio.SAMPLE_RATE, 1), "split": a.split, "seed": a.seed,
                           "items": {k: sum(u["kind"] == k for u in truth) for k in ("keyword", "other", "noise")}},
                "runs": []}
@@ -126,10 +130,10 @@ def main() -> None:
         windows: list[Window] = []
         report = detect(bundle, spec, open_wav(wav)[1], hop=hop, threshold=min(a.threshold), windows=windows)
         for th in a.threshold:
-            dets = _redetect(spec, windows, th, hop)
+            dets = _redetect(spec, windows, th, hop, a.smooth)
             s = score(dets, truth)
             results["runs"].append({"design": "staggered", "hop": hop, "sessions": spec.clip_frames // hop,
-                                    "threshold": th, "rtf": round(report.rtf, 4), "cpu_rtf": round(report.cpu_rtf, 4),
+                                    "threshold": th, "smooth": a.smooth, "rtf": round(report.rtf, 4), "cpu_rtf": round(report.cpu_rtf, 4),
                                     **{k: v for k, v in s.items() if k != "marks"}})
             print(json.dumps(results["runs"][-1]), flush=True)
             first = first or (dets, s["marks"])
@@ -142,7 +146,8 @@ def main() -> None:
     plot(a.out / "timeline.png", x, truth, *first)
     if a.hour:
         repeat = int(np.ceil(3600 / (len(x) / audio.SAMPLE_RATE)))
-        report = detect(bundle, spec, open_wav(wav, repeat)[1], hop=a.hop[0], threshold=a.threshold[0])
+        report = detect(bundle, spec, open_wav(wav, repeat)[1], hop=a.hop[0], threshold=a.threshold[0],
+                        smooth=a.smooth)
         results["hour"] = {"audio_seconds": round(report.audio_seconds, 1), "rtf": round(report.rtf, 4),
                            "cpu_rtf": round(report.cpu_rtf, 4), "detections": report.detections,
                            "rss_mib": [[t, round(r / 2**20, 2)] for t, r in report.rss]}

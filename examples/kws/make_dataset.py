@@ -1,12 +1,20 @@
-"""A Speech-Commands-style keyword data set synthesised offline with espeak-ng (no downloads).
+"""A Speech-Commands-style keyword data set synthesised offline by several speech synthesizers (no downloads).
 
 Layout as Speech Commands v2: `ROOT/<word>/<speaker>_nohash_<n>.wav` (16 kHz mono 16-bit, 1 s),
-`ROOT/_background_noise_/*.wav`, `ROOT/validation_list.txt`, `ROOT/testing_list.txt`. A "speaker" is one
-espeak-ng voice variant (`+f2`, `+Storm`, ...); each clip speaks with it in a random English accent, rate and
-pitch, placed at a random offset, scaled and mixed with a background noise at a random SNR. Speakers are split
-by a hash of their name (like SCv2), so validation and test voices are never heard in training.
+`ROOT/_background_noise_/*.wav`, `ROOT/validation_list.txt`, `ROOT/testing_list.txt`, `ROOT/speakers.txt`.
 
-    python examples/kws/make_dataset.py --out data/kws-synth
+A speaker is `engine:voice`: espeak-ng voice variants (`espeak-ng:f2`, spoken in one of 8 English accents at a
+random rate and pitch) and flite's awb and rms. Speakers kal, slt and ked are HELD OUT in every engine (flite
+kal, kal16, slt; festival kal_diphone, ked_diphone, slt HTS): flite and festival share their recordings, so they
+never reach training or validation, and only the evaluation streams (`long_stream.py --voices heldout`) use
+them. espeak-ng variants are split into training/validation/testing by a hash of their name (as SCv2 does).
+
+Every clip is augmented as real microphones need: tempo and pitch perturbation, reverberation in a random room,
+telephone band-limiting (8 kHz), gain, and noise of several colours, mains hum or babble made of other words at
+0-30 dB SNR (vocal-tract length perturbation and SpecAugment act on the features, in train.py). Other words
+include words that begin or end with a keyword ("stopper", "backup") and 640 common words from `words.txt`.
+
+    python examples/kws/make_dataset.py --out data/kws-multi
 """
 from __future__ import annotations
 
@@ -14,7 +22,9 @@ import argparse
 import hashlib
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +38,35 @@ SCV2_WORDS = ["backward", "follow", "five", "bed", "zero", "on", "learn", "two",
 # Extra non-keywords: more for the model to reject (each is just another "unknown" folder).
 EXTRA_WORDS = ["hello", "water", "table", "window", "purple", "garden", "music", "number", "paper", "yellow",
                "money", "button", "listen", "open", "close", "thanks", "coffee", "monkey", "station", "rabbit"]
+# Words that begin or end with a keyword, or sound close to one: trained on as "unknown".
+AFFIX_WORDS = ["yesteryear", "yet", "yell", "chess", "stopper", "stopping", "stopover", "nonstop", "backstop",
+               "goal", "golden", "going", "goat", "cargo", "ago", "bingo", "noble", "notice", "nomad", "casino",
+               "volcano", "upset", "update", "uphill", "upstairs", "backup", "setup", "pickup", "downtown",
+               "download", "downstairs", "sundown", "countdown", "leftover", "lefty", "theft", "rightful",
+               "upright", "alright", "copyright", "bright", "online", "onward", "onset", "upon", "salon",
+               "office", "offer", "offset", "takeoff", "kickoff", "cutoff"]
+# Prefix words never trained on: the evaluation of "words that merely start with a keyword must not fire".
+PREFIX_WORDS = ["yesterday", "stopwatch", "gopher", "nobody", "upper", "often"]
+WORDS_FILE = Path(__file__).with_name("words.txt")
 ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029",
            "en-us-nyc"]
-NOISES = ["white_noise", "pink_noise", "brown_noise", "hum", "babble"]
+FLITE = {"awb": "awb", "rms": "rms", "kal": "kal", "kal16": "kal", "slt": "slt"}  # voice -> its speaker
+FESTIVAL = {"kal_diphone": "kal", "ked_diphone": "ked", "slt_hts": "slt"}
+FESTIVAL_VOICE = {"kal_diphone": "voice_kal_diphone", "ked_diphone": "voice_ked_diphone",
+                  "slt_hts": "voice_cmu_us_slt_arctic_hts"}
+HELD_OUT = {"kal", "slt", "ked"}
+NOISES = ["white_noise", "pink_noise", "brown_noise", "blue_noise", "hum", "babble"]
 CLIP = SAMPLE_RATE  # 1 s
 
 
+@cache
+def common_words() -> tuple[list[str], list[str]]:
+    """words.txt split into (trained on, never trained on): every fifth word is held out."""
+    words = [w for w in WORDS_FILE.read_text().split("\n") if w and not w.startswith("#")]
+    return [w for i, w in enumerate(words) if i % 5], words[::5]
+
+
+@cache
 def variants() -> list[str]:
     """espeak-ng voice variants installed here (names with spaces cannot be passed as `+name`)."""
     out = subprocess.run(["espeak-ng", "--voices=variant"], capture_output=True, text=True, check=True).stdout
@@ -41,9 +74,21 @@ def variants() -> list[str]:
     return sorted({n for n in names if " " not in n})
 
 
+def speakers() -> list[str]:
+    """Every speaker as `engine:voice`."""
+    return ([f"espeak-ng:{v}" for v in variants()] + [f"flite:{v}" for v in FLITE] +
+            [f"festival:{v}" for v in FESTIVAL])
+
+
 def split_of(speaker: str, val_pct: int = 15, test_pct: int = 15) -> str:
-    """Stable speaker split by hash of the name, as SCv2 does, so it survives espeak-ng updates."""
-    h = int(hashlib.sha1(speaker.encode()).hexdigest(), 16) % 100
+    """held-out speakers (kal, slt, ked in any engine) -> "heldout"; flite awb and rms -> "training"; espeak-ng
+    variants (bare names too) by a hash of the name, as SCv2 splits, so it survives espeak-ng updates."""
+    engine, _, voice = speaker.rpartition(":")
+    if {**FLITE, **FESTIVAL}.get(voice) in HELD_OUT:
+        return "heldout"
+    if engine in ("flite", "festival"):
+        return "training"
+    h = int(hashlib.sha1(voice.encode()).hexdigest(), 16) % 100
     return "validation" if h < val_pct else "testing" if h < val_pct + test_pct else "training"
 
 
@@ -51,56 +96,118 @@ def speaker_id(speaker: str) -> str:
     return hashlib.sha1(speaker.encode()).hexdigest()[:8]
 
 
-def synthesize(text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
-    """espeak-ng speech as float32 at 16 kHz (sox resamples from espeak's 22.05 kHz), silence trimmed."""
-    tts = subprocess.Popen(["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "--stdout", text],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    # -D: no dither, so that a seed always gives the same samples
-    raw = subprocess.run(["sox", "-q", "-D", "-t", "wav", "-", "-t", "raw", "-r", str(SAMPLE_RATE), "-e", "signed",
-                          "-b", "16", "-c", "1", "-"], stdin=tts.stdout, capture_output=True, check=True).stdout
-    tts.wait()
+def _to_16k(source: list[str] | Path, effects: list[str], text: str | None = None) -> np.ndarray:
+    """A synthesizer's WAV (its stdout, or a file) as float32 16 kHz mono through sox effects, silence trimmed.
+    sox runs with -D (no dither), so that a seed always gives the same samples."""
+    sox = ["sox", "-q", "-D", "-t", "wav", "-" if isinstance(source, list) else str(source), "-t", "raw", "-r",
+           str(SAMPLE_RATE), "-e", "signed", "-b", "16", "-c", "1", "-", *effects]
+    if isinstance(source, list):
+        tts = subprocess.Popen(source, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        raw = subprocess.run(sox, stdin=tts.stdout, capture_output=True, check=True).stdout
+        tts.wait()
+    else:
+        raw = subprocess.run(sox, capture_output=True, check=True).stdout
     x = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
-    loud = np.flatnonzero(np.abs(x) > 0.02 * max(float(np.abs(x).max()), 1e-6))
+    loud = np.flatnonzero(np.abs(x) > 0.02 * max(float(np.abs(x).max(initial=0.0)), 1e-6))
     return x[loud[0]:loud[-1] + 1] if len(loud) else x
 
 
+def synthesize(text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
+    """espeak-ng speech (`voice`: accent+variant, rate in words/min, pitch 0-99) as float32 at 16 kHz."""
+    return _to_16k(["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "--stdout", text], [])
+
+
+def say(speaker: str, text: str, rng: np.random.Generator, tempo: tuple[float, float] = (0.8, 1.25),
+        semitones: float = 3.0) -> np.ndarray:
+    """`text` by one speaker, with tempo and pitch perturbed: espeak-ng through its own rate and pitch (and a
+    random accent), flite and festival through sox's tempo and pitch effects."""
+    engine, _, voice = speaker.partition(":")
+    speed, cents = rng.uniform(*tempo), int(rng.uniform(-semitones, semitones) * 100)
+    if engine == "espeak-ng":
+        return synthesize(text, f"{rng.choice(ACCENTS)}+{voice}", int(175 * speed), int(rng.integers(15, 90)))
+    effects = ["tempo", "-s", f"{speed:.3f}", "pitch", str(cents)]
+    if engine == "flite":
+        return _to_16k(["flite", "-voice", voice, "-t", text, "-o", "/dev/stdout"], effects)
+    with tempfile.TemporaryDirectory() as tmp:  # text2wave cannot write a valid WAV header to a pipe
+        out = Path(tmp) / "say.wav"
+        subprocess.run(["text2wave", "-eval", f"({FESTIVAL_VOICE[voice]})", "-o", str(out)], input=text.encode(),
+                       capture_output=True, check=True)
+        return _to_16k(out, effects)
+
+
+def coloured_noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Noise with power falling (pink 1/f, brown 1/f^2) or rising (blue f) with frequency, unit RMS."""
+    spec = np.fft.rfft(rng.standard_normal(n))
+    f = np.maximum(np.fft.rfftfreq(n, 1 / SAMPLE_RATE), 20.0)
+    spec *= {"white_noise": 1.0, "pink_noise": f ** -0.5, "brown_noise": 1 / f, "blue_noise": f ** 0.5}[kind]
+    x = np.fft.irfft(spec, n)
+    return (x / (np.sqrt(np.mean(x ** 2)) + 1e-12)).astype(np.float32)
+
+
 def make_noise(kind: str, seconds: float, rng: np.random.Generator) -> np.ndarray:
-    """Synthetic background noises standing in for SCv2's recordings, unit RMS."""
+    """Background noises standing in for SCv2's recordings, unit RMS. Babble is many overlapping voices saying
+    other words (never keywords), by training speakers only."""
     n = int(seconds * SAMPLE_RATE)
-    if kind in ("white_noise", "pink_noise", "brown_noise"):
-        spec = np.fft.rfft(rng.standard_normal(n))
-        f = np.maximum(np.fft.rfftfreq(n, 1 / SAMPLE_RATE), 20.0)
-        spec /= {"white_noise": 1.0, "pink_noise": np.sqrt(f), "brown_noise": f}[kind]
-        x = np.fft.irfft(spec, n)
-    elif kind == "hum":
+    if kind.endswith("_noise"):
+        return coloured_noise(kind, n, rng)
+    if kind == "hum":
         t = np.arange(n) / SAMPLE_RATE
         base = rng.choice([50.0, 60.0])
         x = sum(np.sin(2 * np.pi * base * h * t + rng.uniform(0, 6.3)) / h for h in range(1, 8))
         x = x + 0.1 * rng.standard_normal(n)
-    else:  # babble: many quiet overlapping voices reading filler text, reversed so no word is intelligible
+    else:
         x = np.zeros(n)
-        for _ in range(int(seconds * 3)):
-            text = " ".join(rng.choice(EXTRA_WORDS, size=6))
-            s = synthesize(text, f"{rng.choice(ACCENTS)}+m{rng.integers(1, 8)}", int(rng.integers(140, 220)),
-                           int(rng.integers(20, 80)))[::-1]
+        voices = [s for s in speakers() if split_of(s) == "training"]
+        others = EXTRA_WORDS + common_words()[0]
+        for _ in range(int(seconds * 4)):
+            s = say(str(rng.choice(voices)), " ".join(rng.choice(others, size=4)), rng)
             at = int(rng.integers(0, max(1, n - len(s))))
-            x[at:at + len(s)] += s[:n - at]
+            x[at:at + len(s)] += s[:n - at] / (np.abs(s).max() + 1e-9)
     return (x / (np.sqrt(np.mean(x ** 2)) + 1e-12)).astype(np.float32)
 
 
+def reverberate(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random room: an impulse response of exponentially decaying noise (RT60 0.15-0.9 s) after the direct
+    path, at a random direct-to-reverberant ratio; the level is kept."""
+    rt60 = rng.uniform(0.15, 0.9)
+    t = np.arange(int(rt60 * SAMPLE_RATE)) / SAMPLE_RATE
+    rir = rng.standard_normal(len(t)) * np.exp(-6.9 * t / rt60) * 10 ** (-rng.uniform(0, 12) / 20)
+    rir[0] = 1.0
+    n = len(x) + len(rir) - 1
+    y = np.fft.irfft(np.fft.rfft(x, n) * np.fft.rfft(rir, n), n)[:len(x)]
+    return (y * np.abs(x).max() / (np.abs(y).max() + 1e-9)).astype(np.float32)
+
+
+def telephone(x: np.ndarray) -> np.ndarray:
+    """Telephone band: 300-3400 Hz, as an 8 kHz line passes it."""
+    spec = np.fft.rfft(x)
+    f = np.fft.rfftfreq(len(x), 1 / SAMPLE_RATE)
+    spec[(f < 300) | (f > 3400)] = 0
+    return np.fft.irfft(spec, len(x)).astype(np.float32)
+
+
+def augment(speech: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Room and channel: reverberation (40 %), telephone band (15 %)."""
+    if rng.uniform() < 0.4:
+        speech = reverberate(speech, rng)
+    if rng.uniform() < 0.15:
+        speech = telephone(speech)
+    return speech
+
+
 def render(word: str, speaker: str, seed: int, noises: dict[str, np.ndarray]) -> np.ndarray:
-    """One 1 s clip: the word in a random accent, rate and pitch, at a random offset, level and SNR."""
+    """One 1 s clip: the word by `speaker` (tempo and pitch perturbed), in a random room or on a telephone line,
+    at a random offset and level, mixed with a random noise at 0-30 dB SNR (10 % of clips stay clean)."""
     rng = np.random.default_rng(seed)
-    speech = synthesize(word, f"{rng.choice(ACCENTS)}+{speaker}", int(rng.integers(120, 230)),
-                        int(rng.integers(15, 90)))[:CLIP]
+    speech = augment(say(speaker, word, rng), rng)[:CLIP]
     clip = np.zeros(CLIP, np.float32)
     at = int(rng.integers(0, CLIP - len(speech) + 1))
-    clip[at:at + len(speech)] = speech / (np.abs(speech).max() + 1e-9) * rng.uniform(0.1, 0.9)
-    return add_noise(clip, noises, rng)
+    clip[at:at + len(speech)] = speech / (np.abs(speech).max() + 1e-9) * rng.uniform(0.05, 0.9)
+    return add_noise(clip, noises, rng) if rng.uniform() < 0.9 else clip
 
 
 def add_noise(clip: np.ndarray, noises: dict[str, np.ndarray], rng: np.random.Generator,
-              snr_db: tuple[float, float] = (5.0, 40.0)) -> np.ndarray:
+              snr_db: tuple[float, float] = (0.0, 30.0)) -> np.ndarray:
     """Mix a random stretch of a random noise at a random SNR relative to the clip's active RMS."""
     noise = noises[rng.choice(sorted(noises))]
     at = int(rng.integers(0, len(noise) - len(clip)))
@@ -114,38 +221,48 @@ def load_noises(root: Path) -> dict[str, np.ndarray]:
     return {p.stem: read_wav(p) for p in sorted((root / "_background_noise_").glob("*.wav"))}
 
 
-def make_stream(minutes: float, split: str, keywords: list[str], others: list[str], seed: int,
-                snr_db: tuple[float, float] = (5.0, 30.0)) -> tuple[np.ndarray, list[dict]]:
-    """A continuous stream (samples, ground-truth timeline) by the voices of one split: keywords (half of the
-    spoken items) and other words with pauses of 0.4-2.5 s, bursts of loud noise, and a background noise whose
-    kind and level change every 30 s. Each word is scaled to a random SNR over the background under it."""
+def make_stream(minutes: float, voices: list[str], keywords: list[str], others: list[str], seed: int,
+                snr_db: tuple[float, float] | None = (5.0, 30.0), noise: str | None = None,
+                bursts: bool = True) -> tuple[np.ndarray, list[dict]]:
+    """A continuous stream (samples, ground-truth timeline) by `voices`: keywords (half of the spoken items) and
+    other words with pauses of 0.6-1.5 s. By default a background noise whose kind and level change every 30 s,
+    bursts of loud noise, each word at a random SNR in `snr_db` over the background under it. With `noise` (a
+    kind) the background is that noise at exactly `snr_db[0]` dB below the words' mean level; `snr_db=None`
+    leaves the stream clean (digital silence between words). Speech gets augment()'s room and channel too."""
     rng = np.random.default_rng(seed)
-    speakers = [v for v in variants() if split_of(v) == split]
     n = int(minutes * 60 * SAMPLE_RATE)
-    x = np.concatenate([make_noise(NOISES[i % 4], 30.0, rng) * rng.uniform(0.002, 0.05)
-                        for i in rng.permutation(int(np.ceil(minutes * 2)))])[:n]
-    bursts = {k: make_noise(k, 10.0, rng) for k in ("white_noise", "pink_noise", "hum")}
+    x = np.zeros(n) if noise or snr_db is None else np.concatenate(
+        [make_noise(NOISES[i % 4], 30.0, rng) * rng.uniform(0.002, 0.05)
+         for i in rng.permutation(int(np.ceil(minutes * 2)))])[:n]
+    burst_noise = {k: make_noise(k, 10.0, rng) for k in ("white_noise", "pink_noise", "hum")} if bursts else {}
     truth, t = [], int(rng.uniform(0.5, 1.5) * SAMPLE_RATE)
     while t < n:
-        if rng.uniform() < 0.1:  # a burst of loud noise, no speech
-            word, voice = sorted(bursts)[rng.integers(len(bursts))], None
-            seg, kind = bursts[word][:int(rng.uniform(1.0, 3.0) * SAMPLE_RATE)] * rng.uniform(0.05, 0.3), "noise"
+        if burst_noise and rng.uniform() < 0.1:  # a burst of loud noise, no speech
+            word, voice = sorted(burst_noise)[rng.integers(len(burst_noise))], None
+            seg, kind = burst_noise[word][:int(rng.uniform(1.0, 3.0) * SAMPLE_RATE)] * rng.uniform(0.05, 0.3), "noise"
         else:
             word = str(rng.choice(keywords)) if rng.uniform() < 0.5 else str(rng.choice(others))
-            voice = f"{rng.choice(ACCENTS)}+{rng.choice(speakers)}"
-            speech = synthesize(word, voice, int(rng.integers(120, 230)), int(rng.integers(15, 90)))
-            if not len(speech):  # espeak-ng said nothing (seen for rare voice/rate combinations)
+            voice = str(rng.choice(voices))
+            speech = augment(say(voice, word, rng), rng) if noise is None else say(voice, word, rng)
+            if not len(speech):  # a synthesizer said nothing (seen for rare voice/rate combinations)
                 continue
             under = np.sqrt(np.mean(x[t:t + len(speech)] ** 2))
-            gain = under * 10 ** (rng.uniform(*snr_db) / 20) / np.sqrt(np.mean(speech ** 2))
-            seg, kind = speech * min(gain, 0.95 / np.abs(speech).max()), "keyword" if word in keywords else "other"
+            level = under * 10 ** (rng.uniform(*snr_db) / 20) if snr_db and not noise else rng.uniform(0.05, 0.3)
+            seg = speech * min(level / np.sqrt(np.mean(speech ** 2)), 0.95 / np.abs(speech).max())
+            kind = "keyword" if word in keywords else "other"
         if t + len(seg) + SAMPLE_RATE > n:
             break
-        snr = 20 * np.log10(np.sqrt(np.mean(seg ** 2)) / np.sqrt(np.mean(x[t:t + len(seg)] ** 2)))
+        under = x[t:t + len(seg)]
+        snr = 10 * np.log10(np.mean(seg ** 2) / np.mean(under ** 2)) if kind != "noise" and under.any() else None
         x[t:t + len(seg)] += seg
         truth.append({"start": round(t / SAMPLE_RATE, 3), "end": round((t + len(seg)) / SAMPLE_RATE, 3),
-                      "word": word, "kind": kind, "voice": voice, "snr_db": round(float(snr), 1)})
-        t += len(seg) + int(rng.uniform(0.4, 2.5) * SAMPLE_RATE)
+                      "word": word, "kind": kind, "voice": voice, "snr_db": snr and round(float(snr), 1)})
+        t += len(seg) + int(rng.uniform(0.6, 1.5) * SAMPLE_RATE)
+    if noise:
+        spoken = np.concatenate([x[int(u["start"] * SAMPLE_RATE):int(u["end"] * SAMPLE_RATE)] for u in truth])
+        x = x + coloured_noise(noise, n, rng) * np.sqrt(np.mean(spoken ** 2)) * 10 ** (-snr_db[0] / 20)
+        for u in truth:
+            u["snr_db"] = snr_db[0]
     return np.clip(x, -1, 1).astype(np.float32), truth
 
 
@@ -162,45 +279,57 @@ def _write_word(args: tuple[Path, str, list[tuple[str, int]], int]) -> list[tupl
     return names
 
 
-def make_dataset(out: Path, words: list[str], per_word: dict[str, int], seed: int = 0, workers: int = 1,
-                 noise_seconds: float = 60.0) -> dict[str, int]:
-    """Write the data set; `per_word` gives clips per word for each split. Returns the clip count per split."""
+def training_speakers(flite_share: float = 0.35) -> list[str]:
+    """Training speakers, flite's two voices repeated so that they say `flite_share` of the clips."""
+    espeak = [s for s in speakers() if split_of(s) == "training" and s.startswith("espeak-ng:")]
+    flite = [s for s in speakers() if split_of(s) == "training" and s.startswith("flite:")]
+    return espeak + flite * max(1, round(flite_share * len(espeak) / ((1 - flite_share) * len(flite))))
+
+
+def make_dataset(out: Path, words: dict[str, int] | list[str], per_word: dict[str, int], seed: int = 0,
+                 workers: int = 1, noise_seconds: float = 60.0) -> dict[str, int]:
+    """Write the data set; `per_word` gives clips per word for each split, `words` maps words to a multiplier
+    of it (a list: 1 each). Returns the clip count per split."""
+    words = words if isinstance(words, dict) else dict.fromkeys(words, 1.0)
     out.mkdir(parents=True, exist_ok=True)
     (out / "_background_noise_").mkdir(exist_ok=True)
     rng = np.random.default_rng(seed)
     for kind in NOISES:
         write_wav(out / "_background_noise_" / f"{kind}.wav", 0.3 * make_noise(kind, noise_seconds, rng))
-    by_split: dict[str, list[str]] = {"training": [], "validation": [], "testing": []}
-    for v in variants():
-        by_split[split_of(v)].append(v)
+    by_split = {"training": training_speakers(),
+                **{s: [v for v in speakers() if split_of(v) == s] for s in ("validation", "testing")}}
     jobs = []
-    for word in words:
+    for word, share in words.items():
         plan = []
         for split, count in per_word.items():
-            speakers = by_split[split]
-            plan += [(speakers[i % len(speakers)], i // len(speakers)) for i in range(count)]
+            voices = by_split[split]
+            start = int(hashlib.sha1(word.encode()).hexdigest(), 16) % len(voices)  # few clips: varied speakers
+            plan += [(voices[(start + i) % len(voices)], i) for i in range(max(1, round(count * share)))]
         jobs.append((out, word, plan, seed))
     with ProcessPoolExecutor(workers) as pool:
         names = [n for batch in pool.map(_write_word, jobs) for n in batch]
     lists = {s: sorted(n for n, split in names if split == s) for s in by_split}
     (out / "validation_list.txt").write_text("".join(f"{n}\n" for n in lists["validation"]))
     (out / "testing_list.txt").write_text("".join(f"{n}\n" for n in lists["testing"]))
-    (out / "speakers.txt").write_text("".join(f"{speaker_id(v)} {v} {s}\n" for s, vs in by_split.items() for v in vs))
+    (out / "speakers.txt").write_text("".join(f"{speaker_id(v)} {v} {split_of(v)}\n" for v in speakers()))
     return {s: len(v) for s, v in lists.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--words", nargs="*", default=SCV2_WORDS + EXTRA_WORDS, help="default: the 35 SCv2 words + extras")
-    p.add_argument("--train", type=int, default=240, help="training clips per word")
-    p.add_argument("--val", type=int, default=30, help="validation clips per word")
-    p.add_argument("--test", type=int, default=60, help="test clips per word")
+    p.add_argument("--train", type=int, default=600, help="training clips per keyword")
+    p.add_argument("--val", type=int, default=30, help="validation clips per keyword")
+    p.add_argument("--test", type=int, default=60, help="test clips per keyword")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1)
     a = p.parse_args()
-    counts = make_dataset(a.out, a.words, {"training": a.train, "validation": a.val, "testing": a.test},
-                          a.seed, a.workers)
+    keywords = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
+    words = {**dict.fromkeys(keywords, 1.0), **dict.fromkeys([w for w in SCV2_WORDS if w not in keywords], 0.2),
+             **dict.fromkeys(EXTRA_WORDS, 0.1), **dict.fromkeys(AFFIX_WORDS, 0.1),
+             **dict.fromkeys(common_words()[0], 0.02)}
+    counts = make_dataset(a.out, words, {"training": a.train, "validation": a.val, "testing": a.test}, a.seed,
+                          a.workers)
     print(f"wrote {a.out}: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
 
 

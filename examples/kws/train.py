@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edgekit import audio  # noqa: E402
 from edgekit.models.lmuformer import LMUFormer  # noqa: E402
-from make_dataset import EXTRA_WORDS, SCV2_WORDS, make_stream  # noqa: E402
+from make_dataset import (AFFIX_WORDS, EXTRA_WORDS, SCV2_WORDS, common_words, make_stream, speakers,  # noqa: E402
+                          split_of, training_speakers)
 from speech_commands import KEYWORDS, LABELS, SILENCE, UNKNOWN, load_split  # noqa: E402
 
 WHOLE, CUT = 0.03, 0.3  # s of a keyword outside the window still counted whole; fraction outside that makes it cut
@@ -47,6 +48,23 @@ def spec_augment(x: torch.Tensor, gen: torch.Generator, freq: int = 16, time_: i
     return x.masked_fill(fm[:, None, :] | tm[:, :, None], fill)
 
 
+def vtlp(x: torch.Tensor, gen: torch.Generator, warp: float = 0.1) -> torch.Tensor:
+    """Vocal-tract length perturbation on log-mel features: each clip's spectrum is stretched along frequency by
+    a factor in [1 - warp, 1 + warp] (bin b takes the energy the unwarped spectrum had at f_b / factor), as a
+    shorter or longer vocal tract moves every formant by the same factor."""
+    b, _, f = x.shape
+    mels = audio.mel(audio.LOW_FREQ) + (np.arange(f) + 1) * (audio.mel(audio.SAMPLE_RATE / 2) - audio.mel(
+        audio.LOW_FREQ)) / (f + 1)
+    hz = torch.from_numpy(700.0 * np.expm1(mels / 1127.0))
+    alpha = 1 + (torch.rand(b, 1, generator=gen, dtype=torch.float64) * 2 - 1) * warp
+    src = torch.from_numpy(np.interp(audio.mel(np.clip((hz / alpha).numpy(), 0, None)), mels, np.arange(f)))
+    lo = src.floor().long().clamp(0, f - 1)
+    hi = (lo + 1).clamp(max=f - 1)
+    w = (src - lo).float()[:, None, :]
+    take = lambda i: torch.gather(x, 2, i[:, None, :].expand(-1, x.shape[1], -1))  # noqa: E731
+    return take(lo) * (1 - w) + take(hi) * w
+
+
 @torch.no_grad()
 def accuracy(model: LMUFormer, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
     model.eval()
@@ -59,9 +77,9 @@ class StreamWindows:
     """Labelled clip-length windows of a synthetic stream; features are per frame, so a window of the stream's
     features is exactly what a staggered session sees."""
 
-    def __init__(self, minutes: float, split: str, seed: int, frames: int, snr_db: tuple[float, float]):
-        others = [w for w in SCV2_WORDS if w not in KEYWORDS] + EXTRA_WORDS
-        x, self.truth = make_stream(minutes, split, KEYWORDS, others, seed, snr_db)
+    def __init__(self, minutes: float, voices: list[str], seed: int, frames: int, snr_db: tuple[float, float]):
+        others = [w for w in SCV2_WORDS if w not in KEYWORDS] + EXTRA_WORDS + AFFIX_WORDS + common_words()[0]
+        x, self.truth = make_stream(minutes, voices, KEYWORDS, others, seed, snr_db)
         self.features = torch.from_numpy(audio.features(x))
         self.frames = frames
         self.starts = np.array([u["start"] for u in self.truth])
@@ -122,6 +140,8 @@ def main() -> None:
     p.add_argument("--stream-snr", type=float, nargs=2, default=(0.0, 30.0), help="SNR range of stream words, dB")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--init", type=Path, help="start from this checkpoint (same configuration) instead of at random")
+    p.add_argument("--max-minutes", type=float, help="stop after this much training time; the best epoch is kept")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -131,7 +151,8 @@ def main() -> None:
     x = {s: torch.from_numpy(d.features()) for s, d in data.items()}
     y = {s: torch.from_numpy(d.labels) for s, d in data.items()}
     frames = x["training"].shape[1]
-    streams = {s: StreamWindows(m, s, a.seed + i, frames, tuple(a.stream_snr)) for i, (s, m) in
+    voices = {"training": training_speakers(), "validation": [v for v in speakers() if split_of(v) == "validation"]}
+    streams = {s: StreamWindows(m, voices[s], a.seed + i, frames, tuple(a.stream_snr)) for i, (s, m) in
                enumerate([("training", a.stream_minutes), ("validation", a.stream_minutes / 6)])}
     val_windows = streams["validation"].sample(2000, np.random.default_rng(a.seed))
     print(f"features in {time.perf_counter() - t0:.0f} s: " + ", ".join(f"{s} {len(v)}" for s, v in y.items()),
@@ -139,11 +160,13 @@ def main() -> None:
 
     model = LMUFormer(input_size=x["training"].shape[2], dim=a.dim, depth=1, mlp_ratio=a.mlp_ratio,
                       num_classes=len(LABELS), theta=float(frames), seq_len=frames)
+    if a.init:
+        model.load_state_dict(torch.load(a.init, map_location="cpu", weights_only=True))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     per_epoch = len(epoch_indices(data["training"].labels, a.unknown_ratio, np.random.default_rng())) + a.stream_windows
     steps = a.epochs * -(-per_epoch // a.batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=steps, pct_start=0.1)
-    best, best_state, history = -1.0, None, []
+    best, history = -1.0, []
     t1 = time.perf_counter()
     for epoch in range(a.epochs):
         model.train()
@@ -154,7 +177,7 @@ def main() -> None:
         total = 0.0
         for i in range(0, len(order), a.batch):
             b = order[i:i + a.batch]
-            logits = model.forward_frames(spec_augment(ex[b], gen))["logits"].mean(1)
+            logits = model.forward_frames(spec_augment(vtlp(ex[b], gen), gen))["logits"].mean(1)
             loss = F.cross_entropy(logits, ey[b], label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()
@@ -168,23 +191,34 @@ def main() -> None:
         print(f"epoch {epoch + 1}: loss {total / len(order):.4f} val clips {clips:.4f} windows {windows:.4f} "
               f"({time.perf_counter() - t1:.0f} s)", flush=True)
         if val >= best:
-            best, best_state = val, {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    model.eval()
+            best = val
+            save(model, a, history, best, frames, {s: len(v) for s, v in y.items()}, time.perf_counter() - t1)
+        if a.max_minutes and time.perf_counter() - t1 > 60 * a.max_minutes:
+            print(f"stopping: the {a.max_minutes:g}-minute budget is spent", flush=True)
+            break
+    model.load_state_dict(torch.load(a.out, weights_only=True))
     test = accuracy(model, x["testing"], y["testing"])
     print(f"best val (clips + windows) / 2 {best:.4f}, test clips (unseen voices) {test:.4f}", flush=True)
+    record = json.loads(a.out.with_suffix(".json").read_text())
+    record["accuracy"]["testing_pytorch"] = round(test, 4)
+    a.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def save(model: LMUFormer, a: argparse.Namespace, history: list[dict], best: float, frames: int,
+         counts: dict[str, int], seconds: float) -> None:
+    """The checkpoint and its training record, at every new best epoch (so a stopped run keeps its best)."""
     a.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), a.out)
     record = {"command": "python " + shlex.join(sys.argv), "seed": a.seed, "labels": LABELS,
               "clip_frames": frames, "pad_to": None, "config": model.config(),
-              "parameters": sum(p.numel() for p in model.parameters()),
-              "data": {"root": str(a.data), **{s: len(v) for s, v in y.items()}},
+              "parameters": sum(p.numel() for p in model.parameters()), "init": a.init and str(a.init),
+              "data": {"root": str(a.data), **counts}, "speakers": {
+                  s: sorted({v for v in speakers() if split_of(v) == s}) for s in ("training", "heldout")},
               "stream_minutes": a.stream_minutes, "stream_windows_per_epoch": a.stream_windows,
-              "stream_snr_db": list(a.stream_snr),
-              "accuracy": {"validation_clips_and_windows": round(best, 4), "testing_pytorch": round(test, 4)},
-              "train_seconds": round(time.perf_counter() - t1, 1), "threads": a.threads, "history": history}
+              "stream_snr_db": list(a.stream_snr), "augmentation": "clips: make_dataset.py; features: VTLP, SpecAugment",
+              "accuracy": {"validation_clips_and_windows": round(best, 4)},
+              "train_seconds": round(seconds, 1), "threads": a.threads, "history": history}
     a.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,7 @@ LIBRARY = "model.so"
 REPORTS = ("validation.json", "bench.json", "kv_compare.json", "kv_compare.md", "kv_compare.png")  # edgekit's own
 INTERFACE_FUNCTION = "edgekit_interface"  # a library function returning the sha256 of the interface, as uint8
 INTERFACE_KEYS = ("unit", "batch", "delay", "horizon", "input", "outputs", "running_means", "state", "entries",
-                  "state_packing", "segment", "summary", "decode_cache")
+                  "state_packing", "segment", "summary", "decode_cache", "fetched")
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def is_bundle(path: Path) -> bool:
         return True
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-        listed = set(manifest["files"]) | {MANIFEST, *REPORTS}
+        listed = set(manifest["files"]) | set(manifest.get("paged") or {}) | {MANIFEST, *REPORTS}
     except (OSError, ValueError, KeyError, TypeError):
         return False
     if not isinstance(manifest.get("schema"), int) or "target" not in manifest:
@@ -104,7 +104,8 @@ def staging_dir(out: Path) -> Path:
 def publish(stage: Path, manifest: dict, out: Path, force: bool) -> Path:
     """Checksum every file (but edgekit's own reports, which are not part of the checksums), write the manifest,
     then move the staged bundle into place in one rename."""
-    files = sorted(p for p in stage.rglob("*") if p.is_file() and str(p.relative_to(stage)) not in REPORTS)
+    skip = {*REPORTS, *(manifest.get("paged") or {})}  # paged files: their tables are checksummed instead
+    files = sorted(p for p in stage.rglob("*") if p.is_file() and str(p.relative_to(stage)) not in skip)
     manifest = {**manifest, "files": {str(p.relative_to(stage)): file_sha256(p) for p in files}}
     (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     check_destination(out, force)
@@ -249,6 +250,14 @@ def load(path: Path, check_machine: bool = True, verify: bool = True) -> Bundle:
         if verify and file_sha256(f) != digest:
             raise BundleError(f"{path}: {rel} was modified after compilation (sha256 mismatch)",
                               "recompile the bundle; do not edit files inside it")
+    for rel, paged in (manifest.get("paged") or {}).items():
+        _check_inside(path, rel)
+        if paged["table"] not in manifest["files"]:
+            raise BundleError(f"{mf} names the paged file {rel} without a checksummed table", "recompile the bundle")
+        f = path / rel
+        if not f.is_file() or f.stat().st_size != paged["bytes"]:
+            raise BundleError(f"{path}: paged file {rel} is missing or not {paged['bytes']} bytes long",
+                              "recompile the bundle; do not edit files inside it")
     bundle = Bundle(path, manifest)
     if check_machine:
         check_runs_here(bundle)
@@ -256,6 +265,9 @@ def load(path: Path, check_machine: bool = True, verify: bool = True) -> Bundle:
 
 
 TENSOR = {"name": str, "shape": list, "dtype": str}
+# Files too large to hash at every load (a memory bank of gigabytes): each is read in pages whose sha256 its table
+# lists, checked as each page is read; the table is an ordinary checksummed file, so it vouches for the pages.
+PAGED = {str: {"bytes": int, "table": str}}
 LAYOUT = {"schema": int, "files": dict, "library": str, "unit": str, "batch": int, "delay": int, "state": [TENSOR],
           "input": TENSOR, "outputs": [TENSOR], "running_means": dict, "entries": {str: {"onnx": str}},
           "model": {"family": str, "config": dict, "weights": str}, "target": {"name": str, "arch": str, "runs": str,
@@ -292,6 +304,8 @@ def _malformed(manifest: dict) -> str | None:
         return "a shape, the batch or the delay is out of range"
     if manifest.get("golden") is not None and not isinstance(manifest["golden"], dict):
         return "golden is not an object"
+    if manifest.get("paged") is not None and (problem := check(manifest["paged"], PAGED, "paged")):
+        return problem
     return None
 
 

@@ -485,7 +485,7 @@ def compare_kv(bundle: Path, lengths: tuple[int, ...], engines: tuple[str, ...],
 @click.option("--engine", type=click.Choice(["tvm", "pytorch"]), default="tvm", show_default=True,
               help="tvm: the model compiled for this host (built on first use, cached); pytorch: eager")
 @click.option("--bundle", type=click.Path(path_type=Path),
-              help="a bundle made by `edgekit compile hmt` to run instead")
+              help="a bundle made by `edgekit compile hmt` (or memlm) to run instead")
 @click.option("--seed", type=int, default=0, show_default=True, help="sampling seed")
 def generate(prompt: str, tokens: int, temperature: float, checkpoint: Path | None, config: str | None, engine: str,
              bundle: Path | None, seed: int) -> None:
@@ -519,6 +519,7 @@ def generate(prompt: str, tokens: int, temperature: float, checkpoint: Path | No
         sys.stdout.flush()
 
     t0 = time.perf_counter()
+    gen.begin(data)  # a new document: LMs over a memory bank fetch the prompt's block here
     gen.prefill(data)
     t1 = time.perf_counter()
     run(gen, tokens, temperature, seed, show)

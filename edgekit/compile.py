@@ -112,6 +112,7 @@ def compile(model: str, target: str, out: Path, *, config: str | None = None, ch
         cuda = build(import_entries(onnx_paths, {INTERFACE_FUNCTION: digest}), tvm_target, stage / LIBRARY, tgt.cc)
         progress("computing the float64 golden record")
         torch.save(net.state_dict(), stage / "weights.pt")
+        data = unit.write_data(net, stage)
         golden = unit.write_golden(net, stage / GOLDEN)
         manifest = {
             "schema": SCHEMA,
@@ -129,6 +130,7 @@ def compile(model: str, target: str, out: Path, *, config: str | None = None, ch
             **interface,
             "library": LIBRARY,
             "golden": golden,
+            **data,
             "compile_seconds": round(time.perf_counter() - t0, 2),
         }
         progress("writing the bundle")

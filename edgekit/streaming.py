@@ -329,7 +329,9 @@ class SegmentModel(nn.Module):
       its algorithm as written, continuing a stream (carry None: a new one);
     - `segment_length`, `summary_length` (segment positions whose context is rebuilt with every token; from then
       on decode steps continue it), `warm_segments` (segments after which every slot of the state was written),
-      `state_shapes()`, `output_spec(batch)`, `kv_spec(batch)`, `config()`.
+      `state_shapes()`, `output_spec(batch)`, `kv_spec(batch)`, `config()`;
+    - optionally `fetched_examples(batch)`: tensors fetched once per document (not state: no call changes them)
+      that both steps take as extra trailing arguments, e.g. a memory block; none by default.
     Specs, exported entries, the eager engine and scoring over the fixed-shape step are built here.
     """
 
@@ -354,6 +356,10 @@ class SegmentModel(nn.Module):
     def state_spec(self, batch: int = 1) -> list[TensorSpec]:
         return [TensorSpec(n, (batch, *s), t) for n, (s, t) in self.state_shapes().items()]
 
+    def fetched_examples(self, batch: int = 1) -> dict[str, torch.Tensor]:
+        """Example values of the per-document inputs both steps take after the state or cache (none here)."""
+        return {}
+
     def state_bytes(self, batch: int = 1) -> int:
         return sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize for s in self.state_spec(batch))
 
@@ -375,8 +381,10 @@ class SegmentModel(nn.Module):
         out, _ = self.segment_step(tokens, torch.full((batch,), min(self.summary_length, L - 1)), state)
         cache = [s.name for s in self.kv_spec(batch)]
         np_ = lambda d: {k: v.numpy() for k, v in d.items()}  # noqa: E731
-        seg_inputs = {"tokens": tokens, "length": torch.full((batch,), max(L - 3, 1)), **state}
-        dec_inputs = {"token": torch.randint(0, vocab, (batch,), generator=g), **{n: out[n] for n in cache}}
+        fetched = self.fetched_examples(batch)
+        seg_inputs = {"tokens": tokens, "length": torch.full((batch,), max(L - 3, 1)), **state, **fetched}
+        dec_inputs = {"token": torch.randint(0, vocab, (batch,), generator=g), **{n: out[n] for n in cache},
+                      **fetched}
         outputs = [s.name for s in self.output_spec(batch)]
         return [("segment", SegmentEntry(self, outputs + cache).eval(), np_(seg_inputs),
                  [*outputs, *cache, *[f"state_out.{n}" for n in self.state_shapes()]]),
@@ -403,34 +411,37 @@ class SegmentModel(nn.Module):
 
 
 class SegmentEntry(Entry):
-    """(tokens, length, *state) -> (*outputs, *decode cache, *state)."""
+    """(tokens, length, *state, *fetched) -> (*outputs, *decode cache, *state)."""
 
     def __init__(self, model: SegmentModel, names: list[str]):
         super().__init__()
         self.model, self.names, self.state_names = model, names, list(model.state_shapes())
 
-    def forward(self, tokens, length, *state):
-        out, new = self.model.segment_step(tokens, length, dict(zip(self.state_names, state)))
+    def forward(self, tokens, length, *args):
+        cut = len(self.state_names)
+        out, new = self.model.segment_step(tokens, length, dict(zip(self.state_names, args[:cut])), *args[cut:])
         return (*[out[n] for n in self.names], *[new[n] for n in self.state_names])
 
 
 class DecodeEntry(Entry):
-    """(token, *decode cache) -> (logits, *decode cache)."""
+    """(token, *decode cache, *fetched) -> (logits, *decode cache)."""
 
     def __init__(self, model: SegmentModel, cache: list[str]):
         super().__init__()
         self.model, self.cache = model, cache
 
-    def forward(self, token, *cache):
-        logits, new = self.model.decode_step(token, dict(zip(self.cache, cache)))
+    def forward(self, token, *args):
+        cut = len(self.cache)
+        logits, new = self.model.decode_step(token, dict(zip(self.cache, args[:cut])), *args[cut:])
         return (logits, *[new[n] for n in self.cache])
 
 
 class TorchEngine:
-    """A SegmentModel's steps in eager PyTorch, numpy in and out, behind the segment unit's engine interface."""
+    """A SegmentModel's steps in eager PyTorch, numpy in and out, behind the segment unit's engine interface;
+    `fetched` holds the per-document inputs of models that take them."""
 
     def __init__(self, model: SegmentModel):
-        self.model = model.eval()
+        self.model, self.fetched = model.eval(), []
         self.segment_length, self.summary_length = model.segment_length, model.summary_length
         self.outputs, self.cache = [s.name for s in model.output_spec()], [s.name for s in model.kv_spec()]
         self.vocab = model.output_spec()[0].shape[-1]
@@ -438,12 +449,16 @@ class TorchEngine:
     def init_state(self) -> State:
         return self.model.init_state(1, next(self.model.parameters()).dtype)
 
+    def begin(self, document: np.ndarray) -> None:
+        """A new document starts (the per-document inputs, if any, are set in `fetched` by the caller)."""
+
     @torch.no_grad()
     def segment(self, tokens: np.ndarray, length: int, state: State) -> tuple[dict[str, np.ndarray], State, State]:
-        out, new = self.model.segment_step(torch.from_numpy(tokens).view(1, -1), torch.tensor([length]), state)
+        out, new = self.model.segment_step(torch.from_numpy(tokens).view(1, -1), torch.tensor([length]), state,
+                                           *self.fetched)
         return {n: out[n][0].numpy() for n in self.outputs}, {n: out[n] for n in self.cache}, new
 
     @torch.no_grad()
     def decode(self, token: int, cache: State) -> tuple[np.ndarray, State]:
-        logits, cache = self.model.decode_step(torch.tensor([token]), cache)
+        logits, cache = self.model.decode_step(torch.tensor([token]), cache, *self.fetched)
         return logits[0].numpy(), cache

@@ -30,7 +30,7 @@ class Family:
 
 
 def _families() -> dict[str, Family]:
-    from edgekit.models import aaren, hmt, lmuformer, slmuformer
+    from edgekit.models import aaren, hmt, lmuformer, memlm, slmuformer
 
     return {f.name: f for f in [
         Family("lmuformer", lmuformer.LMUFormer, "frame", lmuformer.CONFIGS,
@@ -45,6 +45,9 @@ def _families() -> dict[str, Family]:
         Family("hmt", hmt.HMT, "segment", hmt.CONFIGS,
                "HMT byte LM: segment recurrence with memory recall over N cached embeddings; segment + decode steps",
                hmt.infer_config),
+        Family("memlm", memlm.MemLM, "memory", memlm.CONFIGS,
+               "Byte LM over a hierarchical memory bank: anchor Transformer + FFN memories fetched per document",
+               memlm.infer_config),
     ]}
 
 

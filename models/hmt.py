@@ -120,10 +120,10 @@ class ByteBackbone:
     def causal(self, t: int) -> torch.Tensor:
         return torch.ones(t, t, dtype=torch.bool).tril().view(1, 1, t, t)
 
-    def run_compact(self, x: torch.Tensor) -> torch.Tensor:
+    def run_compact(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
         """The backbone over a compact sequence of embeddings (every position real): positions 0..T-1."""
         t = x.shape[1]
-        return self.backbone(x, torch.arange(t), self.causal(t))[0]
+        return self.backbone(x, torch.arange(t), self.causal(t), memory=memory)[0]
 
     def _allowed(self, valid: torch.Tensor) -> torch.Tensor:
         """Causal in slot order, and only real keys: [B, 1, S, S] (slot order is the order of the real tokens)."""

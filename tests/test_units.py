@@ -70,7 +70,8 @@ def _smallest(fam: models.Family) -> str:
     return min(fam.configs, key=lambda c: sum(p.numel() for p in fam.cls(**fam.configs[c]).parameters()))
 
 
-SHORT = {"frame": dict(frames=300), "segment": dict(segments=6, decode_segments=1)}  # a short stream per unit
+SHORT = {"frame": dict(frames=300), "segment": dict(segments=6, decode_segments=1),  # a short stream per unit
+         "memory": dict(documents=4, document_segments=2)}
 
 
 @pytest.mark.parametrize("family", list(models.FAMILIES))

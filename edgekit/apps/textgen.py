@@ -11,19 +11,22 @@ import numpy as np
 from edgekit.apps.cache import host_bundle
 from edgekit.artifact import load
 from edgekit.errors import BundleError, EdgekitError
-from edgekit.units.segment import Generator, TVMEngine
+from edgekit import units
+from edgekit.units.segment import Generator, Segment, TVMEngine
 
 # Located without importing edgekit.models (which imports torch): a board only has the runtime.
 DEFAULT_CHECKPOINT = Path(importlib.util.find_spec("edgekit.models").origin).parent / "checkpoints" / "hmt_small.pt"
 
 
 def load_engine(bundle_dir: str | Path) -> TVMEngine:
-    """The engine of a segment-LM bundle (checksums verified, target runnable here)."""
+    """The engine of a segment-level LM's bundle, whatever its unit's kind of segments (checksums verified,
+    target runnable here)."""
     bundle = load(bundle_dir)
-    if bundle.manifest["unit"] != "segment":
+    unit = units.of(bundle)
+    if not isinstance(unit, Segment):
         raise BundleError(f"{bundle.path} holds a {bundle.manifest['model']['family']!r} model that streams "
                           f"{bundle.manifest['unit']}s, not a segment-level LM", "pass a bundle made by `edgekit compile hmt ...`")
-    return TVMEngine(bundle)
+    return unit.session(bundle).engine
 
 
 def open_generator(engine: str = "tvm", bundle: Path | None = None, checkpoint: Path | None = None,
@@ -51,8 +54,8 @@ def open_generator(engine: str = "tvm", bundle: Path | None = None, checkpoint: 
 
 def generate(gen: Generator, tokens: int, temperature: float = 0.8, seed: int = 0,
              on_token: Callable[[int], None] = lambda t: None) -> bytes:
-    """Continue the stream fed so far (`gen.prefill(prompt)` first) by `tokens` bytes sampled at `temperature`
-    (0: the most likely byte each time); `on_token` sees each as it comes."""
+    """Continue the stream fed so far (`gen.begin(prompt)`, then `gen.prefill(prompt)`) by `tokens` bytes sampled
+    at `temperature` (0: the most likely byte each time); `on_token` sees each as it comes."""
     rng = np.random.default_rng(seed)
     out = bytearray()
     for _ in range(tokens):

@@ -72,6 +72,11 @@ class Unit:
         """The manifest's interface fields: unit, input, outputs, state, entries and what the unit needs."""
         raise NotImplementedError
 
+    def write_data(self, net, stage: Path) -> dict:
+        """Files the bundle carries besides library, weights and golden record (a memory bank), written into the
+        staging directory; their manifest fields (none by default)."""
+        return {}
+
     def write_golden(self, net, path: Path) -> dict:
         """Float64 reference outputs of a fixed stream, for boards without torch; the manifest's record of it."""
         raise NotImplementedError

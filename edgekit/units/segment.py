@@ -76,16 +76,21 @@ class Layout:
 
 
 class TVMEngine(Layout):
-    """The `segment` and `decode` entries of a built library; state and decode cache stay on the device."""
+    """The `segment` and `decode` entries of a built library; state and decode cache stay on the device, and so
+    do the per-document inputs (`fetched`) of models that take them."""
 
     def __init__(self, bundle: Bundle):
         self.vm = load_library(bundle)  # first: it proves the manifest's interface fields before they are used
         super().__init__(bundle.manifest)
-        self.bundle = bundle
+        self.bundle, self.fetched = bundle, []
         self.seg_fn, self.dec_fn = self.vm.raw("segment"), self.vm.raw("decode")
 
     def init_state(self) -> list:
         return [self.vm.tensor(s) for s in self.bundle.zero_state()]
+
+    def begin(self, document: np.ndarray) -> None:
+        """A new document starts with these bytes (a prompt): nothing to prepare here; engines that fetch a memory
+        block per document fetch it now."""
 
     def _inputs(self, tokens: np.ndarray, length: int) -> list:
         tokens = np.asarray(tokens).reshape(1, -1)
@@ -99,22 +104,23 @@ class TVMEngine(Layout):
 
     def segment(self, tokens: np.ndarray, length: int, state: list) -> tuple[dict[str, np.ndarray], list, list]:
         """({output: value of the one batch row}, decode cache, next state) of one padded segment."""
-        outs, cache, new = self.split(self.seg_fn(*self._inputs(tokens, length), *state))
+        outs, cache, new = self.split(self.seg_fn(*self._inputs(tokens, length), *state, *self.fetched))
         return {n: self.vm.numpy(o)[0] for n, o in zip(self.outputs, outs)}, cache, new
 
     def decode(self, token: int, cache: list) -> tuple[np.ndarray, list]:
         if not 0 <= token < self.vocab:
             raise InputShapeError(f"token id {token} is not in [0, {self.vocab})", "pass bytes")
-        out = self.dec_fn(self.vm.tensor(np.array([token], dtype=np.int64)), *cache)
+        out = self.dec_fn(self.vm.tensor(np.array([token], dtype=np.int64)), *cache, *self.fetched)
         return self.vm.numpy(out[0])[0], list(out[1:])
 
 
 class ORTEngine(Layout):
-    """The bundle's ONNX entries in ONNX Runtime (what bench compares TVM with); numpy state and cache."""
+    """The bundle's ONNX entries in ONNX Runtime (what bench compares TVM with); numpy state and cache; `fetched`
+    holds the per-document inputs by name."""
 
     def __init__(self, bundle: Bundle, threads: int | None):
         super().__init__(bundle.manifest)
-        self.bundle = bundle
+        self.bundle, self.fetched = bundle, {}
         self.seg_run, self.dec_run = ort_session(bundle, "segment", threads).run, ort_session(bundle, "decode", threads).run
 
     def init_state(self) -> list[np.ndarray]:
@@ -122,12 +128,12 @@ class ORTEngine(Layout):
 
     def segment(self, tokens: np.ndarray, length: int, state: list) -> tuple[dict[str, np.ndarray], list, list]:
         feeds = {"tokens": np.asarray(tokens, np.int64).reshape(1, -1), "length": np.array([length], np.int64),
-                 **{s["name"]: v for s, v in zip(self.state_specs, state)}}
+                 **{s["name"]: v for s, v in zip(self.state_specs, state)}, **self.fetched}
         outs, cache, new = self.split(self.seg_run(None, feeds))
         return {n: o[0] for n, o in zip(self.outputs, outs)}, cache, new
 
     def decode(self, token: int, cache: list) -> tuple[np.ndarray, list]:
-        out = self.dec_run(None, {"token": np.array([token], np.int64), **dict(zip(self.cache, cache))})
+        out = self.dec_run(None, {"token": np.array([token], np.int64), **dict(zip(self.cache, cache)), **self.fetched})
         return out[0][0], out[1:]
 
 
@@ -148,6 +154,12 @@ class Generator:
 
     def reset(self) -> None:
         self.state, self.segment, self.cache, self.last = self.engine.init_state(), [], None, None
+
+    def begin(self, document: list[int] | bytes) -> None:
+        """Start a new stream for a document given by its bytes (or its prompt), which the engine may use (to
+        fetch a memory block); then `prefill` it."""
+        self.engine.begin(np.frombuffer(bytes(document), np.uint8).astype(np.int64))
+        self.reset()
 
     def _segment(self) -> np.ndarray:
         n = len(self.segment)
@@ -210,11 +222,12 @@ class LocalSession:
 
     OPS = ("reset", "score", "feed")  # what a Worker may run
     execution, pid = "native", None
+    Engine = TVMEngine
 
     def __init__(self, bundle: Bundle):
         check_runs_here(bundle)
         self.bundle = bundle
-        self.engine = TVMEngine(bundle)
+        self.engine = self.Engine(bundle)
         self.gen = Generator(self.engine)
 
     def reset(self) -> None:
@@ -401,8 +414,7 @@ class Segment(Unit):
         rng = np.random.default_rng(options.seed)
         warmup, segments, decodes, generated = options.warmup, max(10, options.calls // 10), options.calls, 2 * L
         text = rng.integers(0, m["outputs"][0]["shape"][-1], (segments + warmup) * L)
-        engines = {"pytorch": lambda: torch_model().numpy_engine(), "onnxruntime": lambda: ORTEngine(bundle, options.threads),
-                   "tvm": lambda: TVMEngine(bundle)}
+        engines = self.engines(bundle, options, torch_model)
         results = []
         for name in options.engines:
             engine = engines[name]()
@@ -435,6 +447,11 @@ class Segment(Unit):
                 "note": "latency per byte = call latency / bytes per call; generate feeds bytes one at a time from a "
                         "segment boundary (a segment step per byte for the first j bytes of a segment, decode steps "
                         "after, a segment step at its end), so bytes_per_second is the mean generation speed"}
+
+    def engines(self, bundle: Bundle, options: BenchOptions, torch_model) -> dict:
+        """How bench opens each engine, behind the numpy engine interface `Generator` drives."""
+        return {"pytorch": lambda: torch_model().numpy_engine(), "onnxruntime": lambda: ORTEngine(bundle, options.threads),
+                "tvm": lambda: TVMEngine(bundle)}
 
     def render_validation(self, report: dict) -> list:
         title = (f"validation of {report['bundle']} ({report['segments']} segments = {report['tokens']} bytes, the "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import platform
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -127,3 +129,19 @@ def test_rpi5_bundle_retrieves_and_validates_under_emulation(tmp_path):
     report = validate(bundle.path, documents=3, document_segments=2)
     assert report["passed"], report["checks"]
     assert report["execution"].startswith("qemu-aarch64") and report["path_agreement"] == 1.0
+
+
+BOARD = """
+import sys
+for name in ("torch", "onnx", "onnxruntime"):
+    sys.modules[name] = None  # a board's runtime-only install
+from edgekit.validate import validate
+report = validate(sys.argv[1])
+print(report["passed"], report["path_agreement"], "golden record" in report["reference"],
+      [m for m in ("tvm.relax", "edgekit.models") if m in sys.modules])
+"""
+
+
+def test_without_torch_retrieval_and_validation_use_the_golden_record(bundle):
+    out = subprocess.run([sys.executable, "-c", BOARD, str(bundle.path)], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[0] == "True 1.0 True []", out.stdout + out.stderr

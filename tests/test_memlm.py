@@ -114,6 +114,8 @@ def test_a_session_fetches_before_scoring_and_keeps_no_mapping(bundle):
     L = bundle.manifest["segment"]
     with pytest.raises(EdgekitError, match="fetch"):
         session.score(np.zeros(L, np.int64))
+    with pytest.raises(EdgekitError, match=r"must lie in \[0, 256\)"):
+        session.fetch(np.array([1, 256]))
     got = session.fetch(np.arange(100) % 256)
     assert got["path"].shape == (bundle.manifest["memory"]["depth"],)
     assert session.score(np.zeros(2 * L, np.int64))["logits"].shape == (1, 2, L, 256)

@@ -27,7 +27,7 @@ import numpy as np
 
 from edgekit import measure, render
 from edgekit.artifact import Bundle, TensorSpec
-from edgekit.errors import BundleError, EdgekitError
+from edgekit.errors import BundleError, EdgekitError, InputShapeError
 from edgekit.measure import Tally, TokenSource
 from edgekit.units import BenchOptions
 from edgekit.units.segment import (GOLDEN, LocalSession, ORTEngine, Reference, RemoteSession, Segment, TVMEngine,
@@ -129,8 +129,11 @@ class MemorySession(LocalSession):
 
     def fetch(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         """Retrieve and fetch the block of a document (its bytes; the stream starts anew): {path, seconds}."""
+        tokens = np.asarray(tokens, np.int64).reshape(-1)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.engine.vocab):
+            raise InputShapeError(f"a document's token ids must lie in [0, {self.engine.vocab})", "pass bytes")
         t0 = time.perf_counter()
-        path = self.engine.fetch(np.asarray(tokens, np.int64))
+        path = self.engine.fetch(tokens)
         self.gen.reset()
         return {"path": np.array(path, np.int64), "seconds": np.array(time.perf_counter() - t0)}
 

@@ -2,6 +2,7 @@
 agrees with the model's, and the host bundle's bank is paged: checked node by node, never hashed or held whole."""
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from edgekit import Session, models
-from edgekit.artifact import load
+from edgekit.artifact import is_bundle, load
 from edgekit.compile import compile
 from edgekit.errors import BundleError, EdgekitError
 from edgekit.models.memlm import CONFIGS, MemLM, infer_config
@@ -85,6 +86,7 @@ def test_host_bundle_validates_with_the_same_paths(bundle):
     m = bundle.manifest
     assert m["unit"] == "memory" and m["fetched"][0]["name"] == "memory_block"
     assert BANK not in m["files"] and m["paged"][BANK]["table"] in m["files"]  # never hashed whole
+    assert is_bundle(bundle.path)  # --force may replace it: the bank is one of its files
     report = validate(bundle.path, documents=6, document_segments=3, decode_segments=2)
     assert report["passed"], report["checks"]
     assert report["path_agreement"] == 1.0 and report["outputs"]["logits"]["max_abs_error"] < 1e-4
@@ -106,6 +108,11 @@ def test_a_modified_node_is_refused_when_fetched(bundle, tmp_path):
     with open(copy / BANK, "ab") as f:
         f.write(b"\0")
     with pytest.raises(BundleError, match="not .* bytes long"):
+        load(copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["paged"][BANK]["table"] = "weights.pt.missing"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="without a checksummed table"):
         load(copy)
 
 

@@ -120,7 +120,8 @@ class MemLM(ByteBackbone, SegmentModel):
 
     def memory_layout(self) -> dict:
         c = self._config
-        return {"nodes": self.nodes, "branching": c["branching"], "depth": c["depth"], "node_shape": list(self.node_shape),
+        return {"nodes": self.nodes, "branching": c["branching"], "depth": c["depth"],
+                "node_shape": list(self.node_shape),
                 "buckets": c["buckets"], "embed_dim": c["embed_dim"]}
 
     def node_block(self, node: int) -> np.ndarray:
@@ -135,7 +136,8 @@ class MemLM(ByteBackbone, SegmentModel):
     def path(self, tokens: np.ndarray) -> list[int]:
         """The nodes (one per level, root excluded) the document's bytes retrieve, in float64."""
         c, r = self._config, self.retriever_arrays()
-        return walk(embed(np.asarray(tokens), r["projection"], c["buckets"]), r["centroids"], c["branching"], c["depth"])
+        e = embed(np.asarray(tokens), r["projection"], c["buckets"])
+        return walk(e, r["centroids"], c["branching"], c["depth"])
 
     def fetch(self, path: list[int]) -> torch.Tensor:
         """The block of a path: [depth, layers, node_units, 2d + 1] (differentiable for a trained bank)."""

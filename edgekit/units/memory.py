@@ -90,7 +90,8 @@ class Bank:
         """The block of a path [depth, *node shape] (the same buffer every time)."""
         for level, node in enumerate(path):
             try:
-                mapped = np.memmap(self.file, np.dtype("<f4"), "r", offset=node * self.node_bytes, shape=self.node_shape)
+                mapped = np.memmap(self.file, np.dtype("<f4"), "r", offset=node * self.node_bytes,
+                                   shape=self.node_shape)
             except (OSError, ValueError) as e:
                 raise BundleError(f"{self.bundle}: cannot read node {node} of {BANK} ({e})",
                                   "recompile the bundle; do not edit files inside it") from None

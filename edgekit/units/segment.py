@@ -450,8 +450,8 @@ class Segment(Unit):
 
     def engines(self, bundle: Bundle, options: BenchOptions, torch_model) -> dict:
         """How bench opens each engine, behind the numpy engine interface `Generator` drives."""
-        return {"pytorch": lambda: torch_model().numpy_engine(), "onnxruntime": lambda: ORTEngine(bundle, options.threads),
-                "tvm": lambda: TVMEngine(bundle)}
+        return {"pytorch": lambda: torch_model().numpy_engine(),
+                "onnxruntime": lambda: ORTEngine(bundle, options.threads), "tvm": lambda: TVMEngine(bundle)}
 
     def render_validation(self, report: dict) -> list:
         title = (f"validation of {report['bundle']} ({report['segments']} segments = {report['tokens']} bytes, the "

@@ -57,7 +57,8 @@ def main() -> None:
     os.close(fd)
 
     session = Session(bundle, isolated=True)
-    source, per_doc, marks = measure.TokenSource(args.seed), args.document_segments * L, measure.rss_marks(args.documents)
+    source, per_doc = measure.TokenSource(args.seed), args.document_segments * L
+    marks = measure.rss_marks(args.documents)
     started, rss, seconds, paths = measure.rss_bytes(session.pid), {}, [], []
     t0 = time.perf_counter()
     for doc in range(args.documents):

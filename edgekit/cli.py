@@ -296,9 +296,10 @@ def bench(bundle: Path, calls: int, warmup: int, engines: tuple[str, ...], threa
               help="calls before them (timed, plotted, left out of the statistics)")
 @click.option("--threads", type=click.IntRange(min=1), help="TVM threads  [default: one per physical core]")
 @click.option("--force", is_flag=True, help="replace an earlier report in --out")
+@click.option("--rpc", metavar="HOST:PORT", help="time the bundle on a board running `edgekit serve` instead")
 @click.option("--json", "as_json", is_flag=True, help="print report.json instead of the table")
 def report(bundle: Path, out: Path, engines: tuple[str, ...], calls: int, warmup: int, threads: int | None,
-           force: bool, as_json: bool) -> None:
+           force: bool, rpc: str | None, as_json: bool) -> None:
     """Latency report of a frame BUNDLE on this machine, per engine and chunk size, in the conventions of trtexec
     and LiteRT's benchmark_model.
 
@@ -309,16 +310,31 @@ def report(bundle: Path, out: Path, engines: tuple[str, ...], calls: int, warmup
     entry per engine and chunk, with every call's time), OUT/report.md and PNG plots: latency CDF, per-call
     timeline, resident memory over the run. A bundle for another machine is refused (no emulated timings).
       edgekit runner out/lmu && edgekit report out/lmu -o out/lmu-report
+    With --rpc, the board runs it (uploaded over TVM RPC) and times every call there:
+      edgekit report out/lmu-rpi5 --rpc 192.168.1.20:9090 -o out/rpi5-report   # board: edgekit serve --port 9090
     """
     from edgekit.report import markdown, report as run
 
     with stages("timing") as say:
         result = run(bundle, out, engines=engines, calls=calls, warmup=warmup, threads=threads, force=force,
-                     progress=say)
+                     rpc=rpc, progress=say)
     if as_json:
         click.echo(json.dumps(result))
     else:
         console.print(markdown(result), markup=False, highlight=False)
+
+
+@main.command()
+@click.option("--port", type=click.IntRange(1, 65535), required=True, help="TCP port to listen on (exactly this one)")
+@click.option("--host", default="0.0.0.0", show_default=True, help="address to listen on (127.0.0.1: this machine only)")
+def serve(port: int, host: str) -> None:
+    """Serve TVM RPC on this board, so that `edgekit report BUNDLE --rpc THIS-HOST:PORT` on the build machine can
+    time bundles here. Needs only the runtime install. Prints `ready on HOST:PORT` once it accepts connections;
+    Ctrl-C stops it and every session process it started.
+    """
+    from edgekit.remote import serve as run
+
+    run(host, port, lambda line: click.echo(line) or sys.stdout.flush())
 
 
 @main.command()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -21,44 +20,57 @@ from typing import Callable
 
 import numpy as np
 
-from edgekit import measure
+from edgekit import measure, remote
 from edgekit.artifact import Bundle, load, write_atomic
 from edgekit.errors import BundleError, EdgekitError
+from edgekit.remote import machine
 from edgekit.units.frame import HOP_SECONDS, SILENCE_CALLS, LocalSession, bench_frames, chunk_sizes
 
-ENGINES = ("python", "native")
+ENGINES = ("python", "native")  # engines on this machine; "rpc" times a board
 FILES = ("report.json", "report.md", "latency_cdf.png", "timeline.png", "memory.png")
 RSS_SAMPLES = 20  # resident memory is read this many times along each run
 TIMING = {"python": "a Python session's step (input check, copy into the aligned input buffer, the compiled call, "
                     "output views), perf_counter around each call, in a process of its own",
           "native": "the compiled entry called by edgekit-run (C++, input already in its buffer), steady_clock "
-                    "around each call, in the runner's own process"}
+                    "around each call, in the runner's own process",
+          "rpc": "the compiled entry on the board, timed there by TVM's time evaluator around one invoke_stateful "
+                 "(number=1, repeat=1; the evaluator calls it once untimed first), the state carried on the board; "
+                 "peak RSS: the board's RPC session process (TVM's Python server included)"}
 Progress = Callable[[str], None]
 
 
 def report(bundle_path: Path, out: Path, engines: tuple[str, ...] = ENGINES, calls: int = 1000, warmup: int = 100,
-           seed: int = 0, threads: int | None = None, force: bool = False,
+           seed: int = 0, threads: int | None = None, force: bool = False, rpc: str | None = None,
            progress: Progress = lambda msg: None) -> dict:
-    """Time every chunk size of the bundle with each engine; write report.json, report.md and plots into `out`."""
-    bundle = load(bundle_path)  # for another machine: refused, emulated timings would mislead
-    if bundle.manifest["unit"] != "frame" or bundle.device != "cpu":
-        raise BundleError(f"{bundle.path}: reports time frame bundles on CPUs", "use `edgekit bench` for this bundle")
+    """Time every chunk size of the bundle with each engine; write report.json, report.md and plots into `out`.
+    With `rpc` (HOST:PORT of an `edgekit serve` on a board), the bundle is timed there instead (engine "rpc")."""
     if unknown := set(engines) - set(ENGINES):
         raise EdgekitError(f"unknown engine(s) {', '.join(sorted(unknown))}", f"choose from {', '.join(ENGINES)}")
+    bundle = load(bundle_path, check_machine=rpc is None)  # here, another machine's bundle is refused: no
+    engines = ("rpc",) if rpc else engines                  # emulated timings; over RPC, the board runs it
+    if bundle.manifest["unit"] != "frame" or bundle.device != "cpu":
+        raise BundleError(f"{bundle.path}: reports time frame bundles on CPUs", "use `edgekit bench` for this bundle")
     if "native" in engines and "runner" not in bundle.manifest:
         raise BundleError(f"{bundle.path} has no native runner", f"build it in: edgekit runner {bundle.path}")
     if calls < 1 or warmup < 0:
         raise EdgekitError("need --calls >= 1 and --warmup >= 0")
     out = _output_dir(Path(out), force)
     env = {**os.environ, **({"TVM_NUM_THREADS": str(threads)} if threads else {})}
-    runs = []
-    for engine in engines:
+    runs, where = [], machine(threads)
+    if rpc:
+        for frames, timed in remote.time_calls(bundle, rpc, chunk_sizes(bundle), calls + warmup, seed,
+                                               progress).items():
+            runs.append(_run("rpc", frames, warmup, timed))
+            where = {**timed["machine"], "rpc": rpc}
+    for engine in (e for e in engines if e != "rpc"):
         for frames in chunk_sizes(bundle):
             progress(f"{engine}, chunk {frames}: {warmup} + {calls} calls")
             timed = (_native if engine == "native" else _python)(bundle, frames, calls + warmup, seed, env)
             runs.append(_run(engine, frames, warmup, timed))
     result = {"bundle": str(bundle.path), "model": bundle.manifest["model"]["family"],
-              "target": bundle.target["name"], "machine": machine(threads), "hop_ms": HOP_SECONDS * 1e3,
+              "target": bundle.target["name"], "machine": where, "hop_ms": HOP_SECONDS * 1e3,
+              **({"note": "EMULATED: the board ran under qemu; these are not board timings"} if where["emulated"]
+                 else {}),
               "input": f"standard normal frames and silence (zeros), alternating every {SILENCE_CALLS} calls, the state carried "
                        "from a fresh stream; warm-up calls are timed too (call_us) but left out of the statistics",
               "timing": {e: TIMING[e] for e in engines}, "runs": runs}
@@ -140,25 +152,6 @@ def _run(engine: str, frames: int, warmup: int, timed: dict) -> dict:
             "rss_bytes": timed["rss"], "call_us": [round(float(s) * 1e6, 2) for s in seconds]}
 
 
-def machine(threads: int | None = None) -> dict:
-    """What the numbers ran on: CPU model, cores, frequency governor (where readable), threads and pinning."""
-    def read(path: str) -> str | None:
-        try:
-            return Path(path).read_text().strip()
-        except OSError:
-            return None
-
-    cpuinfo = read("/proc/cpuinfo") or ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-                  if line.startswith(("model name", "Model", "Hardware"))), platform.processor() or None)
-    return {"cpu": model, "arch": platform.machine(), "logical_cpus": os.cpu_count(),
-            "pinned_to_cpus": sorted(os.sched_getaffinity(0)),
-            "governor": read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
-            "max_mhz": (int(f) // 1000 if (f := read("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")) else None),
-            "tvm_threads": threads or "TVM's default (one per physical core)", "kernel": platform.release(),
-            "python": platform.python_version()}
-
-
 def _plots(runs: list[dict], out: Path) -> list[str]:
     """Latency CDF per engine and chunk, the per-call timeline (warm-up, jitter), resident memory over the run."""
     import matplotlib
@@ -180,8 +173,11 @@ def _plots(runs: list[dict], out: Path) -> list[str]:
     ax.set(yscale="log", xlabel="call (dotted: end of warm-up)", ylabel="latency per frame (us, log)",
            title="per-call timeline")
     _save(fig, ax, out / "timeline.png")
+    sampled = [r for r in runs if r["rss_bytes"]]  # over RPC only the peak is known
+    if not sampled:
+        return ["latency_cdf.png", "timeline.png"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for r in runs:
+    for r in sampled:
         calls, rss = np.asarray(r["rss_bytes"]).T
         ax.plot(calls, rss / 2**20, marker=".", label=label(r))
     ax.set(xlabel="call", ylabel="resident memory (MiB)", title="resident memory over the run", ylim=(0, None))
@@ -209,7 +205,9 @@ def markdown(report: dict) -> str:
             f"{r['first_call_us']:.0f} | {r['peak_rss_bytes'] / 2**20:.1f} |" for r in report["runs"]]
     return "\n".join([
         f"# Latency report: {report['model']} on {report['target']}", "",
-        f"Bundle `{report['bundle']}`. Machine: {m['cpu']} ({m['arch']}), {m['logical_cpus']} logical CPUs, pinned to "
+        *([f"**{report['note']}**", ""] if "note" in report else []),
+        f"Bundle `{report['bundle']}`. Machine" + (f" (over RPC at {m['rpc']})" if "rpc" in m else "") +
+        f": {m['cpu']} ({m['arch']}), {m['logical_cpus']} logical CPUs, pinned to "
         f"{len(m['pinned_to_cpus'])}, governor {m['governor'] or 'not readable'}, TVM threads {m['tvm_threads']}, "
         f"Linux {m['kernel']}.", "",
         f"Input: {report['input']}. Warm-up {report['runs'][0]['warmup']} calls. Real-time factor: p50 per frame / "

@@ -2,12 +2,18 @@
 over what is not its own and never times a bundle under emulation."""
 import json
 import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from edgekit.errors import EdgekitError
 from edgekit.report import report
 from edgekit.runner import add_runner
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +52,40 @@ def test_report_refuses_a_used_directory_and_an_emulated_bundle(native_bundle, t
     with pytest.raises(EdgekitError, match="this machine is x86_64"):
         report(arm, tmp_path / "rep", calls=1, warmup=0)
     assert not (tmp_path / "rep").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(*python: str, port: int) -> subprocess.Popen:
+    """An `edgekit serve` on loopback (under `python`: the CLI here, or an emulated Python), once it is ready."""
+    code = f"from edgekit.remote import serve; serve('127.0.0.1', {port}, lambda line: print(line, flush=True))"
+    proc = subprocess.Popen([*python, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == f"ready on 127.0.0.1:{port}", proc.stderr.read()
+    return proc
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    assert server.wait(timeout=60) == 143  # SIGTERM unwinds through the cleanup of session processes
+
+
+def test_report_over_rpc_on_loopback_and_serve_takes_exactly_its_port(native_bundle, tmp_path):
+    port = _free_port()
+    server = serve(sys.executable, port=port)
+    try:
+        taken = subprocess.run([sys.executable, "-m", "edgekit", "serve", "--port", str(port), "--host", "127.0.0.1"],
+                               capture_output=True, text=True, timeout=120)
+        assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr
+        result = report(native_bundle.path, tmp_path / "rep", calls=8, warmup=2, rpc=f"127.0.0.1:{port}")
+    finally:
+        stop(server)
+    assert [(r["engine"], r["frames_per_call"]) for r in result["runs"]] == [("rpc", 1), ("rpc", 4)]
+    assert all(len(r["call_us"]) == 10 and r["p50_us"] > 0 and r["peak_rss_bytes"] > 0 for r in result["runs"])
+    assert result["machine"]["rpc"] == f"127.0.0.1:{port}" and not result["machine"]["emulated"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # free again: nothing of the server is left listening

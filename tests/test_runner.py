@@ -7,10 +7,11 @@ import subprocess
 import numpy as np
 import pytest
 
-from edgekit import Session
+from edgekit import Session, emulator
 from edgekit.artifact import load
 from edgekit.compile import compile
 from edgekit.errors import BundleError
+from edgekit.report import report
 from edgekit.runner import NativeSession, add_runner
 from edgekit.validate import validate
 
@@ -93,7 +94,17 @@ def test_a_bundle_without_runner_says_how_to_add_it(tiny_bundle, tmp_path):
 
 
 @pytest.mark.slow
-def test_emulated_rpi5_runner_validates(tmp_path):
-    bundle = add_runner(compile("lmuformer", "rpi5", tmp_path / "lmu-rpi5", config="tiny", chunks=(1, 4)))
-    report = validate(bundle.path, frames=200, chunk=4, runner="native")
-    assert report["passed"] and "qemu-aarch64" in report["execution"]
+def test_emulated_rpi5_runner_validates_and_an_emulated_board_reports_over_rpc(tmp_path):
+    from test_report import _free_port, serve, stop
+
+    bundle = add_runner(compile("lmuformer", "rpi5", tmp_path / "lmu-rpi5", config="tiny", chunks=(1, 4)).path)
+    checked = validate(bundle.path, frames=200, chunk=4, runner="native")
+    assert checked["passed"] and "qemu-aarch64" in checked["execution"]
+    port = _free_port()
+    server = serve(*emulator.python_command(emulator.prepare()), port=port)
+    try:
+        result = report(bundle.path, tmp_path / "rep", calls=4, warmup=1, rpc=f"127.0.0.1:{port}")
+    finally:
+        stop(server)
+    assert [r["engine"] for r in result["runs"]] == ["rpc", "rpc"] and result["machine"]["arch"] == "aarch64"
+    assert result["machine"]["emulated"] and "not board timings" in (tmp_path / "rep/report.md").read_text()

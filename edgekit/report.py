@@ -29,6 +29,7 @@ from edgekit.units.frame import HOP_SECONDS, SILENCE_CALLS, LocalSession, bench_
 ENGINES = ("python", "native")  # engines on this machine; "rpc" times a board
 FILES = ("report.json", "report.md", "latency_cdf.png", "timeline.png", "memory.png")
 RSS_SAMPLES = 20  # resident memory is read this many times along each run
+PROFILE_CALLS, PROFILE_TOP = 100, 12  # calls profiled per kernel after the timed run, kernels listed
 TIMING = {"python": "a Python session's step (input check, copy into the aligned input buffer, the compiled call, "
                     "output views), perf_counter around each call, in a process of its own",
           "native": "the compiled entry called by edgekit-run (C++, input already in its buffer), steady_clock "
@@ -134,8 +135,33 @@ def _serve_python() -> None:
         times += measure.time_calls(session.step, [x], 0)
         if i % max(1, n // RSS_SAMPLES) == 0 or i == n - 1:
             rss.append([i, measure.rss_bytes()])
-    json.dump({"call_seconds": times, "init_seconds": init, "rss": rss,
-               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}, sys.stdout)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    json.dump({"call_seconds": times, "init_seconds": init, "rss": rss, "peak_rss_bytes": peak,
+               "profile": _profile(session, bench_frames(bundle, frames, PROFILE_CALLS, np.random.default_rng(seed)))},
+              sys.stdout)
+
+
+def _profile(session: LocalSession, xs: np.ndarray) -> list[dict]:
+    """Top compiled kernels by time over `xs`, the stream carried on, timed through the VM's instrument hook
+    (`set_instrument`; TVM 0.27 has no `vm.profile`). The Python hook adds a few microseconds to each timed call,
+    so the shares matter more than the times."""
+    total, count, started = {}, {}, {}
+
+    def hook(func, name, before, result, *args):
+        if before:
+            started[name] = time.perf_counter()
+            return
+        total[name] = total.get(name, 0.0) + time.perf_counter() - started[name]
+        count[name] = count.get(name, 0) + 1
+
+    session.vm.raw_function("set_instrument")(hook)
+    for x in xs:
+        session.step(x)
+    for name in [n for n in total if n.startswith("vm.builtin.")]:  # the VM's bookkeeping, not kernels
+        del total[name]
+    whole = sum(total.values())
+    return [{"function": name, "calls_per_step": count[name] / len(xs), "us_per_step": total[name] / len(xs) * 1e6,
+             "share": total[name] / whole} for name in sorted(total, key=total.get, reverse=True)[:PROFILE_TOP]]
 
 
 def _run(engine: str, frames: int, warmup: int, timed: dict) -> dict:
@@ -149,7 +175,8 @@ def _run(engine: str, frames: int, warmup: int, timed: dict) -> dict:
             "min_us": float(per_frame.min()), "mean_us": float(per_frame.mean()), "p99_9_us": p999,
             "std_us": float(per_frame.std()), "init_seconds": round(timed["init_seconds"], 4),
             "first_call_us": float(seconds[0] * 1e6), "peak_rss_bytes": int(timed["peak_rss_bytes"]),
-            "rss_bytes": timed["rss"], "call_us": [round(float(s) * 1e6, 2) for s in seconds]}
+            "rss_bytes": timed["rss"], "call_us": [round(float(s) * 1e6, 2) for s in seconds],
+            **({"profile": timed["profile"]} if "profile" in timed else {})}
 
 
 def _plots(runs: list[dict], out: Path) -> list[str]:
@@ -217,4 +244,10 @@ def markdown(report: dict) -> str:
         "| engine | chunk | calls | min | median | mean | p90 | p99 | p99.9 | max | std | RTF | init ms | "
         "first call us | peak RSS MiB |",
         "|" + "---|" * 15, *rows, "",
-        *[f"![{p}]({p})" for p in report.get("plots", [])], ""])
+        *[f"![{p}]({p})" for p in report.get("plots", [])], "",
+        *[line for r in report["runs"] if r.get("profile") for line in (
+            f"Per-kernel profile, {r['engine']} engine, chunk {r['frames_per_call']} ({PROFILE_CALLS} calls after "
+            "the timed ones, through the VM's instrument hook, whose Python callback adds a few us to each call):",
+            "", "| kernel | calls per step | us per step | share of kernel time |", "|---|---|---|---|",
+            *[f"| {k['function'][:80]} | {k['calls_per_step']:g} | {k['us_per_step']:.1f} | {k['share']:.1%} |"
+              for k in r["profile"]], "")]])

@@ -34,6 +34,9 @@ def test_report_times_both_engines_and_writes_json_markdown_and_plots(native_bun
         assert 0 < r["min_us"] <= r["p50_us"] <= r["p99_us"] <= r["p99_9_us"] <= r["max_us"]
         assert r["peak_rss_bytes"] > 10 * 2**20 and r["rss_bytes"] and r["init_seconds"] > 0
     assert saved["machine"]["logical_cpus"] >= 1 and saved["machine"]["pinned_to_cpus"]
+    profile = saved["runs"][0]["profile"]  # the Python engine's per-kernel profile
+    assert profile and all(not k["function"].startswith("vm.builtin.") and k["calls_per_step"] > 0 for k in profile)
+    assert "Per-kernel profile" in (out / "report.md").read_text()
     for png in result["plots"]:
         assert (out / png).read_bytes().startswith(b"\x89PNG")
         assert f"]({png})" in (out / "report.md").read_text()

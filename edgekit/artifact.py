@@ -310,13 +310,16 @@ def _malformed(manifest: dict) -> str | None:
 
 
 def _named_paths(manifest: dict) -> list[str]:
-    """Every file a manifest points at besides its files table: library, weights, golden record, ONNX graphs."""
+    """Every file a manifest points at besides its files table: library, weights, golden record, ONNX graphs, the
+    native runner and its libraries."""
     try:
+        runner = manifest.get("runner")
         return [manifest["library"], manifest["model"]["weights"],
                 *([manifest["golden"]["file"]] if manifest.get("golden") else []),
-                *[e["onnx"] for e in manifest["entries"].values()]]
+                *[e["onnx"] for e in manifest["entries"].values()],
+                *([runner["executable"], *runner["libraries"]] if runner is not None else [])]
     except (KeyError, TypeError, AttributeError):
-        raise BundleError("the manifest's library, weights, golden or entries fields are malformed",
+        raise BundleError("the manifest's library, weights, golden, entries or runner fields are malformed",
                           "recompile the bundle") from None
 
 

@@ -108,3 +108,13 @@ def test_emulated_rpi5_runner_validates_and_an_emulated_board_reports_over_rpc(t
         stop(server)
     assert [r["engine"] for r in result["runs"]] == ["rpc", "rpc"] and result["machine"]["arch"] == "aarch64"
     assert result["machine"]["emulated"] and "not board timings" in (tmp_path / "rep/report.md").read_text()
+
+
+def test_a_manifest_pointing_the_runner_outside_the_bundle_is_refused(native_bundle, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(native_bundle.path, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["runner"]["executable"] = "../../bin/sh"
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="not a plain relative path"):
+        NativeSession(load(bad))

@@ -41,46 +41,67 @@ using Clock = std::chrono::steady_clock;
 }
 
 // ---- sha256 (FIPS 180-4): no OpenSSL on the board ----------------------------------------------------------------
-static std::string sha256_hex(const std::string& data) {
-  static const uint32_t k[64] = {
-      0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5, 0xd807aa98,
-      0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786,
-      0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8,
-      0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13,
-      0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819,
-      0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a,
-      0x5b9cca4f, 0x682e6ff3, 0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-      0xc67178f2};
-  uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
-  auto rotr = [](uint32_t x, int n) { return (x >> n) | (x << (32 - n)); };
-  std::string msg = data;
-  uint64_t bits = static_cast<uint64_t>(data.size()) * 8;
-  msg.push_back(static_cast<char>(0x80));
-  while (msg.size() % 64 != 56) msg.push_back(0);
-  for (int i = 7; i >= 0; --i) msg.push_back(static_cast<char>(bits >> (8 * i)));
-  for (size_t block = 0; block < msg.size(); block += 64) {
-    uint32_t w[64];
-    for (int i = 0; i < 16; ++i) {
-      const auto* p = reinterpret_cast<const unsigned char*>(msg.data() + block + 4 * i);
-      w[i] = (uint32_t(p[0]) << 24) | (uint32_t(p[1]) << 16) | (uint32_t(p[2]) << 8) | p[3];
+class Sha256 {
+ public:
+  void update(const char* data, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+      block_[fill_++] = static_cast<unsigned char>(data[i]);
+      if (fill_ == 64) { compress(); fill_ = 0; }
     }
+    bytes_ += n;
+  }
+  std::string hex() {  // the digest of everything so far (ends the hash)
+    uint64_t bits = bytes_ * 8;
+    char pad = static_cast<char>(0x80);
+    update(&pad, 1);
+    char zero = 0;
+    while (fill_ != 56) update(&zero, 1);
+    for (int i = 7; i >= 0; --i) { char b = static_cast<char>(bits >> (8 * i)); update(&b, 1); }
+    char out[65];
+    for (int i = 0; i < 8; ++i) std::snprintf(out + 8 * i, 9, "%08x", h_[i]);
+    return std::string(out, 64);
+  }
+
+ private:
+  static uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+  void compress() {
+    static const uint32_t k[64] = {
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5, 0xd807aa98,
+        0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786,
+        0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8,
+        0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13,
+        0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819,
+        0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a,
+        0x5b9cca4f, 0x682e6ff3, 0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+        0xc67178f2};
+    uint32_t w[64];
+    for (int i = 0; i < 16; ++i)
+      w[i] = (uint32_t(block_[4 * i]) << 24) | (uint32_t(block_[4 * i + 1]) << 16) |
+             (uint32_t(block_[4 * i + 2]) << 8) | block_[4 * i + 3];
     for (int i = 16; i < 64; ++i) {
       uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
       uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
       w[i] = w[i - 16] + s0 + w[i - 7] + s1;
     }
-    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], hh = h[7];
+    uint32_t a = h_[0], b = h_[1], c = h_[2], d = h_[3], e = h_[4], f = h_[5], g = h_[6], h = h_[7];
     for (int i = 0; i < 64; ++i) {
-      uint32_t t1 = hh + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[i] + w[i];
+      uint32_t t1 = h + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + k[i] + w[i];
       uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
-      hh = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+      h = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
     }
-    uint32_t add[8] = {a, b, c, d, e, f, g, hh};
-    for (int i = 0; i < 8; ++i) h[i] += add[i];
+    uint32_t add[8] = {a, b, c, d, e, f, g, h};
+    for (int i = 0; i < 8; ++i) h_[i] += add[i];
   }
-  char hex[65];
-  for (int i = 0; i < 8; ++i) std::snprintf(hex + 8 * i, 9, "%08x", h[i]);
-  return std::string(hex, 64);
+  uint32_t h_[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  unsigned char block_[64];
+  size_t fill_ = 0;
+  uint64_t bytes_ = 0;
+};
+
+static std::string sha256_hex(const std::string& data) {
+  Sha256 h;
+  h.update(data.data(), data.size());
+  return h.hex();
 }
 
 static std::string read_file(const std::string& path) {
@@ -164,15 +185,32 @@ static std::string inside(const std::string& dir, const std::string& rel) {
   return dir + "/" + rel;
 }
 
-// The file's bytes, after its sha256 matched the manifest's files table.
-static std::string checked(const std::string& dir, const Object& files, const std::string& rel) {
+static void remove_copy(const std::string& copy) {  // the private copy of the library and its directory
+  std::remove(copy.c_str());
+  rmdir(copy.substr(0, copy.rfind('/')).c_str());
+}
+
+// Hash the file block by block, writing the same blocks to `copy` when given: what is copied is what was hashed,
+// and no whole copy of the library is ever held in memory (it would count in the runner's peak RSS).
+static void checked(const std::string& dir, const Object& files, const std::string& rel, const std::string& copy = "") {
   auto it = files.find(ffi::String(rel));
   if (it == files.end()) fail("the manifest names " + rel + " without its checksum", "recompile the bundle");
-  std::string data = read_file(inside(dir, rel));
-  if (sha256_hex(data) != str((*it).second))
+  std::ifstream in(inside(dir, rel), std::ios::binary);
+  if (!in) fail("cannot read " + dir + "/" + rel, "recompile the bundle");
+  std::ofstream out;
+  if (!copy.empty()) out.open(copy, std::ios::binary);
+  Sha256 h;
+  std::vector<char> block(1 << 16);
+  while (in.read(block.data(), block.size()) || in.gcount()) {
+    h.update(block.data(), in.gcount());
+    if (out.is_open()) out.write(block.data(), in.gcount());
+  }
+  if (h.hex() != str((*it).second)) {
+    if (!copy.empty()) remove_copy(copy);
     fail(dir + ": " + rel + " was modified after compilation (sha256 mismatch)",
          "recompile the bundle; do not edit files inside it");
-  return data;
+  }
+  if (out.is_open() && !out.flush()) fail("cannot write a private copy of the library to " + copy, "set TMPDIR");
 }
 
 // ---- the model -------------------------------------------------------------------------------------------------
@@ -221,15 +259,13 @@ struct Model {
   }
 };
 
-static std::string temp_copy(const std::string& bytes) {
+static std::string private_dir() {
   const char* base = std::getenv("TMPDIR");
   std::string tmpl = std::string(base && *base ? base : "/tmp") + "/edgekit-run-XXXXXX";
   std::vector<char> dir(tmpl.begin(), tmpl.end());
   dir.push_back(0);
   if (!mkdtemp(dir.data())) fail("cannot create a private temporary directory in " + tmpl, "set TMPDIR");
-  std::string path = std::string(dir.data()) + "/model.so";
-  std::ofstream(path, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  return path;
+  return dir.data();
 }
 
 static Model load(const std::string& dir) {
@@ -248,12 +284,19 @@ static Model load(const std::string& dir) {
   Object files = obj(field(m, "files"));
   if (auto it = m.find(ffi::String("runner")); it != m.end())  // its own runtime libraries: checked too
     for (const auto& lib : arr(field(obj((*it).second), "libraries"))) checked(dir, files, str(lib));
-  std::string lib = temp_copy(checked(dir, files, str(field(m, "library"))));
+  std::string lib = private_dir() + "/model.so";
+  checked(dir, files, str(field(m, "library")), lib);
 
   Model model;
-  ffi::Module so = ffi::Module::LoadFromFile(ffi::String(lib));
-  std::remove(lib.c_str());
-  rmdir(lib.substr(0, lib.rfind('/')).c_str());
+  ffi::Optional<ffi::Module> loaded;
+  try {
+    loaded = ffi::Module::LoadFromFile(ffi::String(lib));
+  } catch (...) {
+    remove_copy(lib);
+    throw;
+  }
+  remove_copy(lib);  // mapped already: the file is no longer needed
+  ffi::Module so = *loaded;
   ffi::Module vm = so->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
   model.vm = vm;
   vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, 2 /* pooled allocator */);

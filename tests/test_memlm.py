@@ -7,6 +7,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,6 +143,7 @@ def test_rpi5_bundle_retrieves_and_validates_under_emulation(tmp_path):
 
 BOARD = """
 import sys
+from pathlib import Path
 for name in ("torch", "onnx", "onnxruntime"):
     sys.modules[name] = None  # a board's runtime-only install
 from edgekit.validate import validate
@@ -154,3 +156,12 @@ print(report["passed"], report["path_agreement"], "golden record" in report["ref
 def test_without_torch_retrieval_and_validation_use_the_golden_record(bundle):
     out = subprocess.run([sys.executable, "-c", BOARD, str(bundle.path)], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[0] == "True 1.0 True []", out.stdout + out.stderr
+
+
+def test_the_shipped_checkpoint_is_the_one_its_record_describes():
+    checkpoint = Path(models.__file__).parent / "checkpoints" / "memlm_small.pt"
+    model = models.build("memlm", checkpoint=checkpoint)
+    record = json.loads(checkpoint.with_suffix(".json").read_text())
+    assert record["config"] == model.config() and record["parameters"]["bank"] == model.bank.numel()
+    text = b"Permission is hereby granted, free of charge, to any person obtaining a copy"
+    assert len(model.path(np.frombuffer(text, np.uint8))) == model.config()["depth"]

@@ -46,7 +46,9 @@ class Unit:
     given for another unit's options is refused by name."""
 
     name = ""
-    export_atol = 1e-5  # ONNX Runtime against eager PyTorch on the exported entries' examples (and rtol 1e-4)
+    # ONNX Runtime against eager PyTorch on the exported entries' examples (and rtol 1e-4): float32 rounding of sums
+    # behind outputs of magnitude ~100 (the examples' random states) differs between engines by up to ~5e-5
+    export_atol = 1e-4
     ExportOptions: type
     ValidateOptions: type
 

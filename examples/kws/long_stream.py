@@ -12,6 +12,7 @@ resident memory stays flat.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -108,7 +109,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--bundle", type=Path, help="a compiled bundle (default: --checkpoint compiled for this host)")
     p.add_argument("--checkpoint", type=Path, default=DEMO_CHECKPOINT, help="default: the shipped demo model")
-    p.add_argument("--smooth", type=int, default=3, help="windows averaged before peak picking")
+    p.add_argument("--smooth", type=int, nargs="*", default=[3], help="windows averaged before peak picking")
     p.add_argument("--hop", type=int, nargs="*", default=[14], help="hops to compare (the first one is plotted)")
     p.add_argument("--threshold", type=float, nargs="*", default=[0.5])
     p.add_argument("--baseline", action="store_true", help="also score one never-reset session")
@@ -129,12 +130,12 @@ def main() -> None:
     for hop in a.hop:
         windows: list[Window] = []
         report = detect(bundle, spec, open_wav(wav)[1], hop=hop, threshold=min(a.threshold), windows=windows)
-        for th in a.threshold:
-            dets = _redetect(spec, windows, th, hop, a.smooth)
+        for th, smooth in itertools.product(a.threshold, a.smooth):
+            dets = _redetect(spec, windows, th, hop, smooth)
             s = score(dets, truth)
             results["runs"].append({"design": "staggered", "hop": hop, "sessions": spec.clip_frames // hop,
-                                    "threshold": th, "smooth": a.smooth, "rtf": round(report.rtf, 4), "cpu_rtf": round(report.cpu_rtf, 4),
-                                    **{k: v for k, v in s.items() if k != "marks"}})
+                                    "threshold": th, "smooth": smooth, "rtf": round(report.rtf, 4),
+                                    "cpu_rtf": round(report.cpu_rtf, 4), **{k: v for k, v in s.items() if k != "marks"}})
             print(json.dumps(results["runs"][-1]), flush=True)
             first = first or (dets, s["marks"])
         if a.baseline:
@@ -147,7 +148,7 @@ def main() -> None:
     if a.hour:
         repeat = int(np.ceil(3600 / (len(x) / audio.SAMPLE_RATE)))
         report = detect(bundle, spec, open_wav(wav, repeat)[1], hop=a.hop[0], threshold=a.threshold[0],
-                        smooth=a.smooth)
+                        smooth=a.smooth[0])
         results["hour"] = {"audio_seconds": round(report.audio_seconds, 1), "rtf": round(report.rtf, 4),
                            "cpu_rtf": round(report.cpu_rtf, 4), "detections": report.detections,
                            "rss_mib": [[t, round(r / 2**20, 2)] for t, r in report.rss]}

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -124,8 +124,23 @@ def say(speaker: str, text: str, rng: np.random.Generator, tempo: tuple[float, f
     engine, _, voice = speaker.partition(":")
     speed, cents = rng.uniform(*tempo), int(rng.uniform(-semitones, semitones) * 100)
     if engine == "espeak-ng":
-        return synthesize(text, f"{rng.choice(ACCENTS)}+{voice}", int(175 * speed), int(rng.integers(15, 90)))
-    effects = ["tempo", "-s", f"{speed:.3f}", "pitch", str(cents)]
+        return _speak(engine, f"{rng.choice(ACCENTS)}+{voice}", text, int(175 * speed), int(rng.integers(15, 90)))
+    return _speak(engine, voice, text, round(speed, 3), cents)
+
+
+@lru_cache(maxsize=4096)  # evaluation streams say the same words again at each SNR
+def _speak(engine: str, voice: str, text: str, speed: float, pitch: int) -> np.ndarray:
+    """One synthesizer call (read-only, as it is cached): espeak-ng `speed` in words/min and `pitch` 0-99; others
+    a tempo factor and cents."""
+    x = _synthesizer_call(engine, voice, text, speed, pitch)
+    x.setflags(write=False)
+    return x
+
+
+def _synthesizer_call(engine: str, voice: str, text: str, speed: float, pitch: int) -> np.ndarray:
+    if engine == "espeak-ng":
+        return synthesize(text, voice, speed, pitch)
+    effects = ["tempo", "-s", f"{speed:.3f}", "pitch", str(pitch)]
     if engine == "flite":
         return _to_16k(["flite", "-voice", voice, "-t", text, "-o", "/dev/stdout"], effects)
     with tempfile.TemporaryDirectory() as tmp:  # text2wave cannot write a valid WAV header to a pipe

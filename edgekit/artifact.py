@@ -245,6 +245,8 @@ def load(path: Path, check_machine: bool = True, verify: bool = True) -> Bundle:
     for rel, digest in manifest["files"].items():
         _check_inside(path, rel)
         f = path / rel
+        if not f.is_file() and rel in provenance_files(manifest):
+            continue  # a device copy (`edgekit info --device-files`) leaves what the library was built from behind
         if not f.is_file():
             raise BundleError(f"{path}: file {rel} listed in the manifest is missing", "recompile the bundle")
         if verify and file_sha256(f) != digest:
@@ -262,6 +264,18 @@ def load(path: Path, check_machine: bool = True, verify: bool = True) -> Bundle:
     if check_machine:
         check_runs_here(bundle)
     return bundle
+
+
+def provenance_files(manifest: dict) -> set[str]:
+    """The files a bundle keeps as its build provenance (the ONNX graphs and the source weights): what the library
+    was built from and what validation against PyTorch rebuilds the model from, never what a board runs."""
+    return {rel for rel in manifest["files"] if rel.startswith("onnx/") or rel == manifest["model"]["weights"]}
+
+
+def device_files(manifest: dict) -> list[str]:
+    """What a board needs to run and check the bundle: the manifest, the library, the golden record and any other
+    runtime file (a native runner, a memory bank), as paths relative to the bundle."""
+    return [MANIFEST, *sorted(set(manifest["files"]) - provenance_files(manifest)), *(manifest.get("paged") or {})]
 
 
 TENSOR = {"name": str, "shape": list, "dtype": str}

@@ -169,13 +169,16 @@ def _given(**flags) -> dict:
 @click.option("--chunk", "chunks", type=int, multiple=True,
               help=f"frame models: frames per call to build entry points for (1 is always built)  "
                    f"[default: {', '.join(map(str, frame.ExportOptions.chunks))}]")
+@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+              help="int8: weights int8 per output channel, activations int8 per row at run time, int32 dot products "
+                   "on the target's instructions (AVX-512 VNNI, Arm sdot); recurrences, norms and softmax stay fp32")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
 def compile_cmd(model: str, checkpoint: Path | None, config: str | None, target: str, out: Path,
-                chunks: tuple[int, ...], force: bool) -> None:
+                chunks: tuple[int, ...], quantize: str, force: bool) -> None:
     """Compile MODEL (a family from `edgekit models`) into a bundle for --target.
 
-    The bundle holds the built library, the ONNX graphs it came from, the weights, a float64 golden record and
-    a manifest with checksums. A failed compile leaves nothing behind.
+    The bundle holds the built library, the ONNX graphs it came from, the weights, a golden record (float64; for
+    --quantize int8 the quantized model's) and a manifest with checksums. A failed compile leaves nothing behind.
     """
     from edgekit import units
     from edgekit.compile import compile
@@ -183,12 +186,13 @@ def compile_cmd(model: str, checkpoint: Path | None, config: str | None, target:
     if checkpoint and config:
         raise click.UsageError("pass --checkpoint or --config, not both (a checkpoint carries its own config)")
     with stages(f"compiling {model} for {target}") as say:
-        bundle = compile(model, target, out, config=config, checkpoint=checkpoint, force=force, progress=say,
-                         **_given(chunks=tuple({1, *chunks}) if chunks else None))
+        bundle = compile(model, target, out, config=config, checkpoint=checkpoint, quantize=quantize, force=force,
+                         progress=say, **_given(chunks=tuple({1, *chunks}) if chunks else None))
     m = bundle.manifest
     size = sum((bundle.path / f).stat().st_size for f in m["files"])
     console.print(f"[green]built[/] {bundle.path}: {m['model']['family']} for {m['target']['name']} in "
-                  f"{m['compile_seconds']:.1f} s, {size / 2**20:.1f} MiB, state {m['state_bytes']} bytes, "
+                  f"{m['compile_seconds']:.1f} s, {size / 2**20:.1f} MiB, {m['precision']}"
+                  + (f" ({m['quantization']['isa']})" if m["quantization"] else "") + f", state {m['state_bytes']} bytes, "
                   f"{units.of(bundle).describe(m)}, entries {', '.join(m['entries'])}", highlight=False)
 
 
@@ -249,7 +253,7 @@ def validate(bundle: Path, as_json: bool, report_path: Path | None, runner: str,
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--calls", type=click.IntRange(min=1), default=300, show_default=True,
               help="timed frames (or decode steps) per engine and chunk size")
 @click.option("--warmup", type=click.IntRange(min=0), default=30, show_default=True, help="untimed calls first")
@@ -260,9 +264,13 @@ def validate(bundle: Path, as_json: bool, report_path: Path | None, runner: str,
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object instead of a table")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               help="write the report here  [default: BUNDLE/bench.json]")
-def bench(bundle: Path, calls: int, warmup: int, engines: tuple[str, ...], threads: int | None, as_json: bool,
+def bench(bundles: tuple[Path, ...], calls: int, warmup: int, engines: tuple[str, ...], threads: int | None, as_json: bool,
           report_path: Path | None) -> None:
-    """Latency of BUNDLE in PyTorch, ONNX Runtime and TVM, same inputs, after warm-up.
+    """Latency of BUNDLES in PyTorch, ONNX Runtime and TVM, same inputs, after warm-up.
+
+    Several bundles (`edgekit bench out/lmu out/lmu-int8`) are timed in interleaved rounds, so that an fp32 and
+    an int8 build compare on the same machine state, with each one's p50 ratio to the first bundle's. ONNX Runtime
+    runs each bundle's own ONNX graphs: for an int8 bundle, its integer products (MatMulInteger).
 
     A frame model is timed per frame for each chunk size; `tvm-compute` times the compiled function inside TVM
     without the Python call (the gap to `tvm` is call overhead). A segment-level LM (HMT) is timed per byte: its
@@ -274,13 +282,13 @@ def bench(bundle: Path, calls: int, warmup: int, engines: tuple[str, ...], threa
 
     options = BenchOptions(calls=calls, warmup=warmup, engines=engines, threads=threads)
     with stages("benchmarking") as say:
-        report = run(bundle, options, progress=say, report_path=report_path)
+        report = run(list(bundles), options, progress=say, report_path=report_path)
     if as_json:
         click.echo(json.dumps(report))
     else:
         from edgekit.artifact import load
 
-        _print(units.of(load(bundle, check_machine=False)).render_bench(report))
+        _print(units.of(load(bundles[0], check_machine=False)).render_bench(report))
 
 
 @main.command()
@@ -365,24 +373,39 @@ def runner(bundle: Path) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print the whole manifest as one JSON object")
-def info(bundle: Path, as_json: bool) -> None:
-    """Verify BUNDLE's checksums and describe it (model, target, interface, files)."""
+@click.option("--device-files", is_flag=True, help="print the paths (relative to BUNDLE) of what a board needs, one per line")
+def info(bundle: Path, as_json: bool, device_files: bool) -> None:
+    """Verify BUNDLE's checksums and describe it (model, target, interface, files, the size of what a board needs).
+
+    A board needs the device payload only: `edgekit info B --device-files | tar -C B -cf - -T - | ssh pi 'mkdir -p
+    b && tar -C b -xf -'` copies it (the ONNX graphs and source weights stay here; the copy validates against its
+    golden record and runs with the runtime-only `pip install edgekit`).
+    """
     from edgekit import units
-    from edgekit.artifact import MANIFEST, file_sha256, load
+    from edgekit.artifact import MANIFEST, device_files as device, file_sha256, load, provenance_files
 
     b = load(bundle, check_machine=False)
     m = b.manifest
+    if device_files:
+        click.echo("\n".join(device(m)))
+        return
     if as_json:
         click.echo(json.dumps(m))
         return
-    size = sum((b.path / f).stat().st_size for f in m["files"])
+    present = [f for f in m["files"] if (b.path / f).is_file()]
+    size = lambda files: sum((b.path / f).stat().st_size for f in files if (b.path / f).is_file())  # noqa: E731
+    provenance = provenance_files(m)
     ck = m["model"]["checkpoint"]
-    _print([f"{b.path}: every checksum matches ({len(m['files'])} files, {size / 2**20:.1f} MiB)",
+    _print([f"{b.path}: every checksum matches ({len(present)} files, {size(present) / 2**20:.1f} MiB)",
+            f"device payload {size(device(m)) / 2**20:.2f} MiB (library, manifest, golden record and other runtime "
+            f"files: `--device-files` lists them); build provenance {size(provenance) / 2**20:.2f} MiB (ONNX graphs, "
+            "source weights)" + ("" if all((b.path / f).is_file() for f in provenance) else ", not in this copy"),
             f"model: {m['model']['family']} " + (f"from {ck['path']} (sha256 {ck['sha256'][:16]}…)" if ck else
                                                   f"config {m['model']['config_name']} (seeded random weights)"),
             f"target: {m['target']['name']} ({m['target']['arch']}, {m['target']['tvm']}); runs {m['target']['runs']}",
             f"streams: {m['unit']} unit, {units.of(b).describe(m)}; state {m['state_bytes']} bytes; precision "
-            f"{m['precision']}; entries {', '.join(m['entries'])}",
+            f"{m['precision']}" + (f" ({m['quantization']['isa']} products)" if m.get("quantization") else "")
+            + f"; entries {', '.join(m['entries'])}",
             f"built {m['created']} with " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
             f"manifest sha256 {file_sha256(b.path / MANIFEST)}",
             "`edgekit info --json` prints the whole manifest"])

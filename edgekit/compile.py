@@ -17,6 +17,7 @@ from edgekit.artifact import (INTERFACE_FUNCTION, LIBRARY, SCHEMA, Bundle, check
                               interface_digest, load, publish, staging_dir)
 from edgekit.errors import CompileError
 from edgekit.export import export
+from edgekit.quantize import SCHEMES, manifest_record
 
 GOLDEN = "reference.npz"
 Progress = Callable[[str], None]
@@ -65,6 +66,20 @@ def import_entries(onnx_paths: dict[str, Path], constants: dict[str, np.ndarray]
     return bb.get()
 
 
+def check_quantization(scheme: str, target, unit: units.Unit) -> None:
+    """Refuse what cannot be checked: a scheme edgekit does not know, one the model's unit has no reference for,
+    int8 on a GPU target (no GPU here to validate its kernels against)."""
+    if scheme not in SCHEMES:
+        raise CompileError(f"unknown quantization {scheme!r}", f"choose from {', '.join(SCHEMES)}")
+    if scheme not in unit.quantizations:
+        raise CompileError(f"--quantize {scheme} is not available for {unit.name}-streaming models yet",
+                           f"compile them with --quantize {' or '.join(unit.quantizations)}")
+    if scheme != "none" and target.runs == "cuda":
+        raise CompileError(f"--quantize {scheme} is not available for {target.name} (a CUDA target) yet: its "
+                           "kernels have not been validated on a GPU",
+                           "compile with --quantize none for the GPU, or for a CPU target (host, arm64, rpi4, rpi5)")
+
+
 def versions() -> dict[str, str]:
     def v(pkg: str) -> str:
         try:
@@ -76,9 +91,10 @@ def versions() -> dict[str, str]:
 
 
 def compile(model: str, target: str, out: Path, *, config: str | None = None, checkpoint: Path | None = None,
-            force: bool = False, progress: Progress = lambda msg: None, **options) -> Bundle:
-    """Build a bundle for `target` from a checkpoint (or a named config with seeded random weights). `options`
-    are the export options of the family's unit (a frame model's `chunks`, `batch`)."""
+            quantize: str = "none", force: bool = False, progress: Progress = lambda msg: None, **options) -> Bundle:
+    """Build a bundle for `target` from a checkpoint (or a named config with seeded random weights). `quantize`
+    says how its products compute ("none": fp32; "int8": edgekit.quantize). `options` are the export options of
+    the family's unit (a frame model's `chunks`, `batch`)."""
     import torch
 
     from edgekit import models, targets
@@ -89,6 +105,7 @@ def compile(model: str, target: str, out: Path, *, config: str | None = None, ch
     opts = unit.export_options(**options)
     if checkpoint is not None and config is not None:
         raise CompileError("pass a checkpoint or a config, not both", "a checkpoint carries its own config")
+    check_quantization(quantize, tgt, unit)
     check_destination(out, force)
     tgt.check_tools()
     t0 = time.perf_counter()
@@ -101,8 +118,11 @@ def compile(model: str, target: str, out: Path, *, config: str | None = None, ch
                            "choose an -o in a writable directory") from None
     try:
         progress("exporting the entry points to ONNX (checked against ONNX Runtime)")
-        onnx_paths = export(net, unit, stage / "onnx", opts)
+        onnx_paths = export(net, unit, stage / "onnx", opts, quantize)
         progress(f"importing into TVM Relax and building for {tgt.name}")
+        import onnx
+
+        from edgekit.kernels.cpu_int8 import isa
         from edgekit.kernels.fp_mode import POOL_FUNCTION, flushes_denormals
         from edgekit.pipeline import build
 
@@ -110,10 +130,11 @@ def compile(model: str, target: str, out: Path, *, config: str | None = None, ch
         digest = np.frombuffer(interface_digest(interface), np.uint8)
         tvm_target = tgt.tvm_target()
         cuda = build(import_entries(onnx_paths, {INTERFACE_FUNCTION: digest}), tvm_target, stage / LIBRARY, tgt.cc)
-        progress("computing the float64 golden record")
+        progress("computing the golden record" + (" (the quantized model, fp32)" if quantize != "none" else
+                                                  " (float64)"))
         torch.save(net.state_dict(), stage / "weights.pt")
         data = unit.write_data(net, stage)
-        golden = unit.write_golden(net, stage / GOLDEN)
+        golden = unit.write_golden(unit.reference(net, quantize), stage / GOLDEN)
         manifest = {
             "schema": SCHEMA,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -121,12 +142,14 @@ def compile(model: str, target: str, out: Path, *, config: str | None = None, ch
             "model": {"family": net.family, "config": net.config(), "config_name": None if checkpoint else config,
                       "checkpoint": {"path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint)}
                       if checkpoint else None, "weights": "weights.pt"},
-            "target": {"name": tgt.name, "tvm": str(tvm_target), "arch": tgt.arch, "runs": tgt.runs},
+            "target": {"name": tgt.name, "tvm": str(tvm_target), "arch": tgt.arch, "runs": tgt.runs,
+                       "emulated_cpu": tgt.emulated_cpu},
             "cuda": cuda,
-            "precision": "float32",
+            "precision": "float32" if quantize == "none" else quantize,
             "fp_mode": {"flush_denormals": flushes_denormals(tvm_target),
                         "pool_function": POOL_FUNCTION if flushes_denormals(tvm_target) else None},
-            "quantization": None,
+            "quantization": manifest_record(quantize, onnx.load(next(iter(onnx_paths.values()))),
+                                            isa(tvm_target) if quantize != "none" else None),
             **interface,
             "library": LIBRARY,
             "golden": golden,

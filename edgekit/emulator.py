@@ -99,15 +99,16 @@ def prepare(cache_dir: Path | None = None, progress: Progress | None = None) -> 
     return root
 
 
-def command(root: Path) -> list[str]:
-    """argv prefix that runs an aarch64 program against the root's libraries (its loader, libc, libstdc++)."""
-    return [_qemu(), "-L", str(root)]
+def command(root: Path, cpu: str = "max") -> list[str]:
+    """argv prefix that runs an aarch64 program against the root's libraries (its loader, libc, libstdc++) on an
+    emulated `cpu` (a board's core, so that an instruction it lacks stops the program as it would on the board)."""
+    return [_qemu(), "-cpu", cpu, "-L", str(root)]
 
 
-def python_command(root: Path) -> list[str]:
+def python_command(root: Path, cpu: str = "max") -> list[str]:
     """argv prefix that runs the root's aarch64 Python. -E -s keep the host's PYTHON* variables and user
     site out of it; the wheels sit in its own dist-packages, so scripts run by path need nothing else."""
-    return [*command(root), str(root / _PYTHON), "-E", "-s"]
+    return [*command(root, cpu), str(root / _PYTHON), "-E", "-s"]
 
 
 def site_packages(root: Path) -> Path:

@@ -69,11 +69,15 @@ def _compensated(names: list[str], values: list[np.ndarray]) -> list[np.ndarray]
     return [meaning(n, v) for n, v in zip(names, values)]
 
 
-def export(model, unit: Unit, out_dir: Path, options) -> dict[str, Path]:
+def export(model, unit: Unit, out_dir: Path, options, quantization: str = "none") -> dict[str, Path]:
     """Every entry point the unit lists for the model, as a checked ONNX file in out_dir: {entry: path}.
-    `options` are the unit's export options (e.g. a frame model's chunk sizes)."""
+    `options` are the unit's export options (e.g. a frame model's chunk sizes); `quantization` how its products
+    compute (edgekit.quantize: the int8 graph is checked against the same quantized model in PyTorch)."""
+    from edgekit.quantize import products
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    return {name: export_module(module, inputs, outs, out_dir / f"{name}.onnx",
-                                f"edgekit {model.family} {name}: state as explicit inputs/outputs", 1e-4,
-                                unit.export_atol)
-            for name, module, inputs, outs in unit.export_entries(model, options)}
+    with products(quantization):
+        return {name: export_module(module, inputs, outs, out_dir / f"{name}.onnx",
+                                    f"edgekit {model.family} {name}: state as explicit inputs/outputs", 1e-4,
+                                    unit.export_atol)
+                for name, module, inputs, outs in unit.export_entries(model, options)}

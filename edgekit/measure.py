@@ -60,10 +60,12 @@ class Tally:
     """What the comparison has seen so far, output by output; `items` is the stream length (frames, segments)."""
 
     items: int
+    quantized: bool = False  # also count errors in the output's own int8 steps (a quantized bundle's criterion)
     error: dict[str, np.ndarray] = field(default_factory=dict)  # max abs error per decile of the stream
     peak: dict[str, float] = field(default_factory=dict)
     spikes: dict[str, np.ndarray] = field(default_factory=dict)  # [agree, total, zeros artifact, zeros reference]
     predictions: dict[str, np.ndarray] = field(default_factory=dict)  # [agree per item, items, agree at end, ends]
+    steps: dict[str, np.ndarray] = field(default_factory=dict)  # [codes that differ, codes, max error in steps]
 
     def add(self, got: dict[str, np.ndarray], want: dict[str, np.ndarray], first: int, means: list[str]) -> None:
         """Outputs [batch, n, ...] of items first..first+n-1. Spike outputs (`spikes.<layer>`) are counted for
@@ -79,9 +81,19 @@ class Tally:
             diff = np.abs(g.astype(np.float64) - w).max(axis=tuple(i for i in range(w.ndim) if i != 1))
             np.maximum.at(e, (items * DECILES) // self.items, diff)
             self.peak[name] = max(self.peak.get(name, 0.0), float(np.abs(w).max()))
+            if self.quantized:
+                self._steps(name, g.astype(np.float64), w)
             if name in means:
                 p = self.predictions.setdefault(name, np.zeros(4, np.int64))
                 p[:2] += [(g.argmax(-1) == w.argmax(-1)).sum(), g.shape[0] * g.shape[1]]
+
+    def _steps(self, name: str, g: np.ndarray, w: np.ndarray) -> None:
+        """Each output row on the int8 grid the quantized reference's own scale puts it on (step = max|row| / 127,
+        edgekit.quantize's scheme): how many codes differ, and the largest error in steps."""
+        step = np.maximum(np.abs(w).max(axis=-1, keepdims=True), 1e-30) / 127
+        s = self.steps.setdefault(name, np.zeros(3))
+        s += [(np.round(g / step) != np.round(w / step)).sum(), g.size, 0]
+        s[2] = max(s[2], float((np.abs(g - w) / step).max()))
 
     def end_of_segment(self, got: dict[str, np.ndarray], want: dict[str, np.ndarray], means: list[str]) -> None:
         for name in means:
@@ -89,15 +101,26 @@ class Tally:
                                            got[name].shape[0]]
 
     def errors(self) -> dict:
-        """Per real-valued output: max abs and relative error, the reference's magnitude, error by decile."""
+        """Per real-valued output: max abs and relative error, the reference's magnitude, error by decile (and for
+        a quantized tally: the fraction of output codes that differ, the max error in quantization steps)."""
         return {o: {"max_abs_error": float(e.max()), "reference_max_abs": self.peak[o],
                     "max_rel_error": float(e.max() / max(self.peak[o], 1e-30)),
-                    "error_by_decile": [float(v) if v >= 0 else None for v in e]} for o, e in self.error.items()}
+                    "error_by_decile": [float(v) if v >= 0 else None for v in e],
+                    **({"codes_differing": float(self.steps[o][0] / self.steps[o][1]),
+                        "max_error_steps": float(self.steps[o][2])} if o in self.steps else {})}
+                for o, e in self.error.items()}
 
 
 def error_checks(outputs: dict, atol: float, rtol: float) -> dict[str, bool]:
     """An output passes within atol, or within rtol of the reference's magnitude."""
     return {f"{o}_error": r["max_abs_error"] <= atol or r["max_rel_error"] <= rtol for o, r in outputs.items()}
+
+
+def step_checks(outputs: dict, max_steps: float, max_codes_differing: float) -> dict[str, bool]:
+    """A quantized bundle's output passes within `max_steps` of its quantization step with at most that fraction
+    of its codes differing (a code on a rounding boundary may flip, and the recurrence carries it on)."""
+    return {**{f"{o}_within_{max_steps:g}_steps": r["max_error_steps"] <= max_steps for o, r in outputs.items()},
+            **{f"{o}_codes_differing": r["codes_differing"] <= max_codes_differing for o, r in outputs.items()}}
 
 
 def rss_bytes(pid: int | None = None) -> int:

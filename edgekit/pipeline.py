@@ -16,6 +16,7 @@ from edgekit.kernels import call_rewrite_pass
 from edgekit.kernels.cpu_fastmath import FastErfSoftmax
 from edgekit.kernels.cpu_gemv import PackedGEMVSchedule, PackGEMVWeights
 from edgekit.kernels.cpu_injective import InlineInjective
+from edgekit.kernels.cpu_int8 import Int8DotKernels
 from edgekit.kernels.cpu_matmul import BatchMatmulSchedule
 from edgekit.kernels.fp_mode import add_pool_function, flush_denormals
 from edgekit.kernels.nan_semantics import NaNPropagatingReLU
@@ -34,14 +35,16 @@ ClipTakeIndices = call_rewrite_pass("ClipTakeIndices", _clip_take)
 
 
 def cpu_passes(target: tvm.target.Target) -> list:
-    """TVM's CPU pipeline plus edgekit.kernels: constant weights packed and erf/softmax made vectorizable before
-    legalization; after fusion each kernel takes the first rule that matches it (products with constant weights,
+    """TVM's CPU pipeline plus edgekit.kernels: int8 products onto the target's dot-product kernels, constant fp32
+    weights packed and erf/softmax made vectorizable before legalization; after fusion each kernel takes the first rule that matches it (products with constant weights,
     products of two tensors, row reductions, data movement); the rest keep TVM's default loops. NaN propagates as
     in PyTorch (ReLU, erf), and every kernel runs with denormals flushed (kernels/fp_mode.py)."""
     return [
         *cpu.library_dispatch_passes(target),
         ClipTakeIndices,
         NaNPropagatingReLU,
+        Int8DotKernels,
+        relax.transform.DeadCodeElimination(),
         relax.transform.FoldConstant(),
         PackGEMVWeights,
         FastErfSoftmax,

@@ -2,6 +2,8 @@
 rich is imported on use: units import this module, and a board's runtime (or the emulation root) has no rich."""
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def table(title: str, columns: list[str], rows: list[list[str]], left: int = 1):
     """A rich table whose first `left` columns are text and the rest right-aligned figures."""
@@ -40,7 +42,11 @@ def validation_footer(report: dict) -> list[str]:
 
 
 def bench_footer(report: dict) -> list[str]:
-    return ["threads: " + ", ".join(f"{k} {v}" for k, v in report["threads"].items() if k != "requested"),
+    ratios = [f"  {r['engine']} {' '.join(f'{k} {v}' for k, v in r['per_call'].items())}: {r['precision']} "
+              f"{Path(r['bundle']).name} / {Path(r['baseline']).name} p50 = {r['p50_ratio']:.3f} (rounds: "
+              f"{', '.join(f'{x:.3f}' for x in r['p50_ratio_by_round'])})" for r in report.get("ratios", [])]
+    return [*([f"p50 ratios, median of {report['rounds']} interleaved rounds:"] + ratios if ratios else []),
+            "threads: " + ", ".join(f"{k} {v}" for k, v in report["threads"].items() if k != "requested"),
             "denormals flushed in every engine: " + "; ".join(f"{k}: {v}" for k, v in report["denormals"].items()),
             saved(report)]
 

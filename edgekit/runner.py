@@ -113,7 +113,7 @@ class NativeSession(FrameSession):
         if _emulated(bundle):
             from edgekit import emulator
 
-            prefix = emulator.command(emulator.prepare(progress=progress))
+            prefix = emulator.command(emulator.prepare(progress=progress), bundle.target.get("emulated_cpu", "max"))
         else:
             check_runs_here(bundle)
         self.execution = "native runner" + (f" under {EMULATED}" if prefix else "")

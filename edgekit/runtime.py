@@ -31,7 +31,7 @@ def Session(bundle: Bundle | Path | str, isolated: bool = False, progress=None, 
     if target["arch"] == "aarch64" and here == "x86_64" and target["runs"] != "cuda":
         from edgekit import emulator
 
-        python = emulator.python_command(emulator.prepare(progress=progress))
+        python = emulator.python_command(emulator.prepare(progress=progress), target.get("emulated_cpu", "max"))
         return unit.remote_session(bundle, Worker(bundle, python, EMULATED, options), **options)
     check_runs_here(bundle)
     if isolated:

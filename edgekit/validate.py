@@ -15,10 +15,13 @@ RUNNERS = ("python", "native")  # what streams the bundle: a Python session in i
 
 
 def reference_model(bundle: Bundle):
-    """The float64 PyTorch model of the bundle, or None where torch is not installed."""
+    """The float64 PyTorch model of the bundle, or None where torch is not installed or the bundle is a device copy
+    without its source weights (the golden record is the reference then)."""
     try:
         from edgekit import models
     except ImportError:
+        return None
+    if not (bundle.path / bundle.manifest["model"]["weights"]).is_file():
         return None
     return models.from_bundle(bundle)
 
@@ -43,6 +46,7 @@ def validate(bundle_path: Path, options=None, progress: Callable[[int, int], Non
     report = unit.validate(bundle, session, net, options, progress)
     report["execution"], report["runner"] = session.execution, runner
     if net is None:
-        report["reference"] += ", read from the bundle's golden record (computed at compile time)"
+        report["reference"] += ", read from the bundle's golden record (computed at compile time; this machine has no " \
+                               "PyTorch or the bundle no source weights)"
     report["runtime_startup_seconds"] = round(session.startup_seconds, 2)
     return bundle.save_report("validation.json", report, report_path)

@@ -36,15 +36,16 @@ def epilogue_at(sch: s_tir.Schedule, steps: list, loop):
     return steps[-1]
 
 
-def call_rewrite_pass(name: str, rewrite: Callable[[relax.BlockBuilder, relax.Call], relax.Expr]
-                      ) -> tvm.transform.Pass:
+def call_rewrite_pass(name: str, rewrite: Callable[..., relax.Expr], bindings: bool = False) -> tvm.transform.Pass:
     """A module pass applying rewrite(builder, call) -> expr to every call of every Relax function, inner calls
-    first (the rewrite returns the call itself to keep it)."""
+    first (the rewrite returns the call itself to keep it). `bindings`: the rewrite also gets a lookup from a
+    dataflow variable to the expression bound to it (to see where an argument comes from)."""
 
     @relax.expr_functor.mutator
     class Rewriter(relax.PyExprMutator):
         def visit_call_(self, call: relax.Call) -> relax.Expr:
-            return rewrite(self.builder_, super().visit_call_(call))
+            call = super().visit_call_(call)
+            return rewrite(self.builder_, call, self.lookup_binding) if bindings else rewrite(self.builder_, call)
 
     @tvm.transform.module_pass(opt_level=0, name=name)
     def run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:

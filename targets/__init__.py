@@ -30,6 +30,7 @@ class Target:
     arch: the machine (`uname -m`) whose processes can load the library.
     cc: the C compiler that links the library (a cross compiler for other architectures).
     runs: `native` (this kind of machine), `qemu-aarch64` (emulated here), or `cuda` (needs an NVIDIA GPU).
+    emulated_cpu: the qemu-aarch64 `-cpu` that stands for the board's core (what it lacks, qemu refuses too).
     install: how to get the build tools when one is missing.
     """
 
@@ -43,6 +44,7 @@ class Target:
     needs: tuple[str, ...] = field(default=())  # executables the build needs, besides `cc`
     host: dict | None = None
     install: str = ""
+    emulated_cpu: str = "max"
 
     def tvm_target(self):
         """The TVM target; an `"mcpu": "native"` entry becomes this machine's CPU (as LLVM names it)."""
@@ -75,10 +77,11 @@ def nvcc() -> str:
 
 
 def aarch64(name: str, summary: str, tvm: dict, aliases: tuple[str, ...] = ()) -> Target:
-    """An ARM CPU board: cross-built here and run under qemu-aarch64, or built and run natively on aarch64."""
+    """An ARM CPU board: cross-built here and run under qemu-aarch64 on its own core (the baseline Cortex-A53 for
+    a board without a named one), or built and run natively on aarch64."""
     return Target(name=name, summary=summary, tvm=tvm, arch="aarch64", cc=AARCH64_CC,
                   runs="native" if platform.machine() == "aarch64" else "qemu-aarch64", aliases=aliases,
-                  install=AARCH64_INSTALL)
+                  install=AARCH64_INSTALL, emulated_cpu=tvm.get("mcpu", "cortex-a53"))
 
 
 @cache

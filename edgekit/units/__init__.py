@@ -49,6 +49,7 @@ class Unit:
     # ONNX Runtime against eager PyTorch on the exported entries' examples (and rtol 1e-4): float32 rounding of sums
     # behind outputs of magnitude ~100 (the examples' random states) differs between engines by up to ~5e-5
     export_atol = 1e-4
+    quantizations: tuple[str, ...] = ("none",)  # edgekit.quantize schemes whose reference this unit can build
     ExportOptions: type
     ValidateOptions: type
 
@@ -64,6 +65,12 @@ class Unit:
 
     def validate_options(self, **given):
         return self.options(self.ValidateOptions, given)
+
+    def reference(self, net, scheme: str):
+        """The PyTorch model that validation and the golden record compare a bundle of `scheme` with: the model
+        itself for fp32; for a quantized bundle, the model computing its products as the scheme says (a unit lists
+        in `quantizations` the schemes it can build this for)."""
+        return net
 
     # ---- compile side --------------------------------------------------------------------------------------------
     def export_entries(self, net, options) -> list[tuple]:

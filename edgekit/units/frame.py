@@ -8,6 +8,7 @@ rounding of the threshold; and the running-mean outputs by whether their arg-max
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -78,7 +79,9 @@ class ValidateOptions:
     flushed (as a classifier of short clips sees them). Pass criteria: real-valued outputs within atol or within rtol of the
     reference's magnitude (for spiking models, where one flipped spike moves the logits, the prediction criterion
     replaces this); each spike layer's agreement >= spike_agreement; the running-mean predictions' agreement >=
-    prediction_agreement; resident memory at T within 5 MiB of T/10."""
+    prediction_agreement; resident memory at T within 5 MiB of T/10. A quantized bundle is judged against the
+    quantized reference in its own steps instead of atol/rtol: outputs within max_steps quantization steps, at most
+    max_codes_differing of their codes differing, predictions agreeing >= prediction_agreement."""
 
     frames: int = 10_000
     chunk: int = 1
@@ -88,6 +91,8 @@ class ValidateOptions:
     utterance: int | None = None
     spike_agreement: float = 0.999
     prediction_agreement: float = 0.999
+    max_steps: float = 2.0
+    max_codes_differing: float = 0.001
 
     def __post_init__(self):
         if self.frames < 1 or (self.utterance is not None and self.utterance < 1) or self.chunk < 1:
@@ -95,9 +100,10 @@ class ValidateOptions:
         if min(self.frames, self.utterance or self.frames) < self.chunk:
             raise EdgekitError(f"a stream of {min(self.frames, self.utterance or self.frames)} frames never calls "
                                f"the chunk-{self.chunk} entry", "stream at least --chunk frames")
-        if not (self.atol >= 0 and self.rtol >= 0 and 0 <= self.spike_agreement <= 1
-                and 0 <= self.prediction_agreement <= 1):
-            raise EdgekitError("--atol and --rtol must be >= 0 and the agreements within [0, 1]")
+        if not (self.atol >= 0 and self.rtol >= 0 and self.max_steps >= 0 and 0 <= self.spike_agreement <= 1
+                and 0 <= self.prediction_agreement <= 1 and 0 <= self.max_codes_differing <= 1):
+            raise EdgekitError("--atol and --rtol must be >= 0 (and max_steps), the agreements and "
+                               "max_codes_differing within [0, 1]")
 
 
 # ---- sessions: numpy and the TVM runtime only ------------------------------------------------------------------
@@ -315,6 +321,43 @@ class Reference:
         return y
 
 
+class QuantizedFrames:
+    """A frame model with quantized products (edgekit.quantize), as a reference: streamed through its own step in
+    fp32 with the scheme's products, which is what the artifact computes (the parallel forward computes its
+    products in another shape, and float64 is not what the artifact rounds to). The output is float64 so that
+    it compares like the float64 reference; everything else is the model's."""
+
+    horizon = None  # computed by carrying the state, never by windows of the parallel form
+    chunk = 16
+
+    def __init__(self, net, scheme: str):
+        self.net, self.scheme = copy.deepcopy(net).float(), scheme  # the float64 model stays the fp32 reference
+
+    def __getattr__(self, name: str):
+        return getattr(self.net, name)
+
+    def double(self) -> "QuantizedFrames":
+        return self
+
+    def float(self) -> "QuantizedFrames":
+        return self
+
+    def _run(self, fn, *args):
+        import torch
+
+        from edgekit.quantize import products
+
+        with torch.no_grad(), products(self.scheme):
+            y, *state = fn(*args)
+        return ({k: v.double() for k, v in y.items() if k not in self.net.running_means}, *state)
+
+    def step_chunk(self, x, state):
+        return self._run(self.net.step_chunk, x.float(), state)
+
+    def forward_frames(self, x):
+        return self._run(lambda v: (self.net.stream(v, self.chunk),), x.float())[0]
+
+
 class GoldenReference(Reference):
     """Reference outputs read from the bundle's golden record instead of computed (no torch needed)."""
 
@@ -425,6 +468,10 @@ ENGINES = {"pytorch": _torch_engine, "onnxruntime": _onnxruntime_engine, "tvm": 
 class Frame(Unit):
     name = "frame"
     ExportOptions, ValidateOptions = ExportOptions, ValidateOptions
+    quantizations = ("none", "int8")
+
+    def reference(self, net, scheme: str):
+        return net if scheme == "none" else QuantizedFrames(net, scheme)
 
     def export_entries(self, net, options: ExportOptions) -> list[tuple]:
         """Every entry with its state packed into one flat vector: (x?, state [S]) -> (outputs [O], state [S]),
@@ -480,13 +527,17 @@ class Frame(Unit):
         entry_for(bundle, chunk)
         source = FrameSource(session.input_size, options.seed)
         means = list(bundle.manifest["running_means"])
-        tally, rss, t0 = Tally(frames), {}, time.perf_counter()
+        scheme = scheme_of(bundle)
+        fp32, net = net, (self.reference(net, scheme) if net is not None else None)
+        tally, rss, t0 = Tally(frames, quantized=scheme != "none"), {}, time.perf_counter()
+        effect = Tally(frames) if scheme != "none" and fp32 is not None else None  # quantized model vs fp32
         length = utterance or frames
         marks, done = measure.rss_marks(frames), 0
         for offset in range(0, frames, length):
             seg = min(length, frames - offset)
             ref = Reference(net, source, offset, seg, bundle.manifest["running_means"]) if net is not None else \
                 GoldenReference(bundle, offset, seg)
+            ref64 = Reference(fp32, source, offset, seg, bundle.manifest["running_means"]) if effect else None
             session.reset()
             next_frame, last = -session.delay, ({}, {})
 
@@ -497,7 +548,10 @@ class Frame(Unit):
                     got = {o: v[:, keep:] for o, v in got.items()}
                     want = ref.outputs(next_frame + keep, next_frame + n)
                     tally.add(got, want, offset + next_frame + keep, means)
-                    last = (got, want)
+                    if effect:
+                        want64 = ref64.outputs(next_frame + keep, next_frame + n)
+                        effect.add(want, want64, offset + next_frame + keep, means)
+                    last = (got, want, *((want64,) if effect else ()))
                 next_frame += n
 
             window = max(chunk, (WINDOW // chunk) * chunk)
@@ -510,9 +564,14 @@ class Frame(Unit):
                 start = stop
             if session.delay:
                 compare(session.flush())
-            tally.end_of_segment(*last, means)
+            tally.end_of_segment(*last[:2], means)
+            if effect:
+                effect.end_of_segment(last[1], last[2], means)
             done += seg
         report = _report(bundle, tally, rss, frames, options, time.perf_counter() - t0)
+        if effect:
+            report["quantization_effect"] = {"against": "the float64 PyTorch model without quantization",
+                                             "outputs": effect.errors(), "predictions": _predictions(effect, options)}
         report["checks"]["nonfinite_input_refused"] = _refuses_nonfinite(session)
         report["passed"] = all(report["checks"].values())
         if net is not None and report["spikes"] and net.spike_fanout():
@@ -552,18 +611,39 @@ class Frame(Unit):
                        f"skippable at this sparsity {m['skippable']:,} ({m['skippable_fraction']:.1%})")
         out += [f"prediction agreement ({name} arg-max): " + ", ".join(f"{k} {v:.4%}" for k, v in p.items())
                 for name, p in report["predictions"].items()]
+        if any("codes_differing" in o for o in report["outputs"].values()):
+            out.append(render.table("against the quantized reference, in each output's int8 steps (max|row| / 127)",
+                                    ["output", "codes differing", "max error (steps)"],
+                                    [[n, f"{o['codes_differing']:.4%}", f"{o['max_error_steps']:.3f}"]
+                                     for n, o in report["outputs"].items()]))
+        if effect := report.get("quantization_effect"):
+            out.append(render.errors(f"quantization effect: the quantized model against {effect['against']}", effect))
+            out += [f"quantized vs fp32 prediction agreement ({name} arg-max): " +
+                    ", ".join(f"{k} {v:.4%}" for k, v in p.items()) for name, p in effect["predictions"].items()]
         return out + render.validation_footer(report)
 
     def render_bench(self, report: dict) -> list:
         rows = []
         for r in report["results"]:
             fmt = lambda k: f"{r[k]:.1f}" if k in r else "-"  # noqa: E731
-            rows.append([r["engine"], str(r["frames_per_call"]), fmt("p50_us") if "p50_us" in r else fmt("mean_us"),
+            engine = r["engine"] if "bundles" not in report else f"{r['engine']} {r['precision']} {Path(r['bundle']).name}"
+            rows.append([engine, str(r["frames_per_call"]), fmt("p50_us") if "p50_us" in r else fmt("mean_us"),
                          fmt("p90_us"), fmt("p99_us"), fmt("max_us"), f"{r['frames_per_second']:.0f}",
                          f"{r['real_time_factor']:.4f}"])
         return [render.table(f"{report['model']} on {report['target']}: latency per frame (hop {report['hop_ms']:g} ms)",
                              ["engine", "chunk", "p50 us", "p90 us", "p99 us", "max us", "frames/s", "RTF"], rows),
                 *render.bench_footer(report)]
+
+
+def _predictions(tally: Tally, o: ValidateOptions) -> dict:
+    return {name: {"agreement_per_frame": int(a) / int(n),
+                   "agreement_per_utterance" if o.utterance else "agreement_at_end": int(ae) / int(ne)}
+            for name, (a, n, ae, ne) in tally.predictions.items()}
+
+
+def scheme_of(bundle: Bundle) -> str:
+    """The quantization scheme a bundle was compiled with ("none" for fp32)."""
+    return (bundle.manifest.get("quantization") or {}).get("scheme", "none")
 
 
 def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, o: ValidateOptions, seconds: float
@@ -573,15 +653,15 @@ def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, o: V
     spikes = {name.removeprefix("spikes."): {"agreement": int(a) / int(n), "sparsity_artifact": int(za) / int(n),
                                              "sparsity_reference": int(zr) / int(n)}
               for name, (a, n, za, zr) in tally.spikes.items()}
-    predictions = {name: {"agreement_per_frame": int(a) / int(n),
-                          "agreement_per_utterance" if o.utterance else "agreement_at_end": int(ae) / int(ne)}
-                   for name, (a, n, ae, ne) in tally.predictions.items()}
+    predictions = _predictions(tally, o)
     mem = measure.memory(rss, frames)
+    quantized = scheme_of(bundle) != "none"
     checks = {
-        **({} if spiking else measure.error_checks(outputs, o.atol, o.rtol)),
+        **(measure.step_checks(outputs, o.max_steps, o.max_codes_differing) if quantized else
+           {} if spiking else measure.error_checks(outputs, o.atol, o.rtol)),
         **{f"spikes.{name}_agreement": s["agreement"] >= o.spike_agreement for name, s in spikes.items()},
         **({f"{name}_prediction": p["agreement_per_frame"] >= o.prediction_agreement
-            for name, p in predictions.items()} if spiking else {}),
+            for name, p in predictions.items()} if spiking or quantized else {}),
         **mem["checks"],
     }
     return {
@@ -589,8 +669,11 @@ def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, o: V
         "seed": o.seed, "utterance": o.utterance,
         "input": "standard normal frames, numpy default_rng([seed, block]) per 4096-frame block",
         "reference": "PyTorch in float64: the parallel forward (windowed over the model's horizon where it has one; "
-                     "for a causal model without a horizon, its parallel chunk form carrying the state)",
-        "criteria": {"atol": o.atol, "rtol": o.rtol, "real_valued_outputs_judged": not spiking,
+                     "for a causal model without a horizon, its parallel chunk form carrying the state)" if not quantized
+                     else f"PyTorch with the bundle's {scheme_of(bundle)} products (edgekit.quantize): the model's step "
+                          "in fp32 carrying its state, products exact in int32",
+        "criteria": {**({"max_steps": o.max_steps, "max_codes_differing": o.max_codes_differing} if quantized else
+                        {"atol": o.atol, "rtol": o.rtol}), "real_valued_outputs_judged": not spiking or quantized,
                      "spike_agreement_min": o.spike_agreement, "prediction_agreement_min": o.prediction_agreement,
                      "rss_change_max_bytes": measure.RSS_CHANGE_MAX},
         "outputs": outputs, "spikes": spikes, "predictions": predictions,

@@ -1,0 +1,141 @@
+"""int8 artifacts: the kernels against numpy on every instruction set this machine can run, the quantized model
+against its reference, the manifest's account, the ARM builds' instructions, and refusals."""
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+from edgekit import models, quantize, targets
+from edgekit.compile import compile
+from edgekit.errors import CompileError
+from edgekit.kernels import cpu_int8
+from edgekit.validate import validate
+
+
+def _reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """edgekit.quantize's product in numpy: per-row codes, per-channel weight codes, exact int64 sums."""
+    codes, sw = quantize.weight_codes(w)
+    sx = np.abs(x).max(-1, keepdims=True) / np.float32(127)
+    q = np.clip(np.round(x / np.maximum(sx, np.float32(quantize.TINY))), -127, 127).astype(np.int64)
+    return (q @ codes.astype(np.int64)).astype(np.float32) * sw * sx
+
+
+def _run(func, *args) -> np.ndarray:
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=targets.get("host").tvm_target())
+    out = tvm.runtime.tensor(np.zeros(args[-1], np.float32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in args[:-1]], out)
+    return out.numpy()
+
+
+def _kernel(kind: str, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    (m, k), n = x.shape, w.shape[0]
+    codes, sw = quantize.weight_codes(w)
+    if kind == "generic":
+        return _run(cpu_int8.generic_kernel(m, k, n), x, np.ascontiguousarray(codes.T), sw, (m, n))
+    start = (-128 * codes.astype(np.int64).sum(0)).astype(np.int32)
+    return _run(cpu_int8.dot_kernel(kind, m, k, n), x, cpu_int8.pack(codes, cpu_int8.LANES[kind]), start, sw, (m, n))
+
+
+HOST_KINDS = ["generic"] + (["avx512-vnni"] if cpu_int8.isa(targets.get("host").tvm_target()) == "avx512-vnni" else [])
+
+
+@pytest.mark.parametrize("kind", HOST_KINDS)
+@pytest.mark.parametrize("m,k,n", [(1, 64, 32), (4, 120, 64), (16, 37, 48), (3, 256, 16)])
+def test_int8_kernels_equal_the_scheme_exactly_and_propagate_nan(kind, m, k, n):
+    rng = np.random.default_rng(m * k + n)
+    x, w = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32)
+    x[m - 1] = 0  # a row of zeros quantizes to zeros, not NaN
+    np.testing.assert_array_equal(_kernel(kind, x, w), _reference(x, w))
+    x[0, k // 2] = np.nan
+    y = _kernel(kind, x, w)
+    assert np.isnan(y[0]).all() and not np.isnan(y[1:]).any()
+
+
+def test_quantized_products_are_the_scheme_and_only_linear_layers():
+    x, w, b = torch.randn(5, 40), torch.randn(24, 40), torch.randn(24)
+    with quantize.products("int8"):
+        got = torch.nn.functional.linear(x, w, b)
+        plain = x @ w.T  # a matmul is not a product with constant weights: it stays fp32
+    np.testing.assert_allclose(got.numpy(), _reference(x.numpy(), w.numpy()) + b.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(plain.numpy(), (x @ w.T).numpy())
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory):
+    return compile("lmuformer", "host", tmp_path_factory.mktemp("q") / "lmu-int8", config="tiny", quantize="int8",
+                   chunks=(1, 4))
+
+
+def _linear_calls_per_step() -> int:
+    """Products with constant weights in one step of the tiny LMUFormer, counted as PyTorch runs them."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Count.calls += func is torch.nn.functional.linear
+            return func(*args, **(kwargs or {}))
+
+    net = models.build("lmuformer", "tiny", None)
+    with torch.no_grad(), Count():
+        net.step(torch.zeros(1, net.input_size), net.init_state(1))
+    return Count.calls
+
+
+def test_an_int8_bundle_validates_against_its_quantized_reference(int8_bundle):
+    m = int8_bundle.manifest
+    assert m["precision"] == "int8" and m["quantization"]["isa"] == cpu_int8.isa(targets.get("host").tvm_target())
+    assert sum(p["count"] for p in m["quantization"]["products"]) == _linear_calls_per_step()
+    head, _ = quantize.weight_codes(models.build("lmuformer", "tiny", None).head.weight.detach().numpy())
+    library = (int8_bundle.path / m["library"]).read_bytes()  # the head's codes are in it as int8, not widened
+    assert np.ascontiguousarray(head.T).tobytes() in library
+    assert np.ascontiguousarray(head.T).astype(np.int32).tobytes() not in library
+    report = validate(int8_bundle.path, frames=600, chunk=4)
+    assert report["passed"], report["checks"]
+    assert {"logits_within_2_steps", "logits_codes_differing", "mean_logits_prediction"} <= set(report["checks"])
+    assert report["outputs"]["logits"]["codes_differing"] <= 0.001
+    effect = report["quantization_effect"]
+    assert 0 < effect["outputs"]["logits"]["max_abs_error"] < 0.05 * effect["outputs"]["logits"]["reference_max_abs"]
+
+
+def test_a_kernel_that_drifts_from_the_reference_fails_validation(int8_bundle, tmp_path, monkeypatch):
+    """The check can fail: a reference whose weight scales are 1 % off is caught in quantization steps."""
+    real = quantize.weight_codes
+    monkeypatch.setattr(quantize, "weight_codes", lambda w: (real(w)[0], real(w)[1] * np.float32(1.01)))
+    report = validate(int8_bundle.path, frames=200, chunk=4, report_path=tmp_path / "v.json")
+    assert not report["checks"]["logits_within_2_steps"]
+
+
+def test_int8_is_refused_where_it_cannot_be_checked(tmp_path):
+    with pytest.raises(CompileError, match="CUDA target"):
+        compile("lmuformer", "jetson", tmp_path / "j", config="tiny", quantize="int8")
+    with pytest.raises(CompileError, match="segment-streaming"):
+        compile("hmt", "host", tmp_path / "h", config="tiny", quantize="int8")
+    with pytest.raises(CompileError, match="unknown quantization"):
+        compile("lmuformer", "host", tmp_path / "x", config="tiny", quantize="int4")
+    assert not any(tmp_path.iterdir())
+
+
+def _disassembly(bundle) -> str:
+    tool = shutil.which("aarch64-linux-gnu-objdump")
+    return subprocess.run([tool, "-d", str(bundle.path / bundle.manifest["library"])], capture_output=True,
+                          text=True, check=True).stdout
+
+
+@pytest.mark.slow
+def test_arm_int8_builds_use_sdot_only_where_the_core_has_it(tmp_path):
+    pi5 = compile("lmuformer", "rpi5", tmp_path / "pi5", config="tiny", quantize="int8", chunks=(1, 4))
+    pi4 = compile("lmuformer", "rpi4", tmp_path / "pi4", config="tiny", quantize="int8", chunks=(1, 4))
+    assert pi5.manifest["quantization"]["isa"] == "sdot" and pi4.manifest["quantization"]["isa"] == "generic"
+    assert "\tsdot\t" in _disassembly(pi5) and "\tsdot\t" not in _disassembly(pi4)
+    for bundle in (pi5, pi4):  # under qemu-aarch64: -cpu cortex-a76 / cortex-a72, as each board's core
+        report = validate(bundle.path, frames=200, chunk=4)
+        assert report["passed"], (bundle.path, report["checks"])
+        assert "emulated" in report["execution"]
+    assert json.loads((pi5.path / "manifest.json").read_text())["precision"] == "int8"

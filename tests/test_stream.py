@@ -120,9 +120,9 @@ def test_stream_cli_detects_keyword_with_cached_demo(cache, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("rate,channels,subtype", [(22050, 1, "PCM_16"), (22050, 2, "PCM_24"), (44100, 1, "FLOAT"),
-                                                   (48000, 2, "PCM_U8")])
+                                                   (48000, 2, "PCM_U8"), (8000, 1, "PCM_16")])
 def test_stream_json_lines_from_any_wav(cache, tmp_path, monkeypatch, rate, channels, subtype):
-    """22,050 Hz (what espeak-ng writes), 24-bit, float, stereo, 8-bit: converted on the fly;
+    """22,050 Hz (what espeak-ng writes), 24-bit, float, stereo, 8-bit, 8 kHz telephone band: converted on the fly;
     --json prints only JSON Lines on stdout: detections, then one summary."""
     import soxr
 

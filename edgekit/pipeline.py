@@ -105,11 +105,17 @@ def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return run
 
 
+# LLVM's debug sections are a quarter to a third of a CPU library and nothing at run time reads them: a board gets
+# the code and constants only (the symbol table stays, for profilers).
+LINK_OPTIONS = ["-Wl,--strip-debug"]
+
+
 def build(mod: tvm.IRModule, target: tvm.target.Target, path: Path, cc: str) -> dict | None:
     """Compile `mod` for `target` and write the library to `path`, linked by `cc`. CUDA kernels are compiled
     here to a cubin (edgekit.cuda); the returned record of that goes to the manifest (None on CPU targets)."""
     if target.kind.name != "cuda":
-        tvm.compile(mod, target=target, relax_pipeline=pipeline(target)).export_library(str(path), cc=cc)
+        tvm.compile(mod, target=target, relax_pipeline=pipeline(target)).export_library(str(path), cc=cc,
+                                                                                        options=LINK_OPTIONS)
         return None
     with offline_cuda.kernels_as_source():
         executable = tvm.compile(mod, target=target, relax_pipeline=pipeline(target))

@@ -16,7 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from edgekit.artifact import INTERFACE_KEYS, REPORTS, Bundle, check_runs_here, file_sha256, load, publish, staging_dir
+from edgekit.artifact import (INTERFACE_KEYS, REPORTS, Bundle, check_runs_here, file_sha256, load, provenance_files,
+                              publish, staging_dir)
 from edgekit.errors import BundleError, CompileError, EdgekitError
 from edgekit.units.frame import FrameSession, unpack
 from edgekit.worker import EMULATED
@@ -35,6 +36,10 @@ def add_runner(path: Path, progress: Progress = lambda msg: None) -> Bundle:
     if bundle.device != "cpu" or bundle.manifest["unit"] != "frame":
         raise BundleError(f"{bundle.path} is a {bundle.manifest['unit']} bundle running on {bundle.device}: the "
                           "native runner streams frame bundles on CPUs", "run it with the Python session")
+    if missing := sorted(rel for rel in provenance_files(bundle.manifest) if not (bundle.path / rel).is_file()):
+        raise BundleError(f"{bundle.path} is a device copy ({', '.join(missing[:2])}{' ...' if len(missing) > 2 else ''} "
+                          "not here): adding the runner republishes the whole bundle",
+                          "add the runner where the bundle was built, then copy its device files again")
     stage = staging_dir(bundle.path)
     try:
         for rel, digest in bundle.manifest["files"].items():

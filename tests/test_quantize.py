@@ -139,3 +139,22 @@ def test_arm_int8_builds_use_sdot_only_where_the_core_has_it(tmp_path):
         assert report["passed"], (bundle.path, report["checks"])
         assert "emulated" in report["execution"]
     assert json.loads((pi5.path / "manifest.json").read_text())["precision"] == "int8"
+
+
+def test_a_device_copy_holds_what_a_board_needs_and_validates_there(int8_bundle, tmp_path):
+    """`edgekit info --device-files` lists the library, manifest and golden record, not the ONNX graphs and
+    weights; a copy of just those loads, validates against its golden record and says how it was judged."""
+    from click.testing import CliRunner
+
+    from edgekit.cli import main
+
+    listed = CliRunner().invoke(main, ["info", str(int8_bundle.path), "--device-files"]).output.split()
+    assert set(listed) == {"manifest.json", "model.so", "reference.npz"}
+    copy = tmp_path / "device"
+    for rel in listed:
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(int8_bundle.path / rel, copy / rel)
+    info = CliRunner().invoke(main, ["info", str(copy)]).output
+    assert "device payload" in info and "not in this copy" in info
+    report = validate(copy)
+    assert report["passed"] and "golden record" in report["reference"]

@@ -20,6 +20,7 @@ A row of zeros quantizes to zeros; a row holding NaN gives NaN outputs (its scal
 from __future__ import annotations
 
 import contextlib
+import copy
 from functools import cache
 from typing import Iterator
 
@@ -110,6 +111,39 @@ def products(scheme: str) -> Iterator[None]:
         return
     with _torch_side()[1]():
         yield
+
+
+class QuantizedModel:
+    """A model whose methods run with `scheme`'s products, in fp32 as the artifact computes them: the reference a
+    quantized bundle is checked against (the float64 model it was built from is left as it was)."""
+
+    def __init__(self, net, scheme: str):
+        self.net, self.scheme = copy.deepcopy(net).float(), scheme
+
+    def double(self) -> "QuantizedModel":
+        return self
+
+    def float(self) -> "QuantizedModel":
+        return self
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.net, name)
+        if not callable(attr):
+            return attr
+
+        def quantized(*args, **kwargs):
+            import torch
+
+            with torch.no_grad(), products(self.scheme):
+                return attr(*[a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args],
+                            **kwargs)
+
+        return quantized
+
+
+def scheme_of(manifest: dict) -> str:
+    """The quantization scheme a bundle was compiled with ("none" for fp32)."""
+    return (manifest.get("quantization") or {}).get("scheme", "none")
 
 
 def products_of(graph) -> list[tuple[int, int]]:

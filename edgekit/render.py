@@ -25,6 +25,23 @@ def errors(title: str, report: dict):
                   for name, o in report["outputs"].items()])
 
 
+def quantized(report: dict) -> list:
+    """A quantized bundle's validation: errors in each output's int8 steps against the quantized reference, and
+    the quantization's own effect against the fp32 model (with bits per byte for a byte LM on text)."""
+    out = []
+    if any("codes_differing" in o for o in report["outputs"].values()):
+        out.append(table("against the quantized reference, in each output's int8 steps (max|row| / 127)",
+                         ["output", "codes differing", "max error (steps)"],
+                         [[n, f"{o['codes_differing']:.4%}", f"{o['max_error_steps']:.3f}"]
+                          for n, o in report["outputs"].items()]))
+    if effect := report.get("quantization_effect"):
+        out.append(errors(f"quantization effect: the quantized model against {effect['against']}", effect))
+        if bits := effect.get("bits_per_byte"):
+            out.append(f"bits per byte of the scored segments: artifact {bits['artifact']:.4f}, fp32 model "
+                       f"{bits['fp32']:.4f} (difference {bits['artifact'] - bits['fp32']:+.4f})")
+    return out
+
+
 def mib(b: int | None) -> str:
     return f"{b / 2**20:.1f} MiB" if b is not None else "n/a"
 

@@ -104,6 +104,16 @@ def test_an_int8_bundle_validates_against_its_quantized_reference(int8_bundle):
     assert 0 < effect["outputs"]["logits"]["max_abs_error"] < 0.05 * effect["outputs"]["logits"]["reference_max_abs"]
 
 
+def test_a_segment_lm_quantizes_too_and_reports_bits_per_byte(tmp_path):
+    bundle = compile("hmt", "host", tmp_path / "hmt-int8", config="tiny", quantize="int8")
+    assert bundle.manifest["quantization"]["products"]
+    report = validate(bundle.path, segments=24, decode_segments=1)
+    assert report["passed"], report["checks"]
+    assert {"logits_within_2_steps", "next_byte_agreement"} <= set(report["checks"])
+    bits = report["quantization_effect"]["bits_per_byte"]
+    assert abs(bits["artifact"] - bits["fp32"]) < 0.05
+
+
 def test_a_kernel_that_drifts_from_the_reference_fails_validation(int8_bundle, tmp_path, monkeypatch):
     """The check can fail: a reference whose weight scales are 1 % off is caught in quantization steps."""
     real = quantize.weight_codes
@@ -115,8 +125,8 @@ def test_a_kernel_that_drifts_from_the_reference_fails_validation(int8_bundle, t
 def test_int8_is_refused_where_it_cannot_be_checked(tmp_path):
     with pytest.raises(CompileError, match="CUDA target"):
         compile("lmuformer", "jetson", tmp_path / "j", config="tiny", quantize="int8")
-    with pytest.raises(CompileError, match="segment-streaming"):
-        compile("hmt", "host", tmp_path / "h", config="tiny", quantize="int8")
+    with pytest.raises(CompileError, match="memory-streaming"):
+        compile("memlm", "host", tmp_path / "h", config="tiny", quantize="int8")
     with pytest.raises(CompileError, match="unknown quantization"):
         compile("lmuformer", "host", tmp_path / "x", config="tiny", quantize="int4")
     assert not any(tmp_path.iterdir())

@@ -8,7 +8,6 @@ rounding of the threshold; and the running-mean outputs by whether their arg-max
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from edgekit.artifact import Bundle, check_runs_here, load_library
 from edgekit.engines import ort_session
 from edgekit.errors import BundleError, EdgekitError, InputShapeError
 from edgekit.measure import WINDOW, FrameSource, Tally
+from edgekit.quantize import QuantizedModel, scheme_of
 from edgekit.units import BenchOptions, Unit
 from edgekit.worker import WorkerSession
 
@@ -321,41 +321,21 @@ class Reference:
         return y
 
 
-class QuantizedFrames:
-    """A frame model with quantized products (edgekit.quantize), as a reference: streamed through its own step in
-    fp32 with the scheme's products, which is what the artifact computes (the parallel forward computes its
-    products in another shape, and float64 is not what the artifact rounds to). The output is float64 so that
-    it compares like the float64 reference; everything else is the model's."""
+class QuantizedFrames(QuantizedModel):
+    """A frame model with quantized products as the reference: streamed through its own step, which is what the
+    artifact computes (the parallel forward computes its products in another shape), its outputs in float64 so
+    that they compare like the float64 reference's."""
 
     horizon = None  # computed by carrying the state, never by windows of the parallel form
     chunk = 16
 
-    def __init__(self, net, scheme: str):
-        self.net, self.scheme = copy.deepcopy(net).float(), scheme  # the float64 model stays the fp32 reference
-
-    def __getattr__(self, name: str):
-        return getattr(self.net, name)
-
-    def double(self) -> "QuantizedFrames":
-        return self
-
-    def float(self) -> "QuantizedFrames":
-        return self
-
-    def _run(self, fn, *args):
-        import torch
-
-        from edgekit.quantize import products
-
-        with torch.no_grad(), products(self.scheme):
-            y, *state = fn(*args)
-        return ({k: v.double() for k, v in y.items() if k not in self.net.running_means}, *state)
-
     def step_chunk(self, x, state):
-        return self._run(self.net.step_chunk, x.float(), state)
+        y, state = self.__getattr__("step_chunk")(x, state)
+        return {k: v.double() for k, v in y.items() if k not in self.net.running_means}, state
 
     def forward_frames(self, x):
-        return self._run(lambda v: (self.net.stream(v, self.chunk),), x.float())[0]
+        y = self.__getattr__("stream")(x, self.chunk)
+        return {k: v.double() for k, v in y.items() if k not in self.net.running_means}
 
 
 class GoldenReference(Reference):
@@ -527,7 +507,7 @@ class Frame(Unit):
         entry_for(bundle, chunk)
         source = FrameSource(session.input_size, options.seed)
         means = list(bundle.manifest["running_means"])
-        scheme = scheme_of(bundle)
+        scheme = scheme_of(bundle.manifest)
         fp32, net = net, (self.reference(net, scheme) if net is not None else None)
         tally, rss, t0 = Tally(frames, quantized=scheme != "none"), {}, time.perf_counter()
         effect = Tally(frames) if scheme != "none" and fp32 is not None else None  # quantized model vs fp32
@@ -611,13 +591,8 @@ class Frame(Unit):
                        f"skippable at this sparsity {m['skippable']:,} ({m['skippable_fraction']:.1%})")
         out += [f"prediction agreement ({name} arg-max): " + ", ".join(f"{k} {v:.4%}" for k, v in p.items())
                 for name, p in report["predictions"].items()]
-        if any("codes_differing" in o for o in report["outputs"].values()):
-            out.append(render.table("against the quantized reference, in each output's int8 steps (max|row| / 127)",
-                                    ["output", "codes differing", "max error (steps)"],
-                                    [[n, f"{o['codes_differing']:.4%}", f"{o['max_error_steps']:.3f}"]
-                                     for n, o in report["outputs"].items()]))
+        out += render.quantized(report)
         if effect := report.get("quantization_effect"):
-            out.append(render.errors(f"quantization effect: the quantized model against {effect['against']}", effect))
             out += [f"quantized vs fp32 prediction agreement ({name} arg-max): " +
                     ", ".join(f"{k} {v:.4%}" for k, v in p.items()) for name, p in effect["predictions"].items()]
         return out + render.validation_footer(report)
@@ -641,11 +616,6 @@ def _predictions(tally: Tally, o: ValidateOptions) -> dict:
             for name, (a, n, ae, ne) in tally.predictions.items()}
 
 
-def scheme_of(bundle: Bundle) -> str:
-    """The quantization scheme a bundle was compiled with ("none" for fp32)."""
-    return (bundle.manifest.get("quantization") or {}).get("scheme", "none")
-
-
 def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, o: ValidateOptions, seconds: float
             ) -> dict:
     spiking = bool(tally.spikes)
@@ -655,7 +625,7 @@ def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, o: V
               for name, (a, n, za, zr) in tally.spikes.items()}
     predictions = _predictions(tally, o)
     mem = measure.memory(rss, frames)
-    quantized = scheme_of(bundle) != "none"
+    quantized = scheme_of(bundle.manifest) != "none"
     checks = {
         **(measure.step_checks(outputs, o.max_steps, o.max_codes_differing) if quantized else
            {} if spiking else measure.error_checks(outputs, o.atol, o.rtol)),
@@ -670,7 +640,7 @@ def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, o: V
         "input": "standard normal frames, numpy default_rng([seed, block]) per 4096-frame block",
         "reference": "PyTorch in float64: the parallel forward (windowed over the model's horizon where it has one; "
                      "for a causal model without a horizon, its parallel chunk form carrying the state)" if not quantized
-                     else f"PyTorch with the bundle's {scheme_of(bundle)} products (edgekit.quantize): the model's step "
+                     else f"PyTorch with the bundle's {scheme_of(bundle.manifest)} products (edgekit.quantize): the model's step "
                           "in fp32 carrying its state, products exact in int32",
         "criteria": {**({"max_steps": o.max_steps, "max_codes_differing": o.max_codes_differing} if quantized else
                         {"atol": o.atol, "rtol": o.rtol}), "real_valued_outputs_judged": not spiking or quantized,

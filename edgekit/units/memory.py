@@ -214,6 +214,7 @@ class ValidateOptions:
 class Memory(Segment):
     name = "memory"
     ValidateOptions = ValidateOptions
+    quantizations = ("none",)  # its own validation has no quantized reference yet
 
     def manifest_fields(self, net, options) -> dict:
         return {**super().manifest_fields(net, options), "fetched": [net.block_spec().to_json()]}

@@ -23,8 +23,9 @@ from edgekit import measure, render
 from edgekit.artifact import Bundle, check_runs_here, load_library
 from edgekit.engines import ort_session
 from edgekit.errors import EdgekitError, InputShapeError
-from edgekit.measure import Tally, TokenSource
 from edgekit.artifact import TensorSpec
+from edgekit.measure import Tally, TokenSource
+from edgekit.quantize import QuantizedModel, scheme_of
 from edgekit.units import BenchOptions, Unit
 from edgekit.worker import WorkerSession
 
@@ -40,8 +41,9 @@ class ExportOptions:
 @dataclass(frozen=True)
 class ValidateOptions:
     """All segments but the last `decode_segments` are scored by the segment step, those fed byte by byte (the
-    generation path). Pass criteria: every output within atol or within rtol of the reference's magnitude;
-    resident memory at T within 5 MiB of T/10."""
+    generation path). Pass criteria: every output within atol or within rtol of the reference's magnitude (a
+    quantized bundle: against the quantized reference in int8 steps, as for frame models); resident memory at T
+    within 5 MiB of T/10."""
 
     segments: int = 256
     decode_segments: int = 2
@@ -49,6 +51,9 @@ class ValidateOptions:
     text: Path | None = None  # stream this file's bytes (repeated) instead of random bytes
     atol: float = 1e-4
     rtol: float = 1e-3
+    max_steps: float = 2.0  # a quantized bundle: outputs within this many int8 steps of the quantized reference,
+    max_codes_differing: float = 0.001  # at most this fraction of output codes differing,
+    prediction_agreement: float = 0.999  # and next bytes agreeing this often
 
     def __post_init__(self):
         if self.segments < 1 or not 0 <= self.decode_segments <= self.segments:
@@ -317,6 +322,7 @@ class Segment(Unit):
     name = "segment"
     export_atol = 1e-4  # logits over a byte vocabulary after a dozen layers: float32 rounding differs by ~1e-5
     ExportOptions, ValidateOptions = ExportOptions, ValidateOptions
+    quantizations = ("none", "int8")
 
     def export_entries(self, net, options: ExportOptions) -> list[tuple]:
         return net.entries(options.batch)
@@ -357,6 +363,9 @@ class Segment(Unit):
     def describe(self, manifest: dict) -> str:
         return f"{manifest['segment']}-token segments"
 
+    def reference(self, net, scheme: str):
+        return net if scheme == "none" else QuantizedModel(net, scheme)
+
     def validate(self, bundle: Bundle, session, net, options: ValidateOptions, progress) -> dict:
         """One stream: all but the last `decode_segments` segments scored by the segment step, those fed token
         by token (the generation path); every output against the float64 reference, the artifact's RSS at T/10
@@ -371,20 +380,30 @@ class Segment(Unit):
                                    "drop --seed/--text, or install edgekit[compile] for any stream")
             segments, decode_segments, ref = golden["segments"], golden["decode_segments"], GoldenReference(bundle)
         else:
-            ref = Reference(net)
+            ref = Reference(self.reference(net, scheme_of(bundle.manifest)))
+        quantized = scheme_of(bundle.manifest) != "none"
+        ref64 = Reference(net) if quantized and net is not None else None  # the quantization's own effect
         source = TokenSource(o.seed, o.text)
         L, scored, marks = bundle.manifest["segment"], segments - decode_segments, measure.rss_marks(segments)
         ends = measure.pieces(scored, SCORE_BLOCK, list(marks))
         pieces = [(s, e, "score") for s, e in zip([0, *ends], ends)] if scored else []
         pieces += [(s, s + 1, "feed") for s in range(scored, segments)]
-        tally, rss, agree, t0 = Tally(segments), {}, np.zeros(2, np.int64), time.perf_counter()
+        tally, rss, agree, t0 = Tally(segments, quantized=quantized), {}, np.zeros(2, np.int64), time.perf_counter()
+        effect, bits = Tally(segments), {"artifact": [], "fp32": []}
         session.reset()
         for start, stop, how in pieces:
             tokens = source.tokens(start * L, stop * L)
             got, want = getattr(session, how)(tokens), getattr(ref, how)(tokens)
+            want64 = getattr(ref64, how)(tokens) if ref64 is not None else None
+            if want64 is not None and how == "score":
+                bits["artifact"].append(_bits(got["logits"], tokens))
+                bits["fp32"].append(_bits(want64["logits"], tokens))
             if how == "feed":  # one segment's L token-by-token distributions, tallied as one segment
-                got, want = ({"logits_byte_by_byte": d["logits"][:, None]} for d in (got, want))
+                got, want, want64 = ({"logits_byte_by_byte": d["logits"][:, None]} if d is not None else None
+                                     for d in (got, want, want64))
             tally.add(got, want, start, [])
+            if want64 is not None:
+                effect.add(want, want64, start, [])
             name = next(iter(got))
             agree += [(got[name].argmax(-1) == want[name].argmax(-1)).sum(), got[name][..., 0].size]
             if stop in marks:
@@ -392,18 +411,29 @@ class Segment(Unit):
             progress(stop, segments)
         mem = measure.memory(rss, segments)
         outputs = tally.errors()
-        checks = {**measure.error_checks(outputs, o.atol, o.rtol), **mem["checks"]}
+        checks = {**(measure.step_checks(outputs, o.max_steps, o.max_codes_differing) if quantized else
+                     measure.error_checks(outputs, o.atol, o.rtol)),
+                  **({"next_byte_agreement": int(agree[0]) >= o.prediction_agreement * int(agree[1])} if quantized
+                     else {}), **mem["checks"]}
+        extra = {"quantization_effect": {
+            "against": "the float64 PyTorch model without quantization", "outputs": effect.errors(),
+            **({"bits_per_byte": {k: float(np.mean(v)) for k, v in bits.items()}} if bits["fp32"] else {})}} \
+            if ref64 is not None else {}
         return {
             "bundle": str(bundle.path), "target": bundle.target["name"], "segments": segments,
             "decode_segments": decode_segments, "segment_length": L, "tokens": segments * L, "seed": o.seed,
             "input": f"the bytes of {o.text}, repeated" if o.text is not None else
                      "uniform random bytes, numpy default_rng([seed, block]) per 4096-byte block",
-            "reference": "PyTorch in float64: the model's algorithm as written, one stream; token by token, each "
-                         "token's distribution given only the tokens before it",
-            "criteria": {"atol": o.atol, "rtol": o.rtol, "rss_change_max_bytes": measure.RSS_CHANGE_MAX},
+            "reference": ("PyTorch in float64" if not quantized else f"PyTorch in fp32 with the bundle's "
+                          f"{scheme_of(bundle.manifest)} products (edgekit.quantize)") + ": the model's algorithm "
+                         "as written, one stream; token by token, each token's distribution given only the tokens "
+                         "before it",
+            "criteria": {**({"max_steps": o.max_steps, "max_codes_differing": o.max_codes_differing,
+                             "next_byte_agreement_min": o.prediction_agreement} if quantized else
+                            {"atol": o.atol, "rtol": o.rtol}), "rss_change_max_bytes": measure.RSS_CHANGE_MAX},
             "outputs": outputs, "next_byte_agreement": int(agree[0]) / int(agree[1]),
             "state_bytes": bundle.manifest["state_bytes"], "rss_bytes": mem["rss_bytes"],
-            "seconds": round(time.perf_counter() - t0, 2), "checks": checks, "passed": all(checks.values()),
+            "seconds": round(time.perf_counter() - t0, 2), "checks": checks, "passed": all(checks.values()), **extra,
         }
 
     def bench(self, bundle: Bundle, options: BenchOptions, torch_model, progress) -> dict:
@@ -457,7 +487,7 @@ class Segment(Unit):
         title = (f"validation of {report['bundle']} ({report['segments']} segments = {report['tokens']} bytes, the "
                  f"last {report['decode_segments']} byte by byte, {report['seconds']} s)")
         return [render.errors(title, report), f"next-byte arg-max agreement {report['next_byte_agreement']:.4%}",
-                *render.validation_footer(report)]
+                *render.quantized(report), *render.validation_footer(report)]
 
     def render_bench(self, report: dict) -> list:
         rows = [[r["engine"], r["call"], str(r["bytes_per_call"]),
@@ -467,6 +497,14 @@ class Segment(Unit):
                              "segments; generate = the mix generation runs)",
                              ["engine", "call", "bytes/call", "p50 us", "p90 us", "p99 us", "max us", "bytes/s"], rows,
                              left=2), *render.bench_footer(report)]
+
+
+def _bits(logits: np.ndarray, tokens: np.ndarray) -> float:
+    """Bits per byte of scored segments [1, S, L, V]: each position predicting the next byte of `tokens`."""
+    flat = logits.reshape(-1, logits.shape[-1])[:-1].astype(np.float64)
+    flat = flat - flat.max(-1, keepdims=True)
+    logp = flat - np.log(np.exp(flat).sum(-1, keepdims=True))
+    return float(-logp[np.arange(len(flat)), tokens[1:]].mean() / np.log(2))
 
 
 def _no_options(options: dict) -> None:

@@ -473,16 +473,17 @@ def stream(wav: Path | None, mic: bool, device: str | None, bundle: Path | None,
     report = detect(b, spec, source, hop=hop, threshold=threshold, smooth=smooth, on_detection=show)
     if not report.audio_seconds and not report.interrupted:
         raise EdgekitError(f"{wav} holds no audio samples: nothing was streamed", "pass a WAV file with sound in it")
+    rss = report.rss[:2] + report.rss[2:][-1:]  # at the start, after the first minute, at the end
     summary = {"audio_seconds": round(report.audio_seconds, 2), "detections": report.detections,
                "real_time_factor": round(report.rtf, 5), "cpu_real_time_factor": round(report.cpu_rtf, 5),
-               "rss_mib": [[t, round(r / 2**20, 1)] for t, r in report.rss], "interrupted": report.interrupted}
+               "rss_mib": [[t, round(r / 2**20, 1)] for t, r in rss], "interrupted": report.interrupted}
     if as_json:
         print(json.dumps({"summary": summary}), flush=True)
         return
-    rss = " -> ".join(f"{r / 2**20:.1f} MiB at {t:g} s" for t, r in report.rss[:2] + report.rss[2:][-1:])
     console.print(("interrupted: " if report.interrupted else "") +
                   f"{report.detections} detections in {report.audio_seconds:.1f} s of audio; real-time factor "
-                  f"{report.rtf:.4f} (compute time / audio time; CPU time {report.cpu_rtf:.4f}); RSS {rss}",
+                  f"{report.rtf:.4f} (compute time / audio time; CPU time {report.cpu_rtf:.4f}); RSS "
+                  + " -> ".join(f"{r / 2**20:.1f} MiB at {t:g} s" for t, r in rss),
                   highlight=False)
 
 

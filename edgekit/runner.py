@@ -20,7 +20,7 @@ from edgekit.artifact import (INTERFACE_KEYS, REPORTS, Bundle, check_runs_here, 
                               publish, staging_dir)
 from edgekit.errors import BundleError, CompileError, EdgekitError
 from edgekit.units.frame import FrameSession, unpack
-from edgekit.worker import EMULATED
+from edgekit.worker import EMULATED, ChildProcess
 
 SOURCE = Path(__file__).with_name("csrc") / "runner.cc"
 FOLDER = "runner"
@@ -104,7 +104,7 @@ def _emulated(bundle: Bundle) -> bool:
     return bundle.target["arch"] == "aarch64" and platform.machine() == "x86_64"
 
 
-class NativeSession(FrameSession):
+class NativeSession(ChildProcess, FrameSession):
     """A frame session served by the bundle's native runner over a pipe (`edgekit-run BUNDLE --serve`), under
     qemu-aarch64 for an ARM bundle on x86_64; `env` is its environment (e.g. TVM_NUM_THREADS). `times` holds
     (frames, nanoseconds) of every call, timed inside the runner around the compiled function."""
@@ -168,11 +168,3 @@ class NativeSession(FrameSession):
     def flush(self) -> dict[str, np.ndarray]:
         return unpack(self._request(-1), self.output_shapes, self.batch, self.delay)
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=30)
-
-    def __del__(self) -> None:
-        if getattr(self, "proc", None) is not None and self.proc.poll() is None:
-            self.proc.kill()

@@ -18,7 +18,20 @@ from edgekit.errors import BundleError, EdgekitError
 EMULATED = "qemu-aarch64 emulation (correctness check; timings are not board timings)"
 
 
-class Worker:
+class ChildProcess:
+    """A child process (`self.proc`) fed on its stdin: closing stdin ends it; one left running is killed."""
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+    def __del__(self) -> None:
+        if getattr(self, "proc", None) is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+
+class Worker(ChildProcess):
     """The child process and its pipe; `worker(op, **arrays)` runs the session method `op` over there."""
 
     def __init__(self, bundle: Bundle, python: list[str], execution: str, options: dict | None = None):
@@ -44,14 +57,6 @@ class Worker:
             raise EdgekitError(str(reply["error"]))
         return reply
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=30)
-
-    def __del__(self) -> None:
-        if getattr(self, "proc", None) is not None and self.proc.poll() is None:
-            self.proc.kill()
 
 
 class WorkerSession:

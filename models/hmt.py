@@ -91,6 +91,14 @@ class ByteBackbone:
     `slots` positions, pre-norm blocks, tied output; the compact and masked passes and the decode step over a KV
     cache. A mixin for an nn.Module: `build_backbone` makes its parameters."""
 
+    def config(self) -> dict:
+        """The constructor arguments (a family sets `_config`)."""
+        return dict(self._config)
+
+    @property
+    def segment_length(self) -> int:
+        return self.L
+
     def build_backbone(self, vocab: int, d_model: int, layers: int, heads: int, ffn: int, slots: int) -> None:
         if d_model % heads:
             raise ValueError(f"d_model {d_model} is not a multiple of heads {heads}")
@@ -188,13 +196,6 @@ class HMT(ByteBackbone, SegmentModel):
         with torch.no_grad():
             self.prompt.normal_(std=0.02)
             self.first_memory.normal_(std=0.02)
-
-    def config(self) -> dict:
-        return dict(self._config)
-
-    @property
-    def segment_length(self) -> int:
-        return self.L
 
     @property
     def summary_length(self) -> int:

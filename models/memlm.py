@@ -101,13 +101,6 @@ class MemLM(ByteBackbone, SegmentModel):
         block[..., d + 1:] *= 0.02 / math.sqrt(2 * len(self.blocks))
         return block
 
-    def config(self) -> dict:
-        return dict(self._config)
-
-    @property
-    def segment_length(self) -> int:
-        return self.L
-
     @property
     def summary_length(self) -> int:
         return 1  # causal within a segment: from its first token on, decode steps continue the segment step

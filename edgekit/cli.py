@@ -173,8 +173,10 @@ def _given(**flags) -> dict:
               help="int8: weights int8 per output channel, activations int8 per row at run time, int32 dot products "
                    "on the target's instructions (AVX-512 VNNI, Arm sdot); recurrences, norms and softmax stay fp32")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
+@click.option("--runner", "with_runner", is_flag=True,
+              help="also build the native runner edgekit-run into the bundle (as `edgekit runner` does)")
 def compile_cmd(model: str, checkpoint: Path | None, config: str | None, target: str, out: Path,
-                chunks: tuple[int, ...], quantize: str, force: bool) -> None:
+                chunks: tuple[int, ...], quantize: str, force: bool, with_runner: bool) -> None:
     """Compile MODEL (a family from `edgekit models`) into a bundle for --target.
 
     The bundle holds the built library, the ONNX graphs it came from, the weights, a golden record (float64; for
@@ -188,6 +190,10 @@ def compile_cmd(model: str, checkpoint: Path | None, config: str | None, target:
     with stages(f"compiling {model} for {target}") as say:
         bundle = compile(model, target, out, config=config, checkpoint=checkpoint, quantize=quantize, force=force,
                          progress=say, **_given(chunks=tuple({1, *chunks}) if chunks else None))
+        if with_runner:
+            from edgekit.runner import add_runner
+
+            bundle = add_runner(bundle.path, progress=say)
     m = bundle.manifest
     size = sum((bundle.path / f).stat().st_size for f in m["files"])
     console.print(f"[green]built[/] {bundle.path}: {m['model']['family']} for {m['target']['name']} in "
@@ -223,8 +229,8 @@ def compile_cmd(model: str, checkpoint: Path | None, config: str | None, target:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               help="write the report here  [default: BUNDLE/validation.json]")
 @click.option("--runner", type=click.Choice(["python", "native"]), default="python", show_default=True,
-              help="frame models: stream through a Python session, or the bundle's native runner (`edgekit runner`; "
-                   "ARM bundles under qemu-aarch64 here)")
+              help="stream through a Python session, or the bundle's native runner (`edgekit runner`; ARM bundles "
+                   "under qemu-aarch64 here; frame and segment models)")
 def validate(bundle: Path, as_json: bool, report_path: Path | None, runner: str, **flags) -> None:
     """Stream BUNDLE against the float64 PyTorch model it was compiled from (without torch: the golden record
     compiled into it).
@@ -308,15 +314,17 @@ def bench(bundles: tuple[Path, ...], calls: int, warmup: int, engines: tuple[str
 @click.option("--json", "as_json", is_flag=True, help="print report.json instead of the table")
 def report(bundle: Path, out: Path, engines: tuple[str, ...], calls: int, warmup: int, threads: int | None,
            force: bool, rpc: str | None, as_json: bool) -> None:
-    """Latency report of a frame BUNDLE on this machine, per engine and chunk size, in the conventions of trtexec
-    and LiteRT's benchmark_model.
+    """Latency report of BUNDLE on this machine, per engine and call, in the conventions of trtexec and LiteRT's
+    benchmark_model.
 
     \b
-    Every call is timed over a carried state (random frames and stretches of silence), each engine in its own
-    process: min/median/mean/p90/p99/p99.9/max/std per frame, init time, first call, peak resident memory,
-    real-time factor, the machine (CPU, cores, governor, threads, pinning). Writes OUT/report.json (`runs`: one
-    entry per engine and chunk, with every call's time), OUT/report.md and PNG plots: latency CDF, per-call
-    timeline, resident memory over the run. A bundle for another machine is refused (no emulated timings).
+    Every call is timed over a carried state, each engine in its own process: a frame model per chunk size (random
+    frames and stretches of silence; latency per frame, real-time factor), a segment LM per segment step (whole
+    segments) and per byte fed one at a time as generation feeds them. min/median/mean/p90/p99/p99.9/max/std,
+    init time, first call, peak resident memory, the machine (CPU, cores, governor, threads, pinning). Writes
+    OUT/report.json (`runs`: one entry per engine and call, with every call's time), OUT/report.md and PNG plots:
+    latency CDF, per-call timeline, resident memory over the run. A bundle for another machine is refused (no
+    emulated timings); a memory-bank LM has no native runner (--engine python).
       edgekit runner out/lmu && edgekit report out/lmu -o out/lmu-report
     With --rpc, the board runs it (uploaded over TVM RPC) and times every call there:
       edgekit report out/lmu-rpi5 --rpc 192.168.1.20:9090 -o out/rpi5-report   # board: edgekit serve --port 9090
@@ -348,8 +356,8 @@ def serve(port: int, host: str) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 def runner(bundle: Path) -> None:
-    """Build the native runner `edgekit-run` into BUNDLE (a frame model for a CPU target): a C++ program over
-    TVM's runtime, so the board needs no Python.
+    """Build the native runner `edgekit-run` into BUNDLE (a frame model or a segment LM for a CPU target): a C++
+    program over TVM's runtime, so the board needs no Python.
 
     \b
     Built with the target's g++ against the TVM runtime and tvm-ffi libraries of the wheels (aarch64 ones for ARM
@@ -358,7 +366,11 @@ def runner(bundle: Path) -> None:
       BUNDLE/runner/edgekit-run BUNDLE --in frames.f32 --out outputs.f32 --chunk 16 --times times.json
     frames: raw float32 [T, batch, features]; outputs float32 per frame; --times: every call's time, load time,
     first output and peak RSS as JSON. It verifies the sha256 of what it loads and refuses NaN/Inf frames.
-    Here: `edgekit validate BUNDLE --runner native` streams through it (ARM bundles under qemu-aarch64).
+    A segment LM (HMT) streams a file's bytes instead: whole segments through the segment step, the rest byte by
+    byte; outputs: the float32 logits of the next byte after each byte.
+      BUNDLE/runner/edgekit-run BUNDLE --in text.txt --out logits.f32 --times times.json
+    Here: `edgekit validate BUNDLE --runner native` streams through it (ARM bundles under qemu-aarch64);
+    `edgekit compile ... --runner` builds it at compile time.
     """
     from edgekit.runner import add_runner
 

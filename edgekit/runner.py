@@ -1,9 +1,11 @@
-"""The native runner, `edgekit-run`: a C++ program (csrc/runner.cc) that streams a frame bundle through its
-compiled entries with TVM's runtime library alone, so a board needs no Python. `add_runner` builds it with the
+"""The native runner, `edgekit-run`: a C++ program (csrc/runner.cc) that streams a frame or segment bundle through
+its compiled entries with TVM's runtime library alone, so a board needs no Python. `add_runner` builds it with the
 target's g++ against the TVM runtime and tvm-ffi of the wheels (for aarch64 the aarch64 wheels of the emulation
 root) and republishes the bundle with the runner and those two libraries in `runner/`, listed and checksummed in
-the manifest like every other file. `NativeSession` drives it over a pipe with the frame sessions' interface,
-so validation and reports run through it unchanged: natively, or under qemu-aarch64 for ARM bundles here."""
+the manifest like every other file. `NativeWorker` drives it over a pipe as `edgekit.worker.Worker` drives a
+Python process: it serves the operations of the unit's session, so `session` is the unit's own remote session
+and validation and reports run through it unchanged: natively, or under qemu-aarch64 for ARM bundles here.
+Memory-bank bundles are refused: retrieval from the bank is not in the runner."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,16 +18,18 @@ from typing import Callable
 
 import numpy as np
 
+from edgekit import units
 from edgekit.artifact import (INTERFACE_KEYS, REPORTS, Bundle, check_runs_here, file_sha256, load, provenance_files,
                               publish, staging_dir)
 from edgekit.errors import BundleError, CompileError, EdgekitError
-from edgekit.units.frame import FrameSession, unpack
 from edgekit.worker import EMULATED, ChildProcess
 
 SOURCE = Path(__file__).with_name("csrc") / "runner.cc"
 FOLDER = "runner"
 EXECUTABLE = f"{FOLDER}/edgekit-run"
 RUNTIME = ("tvm_ffi/lib/libtvm_ffi.so", "tvm/lib/libtvm_runtime.so")  # inside a site-packages holding the wheels
+UNITS = ("frame", "segment")  # what edgekit-run streams (a memory bundle's retrieval from its bank is not in it)
+DTYPES = (np.float32, np.int64, np.uint8)  # the pipe's array dtypes, by code
 Progress = Callable[[str], None]
 
 
@@ -33,9 +37,7 @@ def add_runner(path: Path, progress: Progress = lambda msg: None) -> Bundle:
     """Build the native runner for the bundle's target into the bundle (its files checksummed in the manifest);
     the bundle is verified first and republished atomically, its reports kept."""
     bundle = load(path, check_machine=False)
-    if bundle.device != "cpu" or bundle.manifest["unit"] != "frame":
-        raise BundleError(f"{bundle.path} is a {bundle.manifest['unit']} bundle running on {bundle.device}: the "
-                          "native runner streams frame bundles on CPUs", "run it with the Python session")
+    check_unit(bundle)
     if missing := sorted(rel for rel in provenance_files(bundle.manifest) if not (bundle.path / rel).is_file()):
         raise BundleError(f"{bundle.path} is a device copy ({', '.join(missing[:2])}{' ...' if len(missing) > 2 else ''} "
                           "not here): adding the runner republishes the whole bundle",
@@ -59,6 +61,14 @@ def add_runner(path: Path, progress: Progress = lambda msg: None) -> Bundle:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return load(bundle.path, check_machine=False)
+
+
+def check_unit(bundle: Bundle) -> None:
+    """A CPU bundle of a unit the runner streams, or a clear error naming what runs it instead."""
+    if bundle.device != "cpu" or bundle.manifest["unit"] not in UNITS:
+        raise BundleError(f"{bundle.path} is a {bundle.manifest['unit']} bundle running on {bundle.device}: the "
+                          f"native runner streams {' and '.join(UNITS)} bundles on CPUs",
+                          "run it with the Python session (edgekit validate / edgekit report --engine python)")
 
 
 def _build(bundle: Bundle, out: Path, progress: Progress) -> dict:
@@ -104,17 +114,27 @@ def _emulated(bundle: Bundle) -> bool:
     return bundle.target["arch"] == "aarch64" and platform.machine() == "x86_64"
 
 
-class NativeSession(ChildProcess, FrameSession):
-    """A frame session served by the bundle's native runner over a pipe (`edgekit-run BUNDLE --serve`), under
-    qemu-aarch64 for an ARM bundle on x86_64; `env` is its environment (e.g. TVM_NUM_THREADS). `times` holds
-    (frames, nanoseconds) of every call, timed inside the runner around the compiled function."""
+def session(bundle: Bundle, allow_nonfinite: bool = False, progress: Progress = lambda msg: None,
+            env: dict | None = None):
+    """The unit's session over the bundle, served by its native runner: the same interface as `edgekit.Session`
+    (frame: step, feed, run, flush; segment: score, feed); `session.worker` is the runner (its call times)."""
+    unit = units.of(bundle)
+    options = {"allow_nonfinite": allow_nonfinite} if allow_nonfinite else {}
+    return unit.remote_session(bundle, NativeWorker(bundle, allow_nonfinite, progress, env), **options)
+
+
+class NativeWorker(ChildProcess):
+    """The bundle's native runner over a pipe (`edgekit-run BUNDLE --serve`), under qemu-aarch64 for an ARM bundle
+    on x86_64; `env` is its environment (e.g. TVM_NUM_THREADS). `worker(op, **arrays)` runs the session operation
+    `op` there, as `edgekit.worker.Worker` does. `times` holds (entry, items, nanoseconds) of every compiled call,
+    timed inside the runner around the compiled function (items: frames, or tokens)."""
 
     def __init__(self, bundle: Bundle, allow_nonfinite: bool = False, progress: Progress = lambda msg: None,
                  env: dict | None = None):
-        super().__init__(bundle, allow_nonfinite)
+        check_unit(bundle)
         if "runner" not in bundle.manifest:
             raise BundleError(f"{bundle.path} has no native runner", f"build it in: edgekit runner {bundle.path}")
-        prefix = []
+        self.bundle, prefix = bundle, []
         if _emulated(bundle):
             from edgekit import emulator
 
@@ -126,10 +146,39 @@ class NativeSession(ChildProcess, FrameSession):
         self.proc = subprocess.Popen([*prefix, str(bundle.path / bundle.manifest["runner"]["executable"]),
                                       str(bundle.path), "--serve", *(["--allow-nonfinite"] if allow_nonfinite else [])],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        self.pid = self.proc.pid
-        self.load_seconds = int.from_bytes(self._read(8), "little", signed=True) / 1e9
+        self.pid, self.times = self.proc.pid, []
+        hello = self._receive()
+        self.entries = hello["entries"].tobytes().decode().split("\n")
+        self.load_seconds = int(hello["load_ns"][0]) / 1e9
         self.startup_seconds = time.perf_counter() - t0
-        self.times: list[tuple[int, int]] = []
+
+    def __call__(self, op: str, **arrays: np.ndarray) -> dict[str, np.ndarray]:
+        message = [_string(op), len(arrays).to_bytes(4, "little")]
+        for name, value in arrays.items():
+            value = np.ascontiguousarray(value)
+            message += [_string(name), bytes([DTYPES.index(value.dtype.type)]), value.ndim.to_bytes(4, "little"),
+                        np.asarray(value.shape, "<i8").tobytes(), value.tobytes()]
+        try:
+            self.proc.stdin.write(b"".join(message))
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            self._stopped()
+        return self._receive()
+
+    def _receive(self) -> dict[str, np.ndarray]:
+        if self._read(1)[0]:
+            raise EdgekitError(self._read_string())
+        reply = {}
+        for _ in range(int.from_bytes(self._read(4), "little")):
+            name, code = self._read_string(), self._read(1)[0]
+            shape = np.frombuffer(self._read(8 * int.from_bytes(self._read(4), "little")), "<i8")
+            dtype = np.dtype(DTYPES[code])
+            reply[name] = np.frombuffer(self._read(int(np.prod(shape)) * dtype.itemsize), dtype).reshape(shape)
+        self.times += [(self.entries[e], int(items), int(ns)) for e, items, ns in reply.pop("_calls", [])]
+        return reply
+
+    def _read_string(self) -> str:
+        return self._read(int.from_bytes(self._read(4), "little")).decode(errors="replace")
 
     def _read(self, n: int) -> bytes:
         data = self.proc.stdout.read(n)
@@ -143,28 +192,7 @@ class NativeSession(ChildProcess, FrameSession):
                           f"{self.proc.stderr.read().decode(errors='replace').strip()[-2000:]}",
                           f"rebuild it with `edgekit runner {self.bundle.path}`; check the bundle with `edgekit info`")
 
-    def _request(self, op: int, x: np.ndarray | None = None) -> np.ndarray:
-        try:
-            self.proc.stdin.write(op.to_bytes(4, "little", signed=True) + (x.tobytes() if x is not None else b""))
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            self._stopped()
-        n = int.from_bytes(self._read(8), "little", signed=True)
-        payload = self._read(abs(n) * (4 if n > 0 else 1))
-        ns = int.from_bytes(self._read(8), "little", signed=True)
-        if n < 0:
-            raise EdgekitError(payload.decode(errors="replace"))
-        if op:
-            self.times.append((max(op, 0), ns))
-        return np.frombuffer(payload, np.float32)
 
-    def reset(self) -> None:
-        self._request(0)
-
-    def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        x = self.check_input(x)
-        return unpack(self._request(x.shape[1], x), self.output_shapes, self.batch, x.shape[1])
-
-    def flush(self) -> dict[str, np.ndarray]:
-        return unpack(self._request(-1), self.output_shapes, self.batch, self.delay)
-
+def _string(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(4, "little") + data

@@ -37,9 +37,9 @@ def validate(bundle_path: Path, options=None, progress: Callable[[int, int], Non
     if runner not in RUNNERS:
         raise EdgekitError(f"unknown runner {runner!r}", f"choose one of: {', '.join(RUNNERS)}")
     if runner == "native":
-        from edgekit.runner import NativeSession
+        from edgekit import runner as native
 
-        session = NativeSession(bundle)
+        session = native.session(bundle)
     else:
         session = Session(bundle, isolated=True)  # the artifact's memory apart from the reference's
     net = reference_model(bundle)

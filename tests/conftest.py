@@ -1,6 +1,9 @@
 import pytest
 import torch
+from click.testing import CliRunner
 
+from edgekit.artifact import load
+from edgekit.cli import main
 from edgekit.compile import compile
 
 
@@ -9,6 +12,16 @@ def tiny_bundle(tmp_path_factory):
     """One small LMUFormer bundle for the host, built once per test session (step, chunk4, flush)."""
     out = tmp_path_factory.mktemp("bundles") / "lmu-tiny"
     return compile("lmuformer", "host", out, config="tiny", chunks=(1, 4))
+
+
+@pytest.fixture(scope="session")
+def tiny_segment_bundle(tmp_path_factory):
+    """One small HMT bundle for the host with its native runner, built once per test session by `edgekit compile
+    hmt --config tiny --runner` (the flag the runner tests check)."""
+    out = tmp_path_factory.mktemp("bundles") / "hmt-tiny"
+    result = CliRunner().invoke(main, ["compile", "hmt", "--config", "tiny", "-o", str(out), "--runner"])
+    assert result.exit_code == 0, result.output
+    return load(out)
 
 
 @pytest.fixture(scope="module")

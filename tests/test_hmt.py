@@ -135,12 +135,10 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_library(tmp_path_factory):
-    """Both steps exported (checked against ONNX Runtime) and compiled for this host, once, by the generic
-    `edgekit compile hmt --config tiny`; the model is the bundle's own weights.pt."""
-    from edgekit.compile import compile
-
-    bundle = compile("hmt", "host", tmp_path_factory.mktemp("hmt") / "bundle", config="tiny")
+def tiny_library(tiny_segment_bundle):
+    """Both steps exported (checked against ONNX Runtime) and compiled for this host, once per test session, by the
+    generic `edgekit compile hmt --config tiny` (conftest); the model is the bundle's own weights.pt."""
+    bundle = tiny_segment_bundle
     model = HMT(**bundle.manifest["model"]["config"]).eval()
     model.load_state_dict(torch.load(bundle.path / bundle.manifest["model"]["weights"]))
     return model, bundle.path, bundle.manifest

@@ -92,3 +92,19 @@ def test_report_over_rpc_on_loopback_and_serve_takes_exactly_its_port(native_bun
     assert result["machine"]["rpc"] == f"127.0.0.1:{port}" and not result["machine"]["emulated"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # free again: nothing of the server is left listening
+
+
+def test_report_times_a_segment_bundle_per_segment_and_per_token(tiny_segment_bundle, tmp_path):
+    """A byte LM's natural calls: its segment step over whole segments, and bytes fed one at a time as generation
+    feeds them; both engines, each over one carried stream."""
+    result = report(tiny_segment_bundle.path, tmp_path / "rep", calls=12, warmup=2)
+    L = tiny_segment_bundle.manifest["segment"]
+    assert [(r["engine"], r["call"], r["latency_per"], r["tokens_per_call"]) for r in result["runs"]] == \
+        [("python", "segment", "segment", L), ("python", "feed", "token", 1),
+         ("native", "segment", "segment", L), ("native", "feed", "token", 1)]
+    for r in result["runs"]:
+        assert r["calls"] == 12 and len(r["call_us"]) == 14 and 0 < r["min_us"] <= r["p50_us"] <= r["p99_us"] <= r["max_us"]
+        assert r["peak_rss_bytes"] > 4 * 2**20 and r["rss_bytes"] and "real_time_factor" not in r
+    page = (tmp_path / "rep/report.md").read_text()
+    assert f"| native | segment ({L} tokens) | 12 |" in page and "| python | feed (1 token) | 12 |" in page
+    assert "RTF" not in page and json.loads((tmp_path / "rep/report.json").read_text())["unit"] == "segment"

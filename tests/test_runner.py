@@ -1,5 +1,6 @@
-"""The native runner: built into a bundle, it streams frames with TVM's C++ runtime alone and validates against
-PyTorch like a Python session; it refuses modified libraries, edited manifests and NaN frames on its own."""
+"""The native runner: built into a bundle, it streams frames (or a byte LM's segments and tokens) with TVM's C++
+runtime alone and validates against PyTorch like a Python session; it refuses modified libraries, edited
+manifests, NaN frames and memory-bank bundles on its own."""
 import json
 import shutil
 import subprocess
@@ -7,12 +8,12 @@ import subprocess
 import numpy as np
 import pytest
 
-from edgekit import Session, emulator
+from edgekit import Session, emulator, runner
 from edgekit.artifact import load
 from edgekit.compile import compile
-from edgekit.errors import BundleError
+from edgekit.errors import BundleError, EdgekitError
 from edgekit.report import report
-from edgekit.runner import NativeSession, add_runner
+from edgekit.runner import add_runner
 from edgekit.validate import validate
 
 
@@ -79,13 +80,13 @@ def test_validate_through_the_native_runner(native_bundle, tmp_path):
     report = validate(native_bundle.path, frames=300, chunk=4, report_path=tmp_path / "v.json", runner="native")
     assert report["passed"] and report["execution"] == "native runner" and report["runner"] == "native"
     assert report["outputs"]["logits"]["max_abs_error"] < 1e-5
-    session = NativeSession(native_bundle)
+    session = runner.session(native_bundle)
     x = np.random.default_rng(0).standard_normal((1, 12, 40), dtype=np.float32)
     np.testing.assert_array_equal(session.run(x, 4)["logits"], Session(native_bundle).run(x, 4)["logits"])
-    assert [f for f, _ in session.times] == [4, 4, 4, 0]
+    assert [(e, f) for e, f, _ in session.worker.times] == [("chunk4", 4)] * 3 + [("flush", 0)]
     with pytest.raises(Exception, match="flushed"):
         session.flush()
-    session.close()
+    session.worker.close()
 
 
 def test_a_bundle_without_runner_says_how_to_add_it(tiny_bundle, tmp_path):
@@ -117,4 +118,51 @@ def test_a_manifest_pointing_the_runner_outside_the_bundle_is_refused(native_bun
     manifest["runner"]["executable"] = "../../bin/sh"
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="not a plain relative path"):
-        NativeSession(load(bad))
+        runner.session(load(bad))
+
+
+def test_compile_builds_the_runner_and_it_streams_bytes_like_the_python_session(tiny_segment_bundle, tmp_path):
+    """Whole segments through the segment step, the rest fed byte by byte (segment steps while the segment holds
+    at most `summary` bytes, decode steps after): the logits of the next byte after each, as the session's."""
+    bundle, L = tiny_segment_bundle, tiny_segment_bundle.manifest["segment"]
+    assert {bundle.manifest["runner"]["executable"], *bundle.manifest["runner"]["libraries"]} <= set(bundle.manifest["files"])
+    text = np.random.default_rng(4).integers(0, 256, 2 * L + 6).astype(np.uint8)
+    (tmp_path / "text").write_bytes(text.tobytes())
+    proc = _run(bundle, "--in", str(tmp_path / "text"), "--out", str(tmp_path / "y.f32"), "--times",
+                str(tmp_path / "t.json"))
+    assert proc.returncode == 0, proc.stderr
+    session = Session(bundle)
+    want = np.concatenate([session.score(text[:2 * L])["logits"].reshape(2 * L, -1),
+                           session.feed(text[2 * L:])["logits"][0]])
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "y.f32", np.float32).reshape(want.shape), want)
+    times = json.loads((tmp_path / "t.json").read_text())
+    summary = bundle.manifest["summary"]
+    assert times["entry"] == ["segment"] * (2 + summary) + ["decode"] * (6 - summary)
+    assert times["tokens"] == [L, L, *range(1, summary + 1), *[1] * (6 - summary)] and min(times["call_ns"]) > 0
+
+
+def test_validate_a_segment_bundle_through_the_native_runner(tiny_segment_bundle, tmp_path):
+    report = validate(tiny_segment_bundle.path, segments=6, decode_segments=2, report_path=tmp_path / "v.json",
+                      runner="native")
+    assert report["passed"] and report["execution"] == "native runner"
+    assert report["outputs"]["logits"]["max_abs_error"] < 1e-5 and report["next_byte_agreement"] == 1.0
+    session, L = runner.session(tiny_segment_bundle), tiny_segment_bundle.manifest["segment"]
+    session.feed(np.arange(3))
+    with pytest.raises(EdgekitError, match="score takes whole segments of 8 tokens at a segment boundary"):
+        session.score(np.arange(L))
+    with pytest.raises(EdgekitError, match=r"token id 256 is not in \[0, 256\)"):
+        session.feed(np.array([5, 256]))
+    session.reset()
+    session.score(np.arange(L))
+    assert [e for e, _, _ in session.worker.times] == ["segment"] * 4  # the refused calls ran nothing
+    session.worker.close()
+
+
+def test_a_memory_bundle_is_refused_with_what_runs_it(tiny_segment_bundle, tmp_path):
+    bad = tmp_path / "memory"
+    shutil.copytree(tiny_segment_bundle.path, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "unit": "memory"}))
+    with pytest.raises(BundleError, match="native runner streams frame and segment bundles") as refused:
+        add_runner(bad)
+    assert "--engine python" in str(refused.value)

@@ -95,10 +95,10 @@ print("imported:", heavy)
 """
 
 
-def test_sessions_of_every_unit_run_without_torch_or_the_compiler(tiny_bundle, tmp_path):
+def test_sessions_of_every_unit_run_without_torch_or_the_compiler(tiny_bundle, tiny_segment_bundle):
     """`edgekit.Session` opens a frame bundle and a segment bundle in a fresh process and streams through both;
     neither torch, onnx nor TVM's compiler (the `tvm` package itself loads it) was ever imported."""
-    segment = compile("hmt", "host", tmp_path / "hmt", config="tiny")
+    segment = tiny_segment_bundle
     out = subprocess.run([sys.executable, "-c", RUNTIME_ONLY, str(tiny_bundle.path), str(segment.path)],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "imported: []", out
@@ -172,10 +172,11 @@ sys.meta_path.insert(0, NoCompiler())
 """
 
 
-def test_a_board_without_torch_validates_benches_and_describes_bundles_of_every_unit(tiny_bundle, tmp_path):
+def test_a_board_without_torch_validates_benches_and_describes_bundles_of_every_unit(tiny_bundle, tiny_segment_bundle,
+                                                                                     tmp_path):
     """The runtime-only install a board has, made real: torch, onnx and ONNX Runtime cannot be imported at all.
     `edgekit validate` compares with the golden record, `bench --engine tvm` and `info` work, for both units."""
-    segment = compile("hmt", "host", tmp_path / "hmt", config="tiny")
+    segment = tiny_segment_bundle
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(BOARD)
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")}

@@ -1,6 +1,8 @@
-// edgekit-run: streams frames through a frame bundle's compiled entries (step, chunk<K>, flush) with TVM's C++
-// runtime alone: no Python on the board. Built by `edgekit runner BUNDLE` with the target's g++ against the TVM
-// runtime and tvm-ffi libraries of the wheels, which the bundle carries beside it (runner/).
+// edgekit-run: streams a bundle through its compiled entries with TVM's C++ runtime alone: no Python on the board.
+// A frame bundle: frames through step/chunk<K>/flush, the packed state carried. A segment bundle (a byte LM):
+// whole segments through its segment step, tokens one by one through the segment and decode steps as
+// edgekit.units.segment.Generator feeds them, the state carried. Built by `edgekit runner BUNDLE` with the target's
+// g++ against the TVM runtime and tvm-ffi libraries of the wheels, which the bundle carries beside it (runner/).
 //
 // Before it loads anything it verifies the sha256 of the library (and of its own runtime libraries) against the
 // manifest, loads the library from the checked bytes, and checks the interface digest compiled into the library
@@ -8,9 +10,10 @@
 //
 //   edgekit-run BUNDLE [--in FILE|-] [--out FILE|-] [--chunk K] [--times FILE] [--no-flush] [--threads N]
 //       frames: raw float32 [T, batch, features]; outputs: raw float32 per frame [T, batch, outputs...] in
-//       manifest order (flushed at the end unless --no-flush); --times: JSON with every call's nanoseconds.
+//       manifest order (flushed at the end unless --no-flush). Bytes for a segment bundle; outputs: the float32
+//       logits of the next byte after each byte [T, vocabulary]. --times: JSON with every call's nanoseconds.
 //   edgekit-run BUNDLE --serve
-//       a pipe protocol on stdin/stdout (edgekit.runner.NativeSession speaks it): see `serve` below.
+//       the session's operations over a pipe on stdin/stdout (edgekit.runner.NativeWorker): see `serve` below.
 #include <tvm/ffi/extra/json.h>
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/tvm_ffi.h>
@@ -213,50 +216,47 @@ static void checked(const std::string& dir, const Object& files, const std::stri
   if (out.is_open() && !out.flush()) fail("cannot write a private copy of the library to " + copy, "set TMPDIR");
 }
 
-// ---- the model -------------------------------------------------------------------------------------------------
-struct Alloc64 {  // 64-byte aligned host memory: what TVM's kernels may assume
+// ---- tensors -------------------------------------------------------------------------------------------------------
+static const DLDataType F32{kDLFloat, 32, 1}, I64{kDLInt, 64, 1}, U8{kDLUInt, 8, 1};
+
+struct Alloc64 {  // 64-byte aligned, zeroed host memory: what TVM's kernels may assume
   void AllocData(DLTensor* t) {
-    size_t n = 1;
+    size_t n = t->dtype.bits / 8;
     for (int i = 0; i < t->ndim; ++i) n *= t->shape[i];
-    t->data = std::aligned_alloc(64, (n * 4 + 63) / 64 * 64);
-    std::memset(t->data, 0, n * 4);
+    t->data = std::aligned_alloc(64, std::max<size_t>(64, (n + 63) / 64 * 64));
+    std::memset(t->data, 0, n);
   }
   void FreeData(DLTensor* t) { std::free(t->data); }
 };
 
-static ffi::Tensor zeros(std::vector<int64_t> shape) {
-  return ffi::Tensor::FromNDAlloc(Alloc64(), ffi::Shape(shape), DLDataType{kDLFloat, 32, 1}, DLDevice{kDLCPU, 0});
+static ffi::Tensor zeros(std::vector<int64_t> shape, DLDataType dtype = F32) {
+  return ffi::Tensor::FromNDAlloc(Alloc64(), ffi::Shape(shape), dtype, DLDevice{kDLCPU, 0});
 }
 
-struct Model {
-  int64_t batch = 1, features = 0, delay = 0, state_size = 0;
-  std::vector<int64_t> output_sizes;                // per frame, per output (manifest order)
-  std::map<int64_t, ffi::Function> entries;          // frames per call -> entry
-  std::map<int64_t, ffi::Tensor> inputs;             // frames per call -> preallocated input [batch, K, features]
-  ffi::Optional<ffi::Function> flush_entry;
-  ffi::Optional<ffi::Module> vm;  // kept alive: the entries belong to it
-  ffi::Tensor state{nullptr};
-  bool flushed = false;
-  double load_seconds = 0;
+static int64_t product(const std::vector<int64_t>& shape, size_t from = 0) {
+  int64_t n = 1;
+  for (size_t i = from; i < shape.size(); ++i) n *= shape[i];
+  return n;
+}
 
-  int64_t out_per_frame() const { int64_t n = 0; for (auto s : output_sizes) n += s; return n; }
-  void reset() { state = zeros({state_size}); flushed = false; }
-  float* input(int64_t frames) {
-    auto it = inputs.find(frames);
-    if (it == inputs.end()) it = inputs.emplace(frames, zeros({batch, frames, features})).first;
-    return static_cast<float*>(it->second.data_ptr());
-  }
-  // One call: the entry for `frames` (0: flush) on the input buffer and the carried state; packed outputs.
-  ffi::Tensor call(int64_t frames, int64_t* nanoseconds) {
-    ffi::Any result;
-    auto t0 = Clock::now();
-    if (frames == 0) result = (*flush_entry)(state);
-    else result = entries.at(frames)(inputs.at(frames), state);
-    *nanoseconds = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
-    auto pair = result.cast<ffi::Array<ffi::Tensor>>();
-    state = pair[1];
-    return pair[0];
-  }
+static std::vector<int64_t> shape_of(const ffi::Any& spec) {
+  std::vector<int64_t> shape;
+  for (const auto& d : arr(field(obj(spec), "shape"))) shape.push_back(num(d));
+  return shape;
+}
+
+static DLDataType dtype_of(const ffi::Any& spec) {
+  std::string name = str(field(obj(spec), "dtype"));
+  if (name == "float32") return F32;
+  if (name == "int64") return I64;
+  fail("the manifest names a " + name + " tensor (" + str(field(obj(spec), "name")) + "), which the native runner "
+       "does not carry", "run the bundle with the Python session");
+}
+
+// ---- the library, verified -----------------------------------------------------------------------------------------
+struct Library {
+  Object manifest;
+  ffi::Optional<ffi::Module> vm;
 };
 
 static std::string private_dir() {
@@ -268,17 +268,18 @@ static std::string private_dir() {
   return dir.data();
 }
 
-static Model load(const std::string& dir) {
-  auto t0 = Clock::now();
+// Checks the manifest, the checksums of the runner's libraries and of the model's library (loaded from the checked
+// bytes), then the interface digest compiled into the library against the manifest's interface fields.
+static Library open_bundle(const std::string& dir) {
   ffi::String error;
   auto parsed = ffi::json::Parse(ffi::String(read_file(dir + "/manifest.json")), &error);
   if (!error.empty()) fail(dir + "/manifest.json is not valid JSON (" + std::string(error) + ")");
   Object m = obj(parsed);
   if (num(field(m, "schema")) != 2) fail(dir + " has another manifest schema than 2", "recompile the bundle");
-  if (str(field(m, "unit")) != "frame")
-    fail(dir + " streams in '" + str(field(m, "unit")) + "' units; the native runner streams frame units",
-         "run it with the Python session (edgekit validate / bench without --runner)");
-  if (field(m, "state_packing") == nullptr) fail(dir + " was built by an earlier edgekit", "recompile the bundle");
+  std::string unit = str(field(m, "unit"));
+  if (unit != "frame" && unit != "segment")
+    fail(dir + " streams in '" + unit + "' units; the native runner streams frame and segment units (memory-bank "
+         "retrieval is not in it)", "run it with the Python session (edgekit validate / report --engine python)");
   Object target = obj(field(m, "target"));
   if (str(field(target, "runs")) == "cuda") fail("the native runner runs CPU bundles, not CUDA ones");
   Object files = obj(field(m, "files"));
@@ -287,7 +288,6 @@ static Model load(const std::string& dir) {
   std::string lib = private_dir() + "/model.so";
   checked(dir, files, str(field(m, "library")), lib);
 
-  Model model;
   ffi::Optional<ffi::Module> loaded;
   try {
     loaded = ffi::Module::LoadFromFile(ffi::String(lib));
@@ -296,9 +296,7 @@ static Model load(const std::string& dir) {
     throw;
   }
   remove_copy(lib);  // mapped already: the file is no longer needed
-  ffi::Module so = *loaded;
-  ffi::Module vm = so->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
-  model.vm = vm;
+  ffi::Module vm = (*loaded)->GetFunction("vm_load_executable").value()().cast<ffi::Module>();
   vm->GetFunction("vm_initialization").value()(static_cast<int>(kDLCPU), 0, 2 /* pooled allocator */);
 
   Object interface;
@@ -321,32 +319,169 @@ static Model load(const std::string& dir) {
   if (fp != m.end() && (*fp).second != nullptr)
     if (auto pool = obj((*fp).second).find(ffi::String("pool_function")); pool != obj((*fp).second).end())
       if ((*pool).second != nullptr) vm->GetFunction(ffi::String(str((*pool).second))).value()();
-
-  model.batch = num(field(m, "batch"));
-  Array in_shape = arr(field(obj(field(m, "input")), "shape"));
-  model.features = num(in_shape[in_shape.size() - 1]);
-  model.delay = num(field(m, "delay"));
-  for (const auto& o : arr(field(m, "outputs"))) {
-    Array shape = arr(field(obj(o), "shape"));
-    int64_t n = 1;
-    for (size_t i = 2; i < shape.size(); ++i) n *= num(shape[i]);
-    model.output_sizes.push_back(n);
-  }
-  for (const auto& s : arr(field(m, "state"))) {
-    int64_t n = 1;
-    for (const auto& d : arr(field(obj(s), "shape"))) n *= num(d);
-    model.state_size += n;
-  }
-  for (const auto& kv : obj(field(m, "entries"))) {
-    int64_t frames = num(field(obj(kv.second), "frames"));
-    ffi::Function f = vm->GetFunction(ffi::String(str(kv.first))).value();
-    if (frames) { model.entries.emplace(frames, f); model.input(frames); }
-    else model.flush_entry = f;
-  }
-  model.reset();
-  model.load_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-  return model;
+  return {m, vm};
 }
+
+// ---- every call timed ----------------------------------------------------------------------------------------------
+struct Model {
+  struct Call { size_t entry; int64_t items, ns; };
+  ffi::Optional<ffi::Module> vm;  // kept alive: the entries belong to it
+  std::vector<std::string> names;  // entry names, as the call log refers to them
+  std::vector<ffi::Function> funcs;
+  std::vector<Call> log;
+  std::vector<std::string> output_names;
+  double load_seconds = 0;
+
+  size_t entry(const std::string& name) {
+    names.push_back(name);
+    funcs.push_back((*vm)->GetFunction(ffi::String(name)).value());
+    return names.size() - 1;
+  }
+  // One call of an entry, timed around the compiled function alone; its outputs, flattened.
+  std::vector<ffi::Tensor> call(size_t entry, int64_t items, const std::vector<ffi::Tensor>& args) {
+    std::vector<ffi::AnyView> views(args.begin(), args.end());
+    ffi::Any result;
+    auto t0 = Clock::now();
+    funcs[entry].CallPacked(views.data(), static_cast<int32_t>(views.size()), &result);
+    log.push_back({entry, items, std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count()});
+    auto out = result.cast<ffi::Array<ffi::Tensor>>();
+    return std::vector<ffi::Tensor>(out.begin(), out.end());
+  }
+};
+
+// A frame unit: step / chunk<K> take (x [batch, K, features], packed state), flush takes the state; each returns
+// (packed outputs, state).
+struct FrameModel : Model {
+  int64_t batch = 1, features = 0, delay = 0, state_size = 0;
+  std::vector<int64_t> output_sizes;     // per frame, per output (manifest order)
+  std::vector<std::vector<int64_t>> output_dims;  // per frame, per output
+  std::map<int64_t, size_t> entries;     // frames per call -> entry
+  std::map<int64_t, ffi::Tensor> inputs;  // frames per call -> preallocated input [batch, K, features]
+  int64_t flush_entry = -1;
+  ffi::Tensor state{nullptr};
+  bool flushed = false;
+
+  FrameModel(Library& lib) {
+    Object& m = lib.manifest;
+    vm = lib.vm;
+    if (field(m, "state_packing") == nullptr) fail("the bundle was built by an earlier edgekit", "recompile it");
+    batch = num(field(m, "batch"));
+    features = shape_of(field(m, "input")).back();
+    delay = num(field(m, "delay"));
+    for (const auto& o : arr(field(m, "outputs"))) {
+      auto shape = shape_of(o);
+      output_names.push_back(str(field(obj(o), "name")));
+      output_dims.emplace_back(shape.begin() + 2, shape.end());
+      output_sizes.push_back(product(shape, 2));
+    }
+    for (const auto& s : arr(field(m, "state"))) state_size += product(shape_of(s));
+    for (const auto& kv : obj(field(m, "entries"))) {
+      int64_t frames = num(field(obj(kv.second), "frames"));
+      size_t index = entry(str(kv.first));
+      if (frames) { entries.emplace(frames, index); inputs.emplace(frames, zeros({batch, frames, features})); }
+      else flush_entry = static_cast<int64_t>(index);
+    }
+    reset();
+  }
+  void reset() { state = zeros({state_size}); flushed = false; }
+  float* input(int64_t frames) { return static_cast<float*>(inputs.at(frames).data_ptr()); }
+  // The entry for `frames` (0: flush) on the input buffer and the carried state; the packed outputs.
+  ffi::Tensor call(int64_t frames) {
+    auto out = frames ? Model::call(entries.at(frames), frames, {inputs.at(frames), state})
+                      : Model::call(flush_entry, 0, {state});
+    state = out[1];
+    return out[0];
+  }
+};
+
+// A segment unit (Generator in edgekit/units/segment.py): segment(tokens [1, L], length [1], *state) -> (*outputs,
+// *decode cache, *state); decode(token [1], *cache) -> (logits [1, V], *cache). Fed token by token, a segment holding
+// at most `summary` tokens (or all L) is rerun by the segment step, the decode step extends its cache otherwise, and
+// the state moves on only with a whole segment.
+struct SegmentModel : Model {
+  int64_t L = 0, summary = 0, vocab = 0;
+  std::vector<std::vector<int64_t>> output_shapes;  // without the batch dimension
+  std::vector<std::pair<std::vector<int64_t>, DLDataType>> state_specs;
+  size_t n_cache = 0, segment_entry = 0, decode_entry = 0;
+  ffi::Tensor tokens{nullptr}, length{nullptr}, token{nullptr};
+  std::vector<ffi::Tensor> state, cache;
+  std::vector<int64_t> ids;  // the tokens of the current segment so far
+
+  SegmentModel(Library& lib) {
+    Object& m = lib.manifest;
+    vm = lib.vm;
+    if (num(field(m, "batch")) != 1) fail("the native runner streams segment bundles of batch 1", "recompile with batch 1");
+    if (auto it = m.find(ffi::String("fetched")); it != m.end() && (*it).second != nullptr)
+      fail("the bundle takes a per-document input the native runner does not fetch",
+           "run it with the Python session");
+    L = num(field(m, "segment"));
+    summary = num(field(m, "summary"));
+    for (const auto& o : arr(field(m, "outputs"))) {
+      if (dtype_of(o).code != kDLFloat) fail("the native runner writes float32 outputs only", "use the Python session");
+      auto shape = shape_of(o);
+      output_names.push_back(str(field(obj(o), "name")));
+      output_shapes.emplace_back(shape.begin() + 1, shape.end());
+    }
+    vocab = output_shapes[0].back();
+    for (const auto& s : arr(field(m, "state"))) state_specs.emplace_back(shape_of(s), dtype_of(s));
+    n_cache = arr(field(m, "decode_cache")).size();
+    segment_entry = entry("segment");
+    decode_entry = entry("decode");
+    tokens = zeros({1, L}, I64);
+    length = zeros({1}, I64);
+    token = zeros({1}, I64);
+    reset();
+  }
+  void reset() {
+    state.clear();
+    for (const auto& [shape, dtype] : state_specs) state.push_back(zeros(shape, dtype));
+    cache.clear();
+    ids.clear();
+  }
+  std::string check(const int64_t* t, int64_t n) const {  // "" or why the tokens are refused
+    for (int64_t i = 0; i < n; ++i)
+      if (t[i] < 0 || t[i] >= vocab)
+        return "token id " + std::to_string(t[i]) + " is not in [0, " + std::to_string(vocab) + "); pass bytes";
+    return "";
+  }
+  // The segment step over the tokens so far (padded to L); the state moves on when they fill the segment.
+  std::vector<ffi::Tensor> segment() {
+    int64_t n = static_cast<int64_t>(ids.size());
+    auto* t = static_cast<int64_t*>(tokens.data_ptr());
+    std::fill(t, t + L, 0);
+    std::copy(ids.begin(), ids.end(), t);
+    *static_cast<int64_t*>(length.data_ptr()) = n;
+    std::vector<ffi::Tensor> args{tokens, length};
+    args.insert(args.end(), state.begin(), state.end());
+    auto out = call(segment_entry, n, args);
+    size_t k = output_names.size();
+    if (n == L) {
+      state.assign(out.begin() + k + n_cache, out.end());
+      cache.clear();
+      ids.clear();
+    } else {
+      cache.assign(out.begin() + k, out.begin() + k + n_cache);
+    }
+    out.resize(k);
+    return out;
+  }
+  // One token appended; the logits [V] of the token after it (the tensor `keep` holds them).
+  const float* feed(int64_t id, ffi::Tensor& keep) {
+    ids.push_back(id);
+    int64_t n = static_cast<int64_t>(ids.size());
+    if (n <= summary || n == L) {
+      keep = segment()[0];
+      return static_cast<const float*>(keep.data_ptr()) + (n - 1) * vocab;
+    }
+    *static_cast<int64_t*>(token.data_ptr()) = id;
+    std::vector<ffi::Tensor> args{token};
+    args.insert(args.end(), cache.begin(), cache.end());
+    auto out = call(decode_entry, 1, args);
+    keep = out[0];
+    cache.assign(out.begin() + 1, out.end());
+    return static_cast<const float*>(keep.data_ptr());
+  }
+};
 
 static int64_t first_nonfinite(const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
@@ -354,66 +489,192 @@ static int64_t first_nonfinite(const float* x, int64_t n) {
   return -1;
 }
 
-// ---- serve: the pipe protocol -------------------------------------------------------------------------------------
-// Once loaded, writes int64 load nanoseconds. Then, per request, an int32 op: K > 0 steps K frames (batch*K*features
-// float32 follow, [batch, K, features]), 0 resets the stream, -1 flushes it. Each reply: int64 n, then n float32
-// (the entry's packed outputs; n < 0: -n bytes of an error message instead), then int64 nanoseconds of the call.
+// ---- serve: the pipe protocol --------------------------------------------------------------------------------------
+// edgekit.runner.NativeWorker speaks it: the operations of the unit's Python session (frame: reset, step, flush;
+// segment: reset, score, feed) with named arrays in and out, like edgekit.worker.Worker's.
+//   string  := u32 length, bytes
+//   array   := string name, u8 dtype (0 float32, 1 int64, 2 uint8), u32 ndim, ndim x i64 shape, the data
+//   request := string op, u32 count, count x array
+//   reply   := u8 0, u32 count, count x array (the last one "_calls": i64 [calls, 3] of entry, items, nanoseconds)
+//            | u8 1, string error
+// Once loaded, the runner sends one reply unasked: load_ns and the entry names ("entries", uint8, one per line).
+struct Named {  // a named array, as the pipe carries it
+  std::string name;
+  uint8_t code = 0;
+  std::vector<int64_t> shape;
+  std::vector<char> data;
+  static size_t itemsize(uint8_t code) { return code == 0 ? 4 : code == 1 ? 8 : 1; }
+  int64_t count() const { return product(shape); }
+  template <class T> T* as() { return reinterpret_cast<T*>(data.data()); }
+  template <class T> static Named of(const std::string& name, uint8_t code, std::vector<int64_t> shape, const T* p) {
+    Named a{name, code, shape, {}};
+    a.data.assign(reinterpret_cast<const char*>(p), reinterpret_cast<const char*>(p) + a.count() * itemsize(code));
+    return a;
+  }
+};
+using Message = std::vector<Named>;
+
 static bool read_all(void* p, size_t n) { return std::fread(p, 1, n, stdin) == n; }
 static void write_all(const void* p, size_t n) { std::fwrite(p, 1, n, stdout); }
 
-static void reply_error(const std::string& message) {
-  int64_t n = -static_cast<int64_t>(message.size()), ns = 0;
-  write_all(&n, 8); write_all(message.data(), message.size()); write_all(&ns, 8);
+static bool read_string(std::string& s) {
+  uint32_t n;
+  if (!read_all(&n, 4)) return false;
+  s.resize(n);
+  return read_all(s.data(), n);
+}
+static void write_string(const std::string& s) {
+  uint32_t n = static_cast<uint32_t>(s.size());
+  write_all(&n, 4);
+  write_all(s.data(), n);
+}
+
+static bool read_request(std::string& op, Message& arrays) {
+  uint32_t count;
+  if (!read_string(op) || !read_all(&count, 4)) return false;
+  arrays.assign(count, {});
+  for (auto& a : arrays) {
+    uint32_t ndim;
+    if (!read_string(a.name) || !read_all(&a.code, 1) || !read_all(&ndim, 4) || a.code > 2 || ndim > 8) return false;
+    a.shape.resize(ndim);
+    if (!read_all(a.shape.data(), 8 * ndim)) return false;
+    a.data.resize(a.count() * Named::itemsize(a.code));
+    if (!read_all(a.data.data(), a.data.size())) return false;
+  }
+  return true;
+}
+
+static void reply(Message arrays, Model& model, size_t logged) {
+  std::vector<int64_t> calls;
+  for (size_t i = logged; i < model.log.size(); ++i)
+    calls.insert(calls.end(), {static_cast<int64_t>(model.log[i].entry), model.log[i].items, model.log[i].ns});
+  arrays.push_back(Named::of("_calls", 1, {static_cast<int64_t>(calls.size() / 3), 3}, calls.data()));
+  uint8_t ok = 0;
+  uint32_t count = static_cast<uint32_t>(arrays.size());
+  write_all(&ok, 1);
+  write_all(&count, 4);
+  for (const auto& a : arrays) {
+    uint32_t ndim = static_cast<uint32_t>(a.shape.size());
+    write_string(a.name);
+    write_all(&a.code, 1);
+    write_all(&ndim, 4);
+    write_all(a.shape.data(), 8 * ndim);
+    write_all(a.data.data(), a.data.size());
+  }
   std::fflush(stdout);
 }
 
-static int serve(Model& model, bool allow_nonfinite) {
-  int64_t load_ns = static_cast<int64_t>(model.load_seconds * 1e9);
-  write_all(&load_ns, 8);
+static void reply_error(const std::string& message) {
+  uint8_t bad = 1;
+  write_all(&bad, 1);
+  write_string(message);
   std::fflush(stdout);
-  for (int32_t op; read_all(&op, 4);) {
-    int64_t frames = op > 0 ? op : 0, ns = 0;
-    if (op > 0) {
-      std::vector<float> scratch;
-      bool built = model.entries.count(frames);
-      float* x = built ? model.input(frames) : (scratch.resize(model.batch * frames * model.features), scratch.data());
-      if (!read_all(x, sizeof(float) * model.batch * frames * model.features)) return 0;
-      if (!built) { reply_error("the bundle has no entry for chunks of " + std::to_string(frames) + " frames"); continue; }
-      if (!allow_nonfinite && first_nonfinite(x, model.batch * frames * model.features) >= 0) {
-        reply_error("this call holds NaN or Inf; the call was refused and the state is as before it");
-        continue;
-      }
-    } else if (op == 0) {
-      model.reset();
-      int64_t n = 0;
-      write_all(&n, 8); write_all(&ns, 8);
-      std::fflush(stdout);
-      continue;
-    } else if (!model.flush_entry) {
-      model.flushed = true;
-      int64_t n = 0;
-      write_all(&n, 8); write_all(&ns, 8);
-      std::fflush(stdout);
-      continue;
+}
+
+static Named* find(Message& arrays, const char* name, uint8_t code) {
+  for (auto& a : arrays)
+    if (a.name == name && a.code == code) return &a;
+  return nullptr;
+}
+
+// The frame session's operations; "" or why the request was refused.
+static std::string serve_frame(FrameModel& m, const std::string& op, Message& in, Message& out, bool allow_nonfinite) {
+  if (op == "reset") { m.reset(); return ""; }
+  if (op != "step" && op != "flush") return "the native runner has no operation '" + op + "' for frame bundles";
+  if (m.flushed) return "this stream was flushed: it has ended; reset it to start a new one";
+  int64_t frames = 0;
+  if (op == "step") {
+    Named* x = find(in, "x", 0);
+    if (!x || x->shape.size() != 3 || x->shape[0] != m.batch || x->shape[2] != m.features)
+      return "step takes x: float32 [batch=" + std::to_string(m.batch) + ", K, features=" + std::to_string(m.features) + "]";
+    frames = x->shape[1];
+    if (!m.entries.count(frames)) return "the bundle has no entry for chunks of " + std::to_string(frames) + " frames";
+    if (!allow_nonfinite && first_nonfinite(x->as<float>(), x->count()) >= 0)
+      return "this call holds NaN or Inf; the call was refused and the state is as before it";
+    std::memcpy(m.input(frames), x->data.data(), x->data.size());
+  } else if (m.flush_entry < 0) {  // nothing to compute without a delay, but the stream ends all the same
+    m.flushed = true;
+  }
+  ffi::Tensor packed{nullptr};
+  if (op == "step" || m.flush_entry >= 0) {
+    packed = m.call(frames);
+    m.flushed = op == "flush";
+    frames = frames ? frames : m.delay;
+  }
+  int64_t offset = 0;
+  for (size_t o = 0; o < m.output_names.size(); ++o) {
+    std::vector<int64_t> shape{m.batch, frames};
+    shape.insert(shape.end(), m.output_dims[o].begin(), m.output_dims[o].end());
+    const float* p = packed.defined() ? static_cast<const float*>(packed.data_ptr()) + offset : nullptr;
+    out.push_back(Named::of(m.output_names[o], 0, shape, p));
+    offset += m.batch * frames * m.output_sizes[o];
+  }
+  return "";
+}
+
+// The segment session's operations (edgekit.units.segment.LocalSession): reset, score whole segments, feed tokens.
+static std::string serve_segment(SegmentModel& m, const std::string& op, Message& in, Message& out) {
+  if (op == "reset") { m.reset(); return ""; }
+  if (op != "score" && op != "feed") return "the native runner has no operation '" + op + "' for segment bundles";
+  Named* t = find(in, "tokens", 1);
+  if (!t) return op + " takes tokens: int64 token ids";
+  int64_t n = t->count();
+  const int64_t* ids = t->as<int64_t>();
+  if (auto bad = m.check(ids, n); !bad.empty()) return bad;
+  if (op == "feed") {
+    std::vector<float> logits(n * m.vocab);
+    ffi::Tensor keep{nullptr};
+    for (int64_t i = 0; i < n; ++i) std::memcpy(&logits[i * m.vocab], m.feed(ids[i], keep), 4 * m.vocab);
+    out.push_back(Named::of(m.output_names[0], 0, {1, n, m.vocab}, logits.data()));
+    return "";
+  }
+  if (!m.ids.empty() || n % m.L || !n)
+    return "score takes whole segments of " + std::to_string(m.L) + " tokens at a segment boundary; got " +
+           std::to_string(n) + " tokens with " + std::to_string(m.ids.size()) + " fed since the last boundary; "
+           "feed the rest token by token";
+  int64_t segments = n / m.L;
+  std::vector<std::vector<float>> outputs(m.output_names.size());
+  for (int64_t s = 0; s < segments; ++s) {
+    m.ids.assign(ids + s * m.L, ids + (s + 1) * m.L);
+    auto y = m.segment();
+    for (size_t o = 0; o < y.size(); ++o) {
+      const float* p = static_cast<const float*>(y[o].data_ptr());
+      outputs[o].insert(outputs[o].end(), p, p + product(m.output_shapes[o]));
     }
-    if (model.flushed) { reply_error("this stream was flushed: it has ended; reset it to start a new one"); continue; }
+  }
+  for (size_t o = 0; o < outputs.size(); ++o) {
+    std::vector<int64_t> shape{1, segments};
+    shape.insert(shape.end(), m.output_shapes[o].begin(), m.output_shapes[o].end());
+    out.push_back(Named::of(m.output_names[o], 0, shape, outputs[o].data()));
+  }
+  return "";
+}
+
+template <class M, class Serve>
+static int serve(M& model, Serve op_of) {
+  int64_t load_ns = static_cast<int64_t>(model.load_seconds * 1e9);
+  std::string names;
+  for (const auto& n : model.names) names += (names.empty() ? "" : "\n") + n;
+  reply({Named::of("load_ns", 1, {1}, &load_ns),
+         Named::of("entries", 2, {static_cast<int64_t>(names.size())}, names.data())}, model, model.log.size());
+  std::string op;
+  for (Message in; read_request(op, in);) {
+    Message out;
+    size_t logged = model.log.size();
+    std::string refused;
     try {
-      ffi::Tensor out = model.call(frames, &ns);
-      model.flushed = op < 0;
-      int64_t n = out.shape()[0];
-      write_all(&n, 8); write_all(out.data_ptr(), sizeof(float) * n); write_all(&ns, 8);
-      std::fflush(stdout);
+      refused = op_of(model, op, in, out);
     } catch (const ffi::Error& e) {
-      reply_error(std::string("the compiled entry failed: ") + e.what());
+      refused = std::string("the compiled entry failed: ") + e.what();
     }
+    if (refused.empty()) reply(std::move(out), model, logged);
+    else reply_error(refused);
   }
   return 0;
 }
 
-// ---- stream: frames from a file or stdin -------------------------------------------------------------------------
-struct Times { std::vector<int64_t> frames, ns; };
-
-static void write_outputs(FILE* out, const Model& m, const ffi::Tensor& packed, int64_t frames) {
+// ---- stream: a file or stdin ---------------------------------------------------------------------------------------
+static void write_frames(FILE* out, const FrameModel& m, const ffi::Tensor& packed, int64_t frames) {
   if (!out) return;
   const float* p = static_cast<const float*>(packed.data_ptr());
   for (int64_t k = 0; k < frames; ++k)
@@ -426,8 +687,9 @@ static void write_outputs(FILE* out, const Model& m, const ffi::Tensor& packed, 
     }
 }
 
-static void stream(Model& m, FILE* in, FILE* out, int64_t chunk, bool flush, bool allow_nonfinite, Times& t,
-                   Clock::time_point start, double* first_output) {
+// Frames [T, batch, features] in chunks of `chunk`, the remainder frame by frame, then flush.
+static void stream_frames(FrameModel& m, FILE* in, FILE* out, int64_t chunk, bool flush, bool allow_nonfinite,
+                          Clock::time_point start, double* first_output) {
   int64_t frame_floats = m.batch * m.features, done = 0;
   std::vector<float> frames(chunk * frame_floats);
   auto run = [&](int64_t k, const float* src) {  // src: k frames [k, batch, features] -> input [batch, k, features]
@@ -439,11 +701,9 @@ static void stream(Model& m, FILE* in, FILE* out, int64_t chunk, bool flush, boo
     for (int64_t i = 0; i < k; ++i)
       for (int64_t b = 0; b < m.batch; ++b)
         std::memcpy(x + (b * k + i) * m.features, src + (i * m.batch + b) * m.features, sizeof(float) * m.features);
-    int64_t ns;
-    ffi::Tensor y = m.call(k, &ns);
+    ffi::Tensor y = m.call(k);
     if (*first_output < 0) *first_output = std::chrono::duration<double>(Clock::now() - start).count();
-    t.frames.push_back(k); t.ns.push_back(ns);
-    write_outputs(out, m, y, k);
+    write_frames(out, m, y, k);
     done += k;
   };
   while (true) {
@@ -452,11 +712,29 @@ static void stream(Model& m, FILE* in, FILE* out, int64_t chunk, bool flush, boo
     for (size_t i = 0; i < got; ++i) run(1, frames.data() + i * frame_floats);  // the remainder, frame by frame
     break;
   }
-  if (flush && m.flush_entry) {
-    int64_t ns;
-    ffi::Tensor y = m.call(0, &ns);
-    t.frames.push_back(0); t.ns.push_back(ns);
-    write_outputs(out, m, y, m.delay);
+  if (flush && m.flush_entry >= 0) write_frames(out, m, m.call(0), m.delay);
+}
+
+// Bytes as token ids: whole segments through the segment step, the remainder fed byte by byte; the logits of the
+// next byte after each byte [T, V] (float32), the first output's.
+static void stream_tokens(SegmentModel& m, FILE* in, FILE* out, Clock::time_point start, double* first_output) {
+  std::vector<unsigned char> bytes(m.L);
+  auto written = [&](const float* p, int64_t n) {
+    if (*first_output < 0) *first_output = std::chrono::duration<double>(Clock::now() - start).count();
+    if (out) std::fwrite(p, sizeof(float), n, out);
+  };
+  while (true) {
+    size_t got = std::fread(bytes.data(), 1, m.L, in);
+    std::vector<int64_t> ids(bytes.begin(), bytes.begin() + got);
+    if (auto bad = m.check(ids.data(), got); !bad.empty()) fail(bad, "this model's vocabulary is smaller than a byte");
+    if (static_cast<int64_t>(got) == m.L) {
+      m.ids = ids;
+      written(static_cast<const float*>(m.segment()[0].data_ptr()), m.L * m.vocab);
+      continue;
+    }
+    ffi::Tensor keep{nullptr};
+    for (int64_t id : ids) written(m.feed(id, keep), m.vocab);
+    break;
   }
 }
 
@@ -466,16 +744,35 @@ static int64_t peak_rss_bytes() {
   return static_cast<int64_t>(u.ru_maxrss) * 1024;
 }
 
-static void write_times(const std::string& path, const Times& t, const Model& m, double first_output) {
+static void write_times(const std::string& path, const Model& m, const char* items, double first_output) {
   FILE* f = path == "-" ? stdout : std::fopen(path.c_str(), "w");
   if (!f) fail("cannot write " + path, "choose a writable --times path");
   std::fprintf(f, "{\"engine\": \"native\", \"load_seconds\": %.6f, \"first_output_seconds\": %.6f, "
-               "\"peak_rss_bytes\": %lld, \"frames\": [", m.load_seconds, first_output, (long long)peak_rss_bytes());
-  for (size_t i = 0; i < t.frames.size(); ++i) std::fprintf(f, "%s%lld", i ? ", " : "", (long long)t.frames[i]);
+               "\"peak_rss_bytes\": %lld, \"entry\": [", m.load_seconds, first_output, (long long)peak_rss_bytes());
+  for (size_t i = 0; i < m.log.size(); ++i) std::fprintf(f, "%s\"%s\"", i ? ", " : "", m.names[m.log[i].entry].c_str());
+  std::fprintf(f, "], \"%s\": [", items);
+  for (size_t i = 0; i < m.log.size(); ++i) std::fprintf(f, "%s%lld", i ? ", " : "", (long long)m.log[i].items);
   std::fprintf(f, "], \"call_ns\": [");
-  for (size_t i = 0; i < t.ns.size(); ++i) std::fprintf(f, "%s%lld", i ? ", " : "", (long long)t.ns[i]);
+  for (size_t i = 0; i < m.log.size(); ++i) std::fprintf(f, "%s%lld", i ? ", " : "", (long long)m.log[i].ns);
   std::fprintf(f, "]}\n");
   if (f != stdout) std::fclose(f);
+}
+
+static void summary(const Model& m, double first_output) {  // per entry: calls, p50, p99
+  std::string line;
+  for (size_t e = 0; e < m.names.size(); ++e) {
+    std::vector<int64_t> ns;
+    for (const auto& c : m.log)
+      if (c.entry == e) ns.push_back(c.ns);
+    if (ns.empty()) continue;
+    std::sort(ns.begin(), ns.end());
+    char b[160];
+    std::snprintf(b, sizeof b, "%s %zu calls p50 %.1f us p99 %.1f us; ", m.names[e].c_str(), ns.size(),
+                  ns[ns.size() / 2] / 1e3, ns[size_t(0.99 * (ns.size() - 1))] / 1e3);
+    line += b;
+  }
+  std::fprintf(stderr, "edgekit-run: %sload %.3f s, first output %.3f s, peak RSS %.1f MiB\n", line.c_str(),
+               m.load_seconds, first_output, peak_rss_bytes() / 1048576.0);
 }
 
 static void usage() {
@@ -483,9 +780,11 @@ static void usage() {
                "usage: edgekit-run BUNDLE [--in FILE|-] [--out FILE|-] [--chunk K] [--times FILE|-] [--no-flush]\n"
                "                          [--threads N] [--allow-nonfinite]\n"
                "       edgekit-run BUNDLE --serve\n"
-               "Streams raw float32 frames [T, batch, features] (default: stdin) through the bundle's entries: chunks\n"
-               "of K frames, the remainder frame by frame, then flush. --out writes float32 outputs per frame\n"
-               "[T, batch, outputs...]; --times writes every call's time (JSON); a summary goes to stderr.\n");
+               "A frame bundle streams raw float32 frames [T, batch, features] (default: stdin) through its entries:\n"
+               "chunks of K frames, the remainder frame by frame, then flush; --out writes float32 outputs per frame\n"
+               "[T, batch, outputs...]. A segment bundle (a byte LM) streams the input's bytes: whole segments through\n"
+               "its segment step, the remainder byte by byte; --out writes the float32 logits of the next byte after\n"
+               "each byte [T, vocabulary]. --times writes every call's time (JSON); a summary goes to stderr.\n");
 }
 
 int main(int argc, char** argv) {
@@ -510,34 +809,46 @@ int main(int argc, char** argv) {
     else if (a == "--allow-nonfinite") allow_nonfinite = true;
     else fail("unknown option " + a, "see edgekit-run --help");
   }
-  Model model;
+  Library lib;
   try {
-    model = load(bundle);
+    lib = open_bundle(bundle);
   } catch (const ffi::Error& e) {
     fail(bundle + ": TVM could not load the library: " + e.what(), "check the bundle with `edgekit info`");
   }
-  if (serving) return serve(model, allow_nonfinite);
+  auto opened = [&](const char* what) -> std::pair<FILE*, FILE*> {
+    FILE* in = in_path == "-" ? stdin : std::fopen(in_path.c_str(), "rb");
+    if (!in) fail("cannot read " + in_path, std::string("pass ") + what + " with --in FILE, or on stdin");
+    FILE* out = out_path.empty() ? nullptr : out_path == "-" ? stdout : std::fopen(out_path.c_str(), "wb");
+    if (!out_path.empty() && !out) fail("cannot write " + out_path, "choose a writable --out path");
+    return {in, out};
+  };
+  double first_output = -1;
+  if (str(field(lib.manifest, "unit")) == "segment") {
+    SegmentModel model(lib);
+    model.load_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    if (serving) return serve(model, serve_segment);
+    auto [in, out] = opened("bytes");
+    stream_tokens(model, in, out, start, &first_output);
+    if (out && out != stdout) std::fclose(out);
+    if (!times_path.empty()) write_times(times_path, model, "tokens", first_output);
+    summary(model, first_output);
+    return 0;
+  }
+  FrameModel model(lib);
+  model.load_seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  if (serving)
+    return serve(model, [&](FrameModel& m, const std::string& op, Message& in, Message& out) {
+      return serve_frame(m, op, in, out, allow_nonfinite);
+    });
   if (!model.entries.count(chunk)) {
     std::string built;
     for (const auto& kv : model.entries) built += (built.empty() ? "" : ", ") + std::to_string(kv.first);
     fail("the bundle has no entry for chunks of " + std::to_string(chunk) + " frames", "chunk sizes built: " + built);
   }
-  FILE* in = in_path == "-" ? stdin : std::fopen(in_path.c_str(), "rb");
-  if (!in) fail("cannot read " + in_path, "pass raw float32 frames with --in FILE, or on stdin");
-  FILE* out = out_path.empty() ? nullptr : out_path == "-" ? stdout : std::fopen(out_path.c_str(), "wb");
-  if (!out_path.empty() && !out) fail("cannot write " + out_path, "choose a writable --out path");
-  Times t;
-  double first_output = -1;
-  stream(model, in, out, chunk, flush, allow_nonfinite, t, start, &first_output);
+  auto [in, out] = opened("raw float32 frames");
+  stream_frames(model, in, out, chunk, flush, allow_nonfinite, start, &first_output);
   if (out && out != stdout) std::fclose(out);
-  if (!times_path.empty()) write_times(times_path, t, model, first_output);
-  std::vector<int64_t> per_call;
-  for (size_t i = 0; i < t.ns.size(); ++i)
-    if (t.frames[i] == chunk) per_call.push_back(t.ns[i]);
-  std::sort(per_call.begin(), per_call.end());
-  auto pct = [&](double q) { return per_call.empty() ? 0.0 : per_call[size_t(q * (per_call.size() - 1))] / 1e3; };
-  std::fprintf(stderr, "edgekit-run: %zu calls of %lld frames: p50 %.1f us, p99 %.1f us per call; load %.3f s, "
-               "first output %.3f s, peak RSS %.1f MiB\n", per_call.size(), (long long)chunk, pct(0.5), pct(0.99),
-               model.load_seconds, first_output, peak_rss_bytes() / 1048576.0);
+  if (!times_path.empty()) write_times(times_path, model, "frames", first_output);
+  summary(model, first_output);
   return 0;
 }

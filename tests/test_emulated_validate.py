@@ -7,6 +7,7 @@ import torch
 
 from edgekit.compile import compile
 from edgekit.models import build
+from edgekit.runner import add_runner
 from edgekit.runtime import Session
 from edgekit.units.frame import RemoteSession
 from edgekit.validate import validate
@@ -40,8 +41,12 @@ def test_validate_runs_the_arm_bundle_emulated_and_says_so(arm_bundle):
 
 
 def test_hmt_arm_bundle_validates_under_emulation(tmp_path):
-    """The segment-level LM's ARM build: scored past the memory cache wrap and fed byte by byte, under qemu."""
+    """The segment-level LM's ARM build: scored past the memory cache wrap and fed byte by byte, under qemu, by an
+    aarch64 Python and by the native runner (built with the aarch64 cross g++)."""
     bundle = compile("hmt", "rpi5", tmp_path / "hmt-rpi5", config="tiny")
     report = validate(bundle.path, segments=8, decode_segments=1)
     assert report["passed"], report["checks"]
     assert report["execution"] == EMULATED and report["outputs"]["logits"]["max_abs_error"] < 1e-4
+    native = validate(add_runner(bundle.path).path, segments=8, decode_segments=1, runner="native")
+    assert native["passed"] and native["execution"] == f"native runner under {EMULATED}", native["checks"]
+    assert native["outputs"]["logits"]["max_abs_error"] < 1e-4

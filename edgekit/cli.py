@@ -278,9 +278,10 @@ def bench(bundles: tuple[Path, ...], calls: int, warmup: int, engines: tuple[str
     an int8 build compare on the same machine state, with each one's p50 ratio to the first bundle's. ONNX Runtime
     runs each bundle's own ONNX graphs: for an int8 bundle, its integer products (MatMulInteger).
 
-    A frame model is timed per frame for each chunk size; `tvm-compute` times the compiled function inside TVM
-    without the Python call (the gap to `tvm` is call overhead). A segment-level LM (HMT) is timed per byte: its
-    segment step (scoring), its decode step, and generation (their mix). Saved as bench.json in the bundle.
+    A frame model is timed per frame for each chunk size; `tvm-compute` times the compiled entry alone, taking
+    turns with the `tvm` session's step over one carried state, and the session's row states what the session
+    adds per call (`session_overhead_us`, the p50 of their paired difference). A segment-level LM (HMT) is timed
+    per byte: its segment step (scoring), its decode step, and generation (their mix). Saved as bench.json in the bundle.
     """
     from edgekit import units
     from edgekit.bench import bench as run

@@ -78,7 +78,7 @@ class VM:
         if device not in _DLPACK_DEVICE:
             raise ValueError(f"device must be one of {sorted(_DLPACK_DEVICE)}, not {device!r}")
         _load_runtime(device)
-        self.device = tvm_ffi.device(device, 0)
+        self.device, self.on_cpu = tvm_ffi.device(device, 0), device == "cpu"
         # dlopen resolves a bare file name through the library search path, not the working directory.
         self._vm = tvm_ffi.load_module(os.path.abspath(lib_path))["vm_load_executable"]()
         init = [_DLPACK_DEVICE[device], 0, _POOLED_ALLOCATOR]
@@ -88,6 +88,12 @@ class VM:
         self._cpu = tvm_ffi.device("cpu", 0)
         self._alloc = tvm_ffi.get_global_func("runtime.TVMTensorAllocWithScope")
         self._copy = tvm_ffi.get_global_func("runtime.TVMTensorCopyFromTo")
+        self._stream_sync = tvm_ffi.get_global_func("runtime.Device_StreamSync")
+
+    def sync(self) -> None:
+        """Waits for the device's work queued so far (a CPU VM's calls return when they are done)."""
+        if not self.on_cpu:
+            self._stream_sync(self.device, None)
 
     def __getitem__(self, name: str) -> Callable[..., list[np.ndarray]]:
         func = self.raw(name)
@@ -124,7 +130,8 @@ class VM:
         return dst
 
     def numpy(self, tensor: tvm_ffi.Tensor) -> np.ndarray:
-        return np.from_dlpack(self._to(tensor, self._cpu))
+        """The tensor as a numpy array: a view of a CPU VM's tensor (no copy), a host copy of a GPU one."""
+        return np.from_dlpack(tensor if self.on_cpu else self._to(tensor, self._cpu))
 
     def _to(self, tensor: tvm_ffi.Tensor, device: tvm_ffi.Device) -> tvm_ffi.Tensor:
         if tensor.device.dlpack_device_type() == device.dlpack_device_type():

@@ -174,6 +174,24 @@ def test_non_finite_frames_are_refused_unless_allowed_and_then_propagate(tiny_bu
     assert np.array_equal(np.isnan(got).any(-1), np.isnan(want).any(-1)) and np.isnan(got[-1]).all()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in dot")  # pytest resets the session module's filter
+def test_frames_written_into_the_sessions_own_buffer_step_without_a_copy_and_are_checked_alike(tiny_bundle):
+    x = np.random.default_rng(1).standard_normal((1, 12, 40)).astype(np.float32)
+    want = Session(tiny_bundle).feed(x)["logits"]
+    session = Session(tiny_bundle)
+    buffer = session.input_buffer(1)
+    got = []
+    for t in range(12):
+        buffer[...] = x[:, t:t + 1]
+        got.append(session.step(buffer)["logits"].copy())
+    np.testing.assert_array_equal(np.concatenate(got, 1), want)
+    buffer[0, 0, 7] = -np.inf
+    with pytest.raises(Exception, match="frame 0 of this call holds NaN or Inf"):
+        session.step(buffer)
+    with pytest.raises(Exception, match="no entry for chunks of 3 frames"):
+        session.input_buffer(3)
+
+
 def test_session_misuse_is_one_clear_error(tiny_bundle):
     session = Session(tiny_bundle)
     with pytest.raises(Exception, match="at least one frame"):

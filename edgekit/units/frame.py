@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,10 @@ HOP_SECONDS = 0.010  # one frame of the published audio front end: 10 ms shift
 MAX_CHUNK = 1024  # frames per call an entry may take
 STATE_PACKING = ("entries take (x, state) and return (outputs, state): state is one float32 vector, the state "
                  "tensors flattened in manifest order; outputs likewise, each [batch, frames, ...]")
-MID_STREAM = 4096  # frames streamed before the compute-only timing, so its state is a realistic one
+FLOAT32 = np.dtype(np.float32)
+# The sessions' input probe (frames . zeros) is NaN exactly when a frame holds NaN or Inf; Inf * 0 also raises the
+# invalid flag, which numpy would print as a warning on top of the refusal.
+warnings.filterwarnings("ignore", "invalid value encountered in dot", RuntimeWarning, __name__)
 SILENCE_CALLS = 25  # bench streams this many calls of random frames, then as many of silence, and so on
 
 
@@ -126,7 +130,7 @@ class FrameSession:
 
     def check_input(self, x: np.ndarray) -> np.ndarray:
         """x as float32 frames of a built chunk size, or a clear error (the common case costs ~2 us)."""
-        fits = type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 3 and x.shape[0] == self.batch \
+        fits = type(x) is np.ndarray and x.dtype is FLOAT32 and x.ndim == 3 and x.shape[0] == self.batch \
             and x.shape[2] == self.input_size and x.shape[1] in self.entries
         if not fits:
             x = self._convert(x)
@@ -175,10 +179,29 @@ class FrameSession:
         return {k: v[:, self.delay:] for k, v in _concat([self.feed(x, chunk), self.flush()]).items()}
 
 
+class Call:
+    """What a call of one input shape needs, made on its first call: the entry, a 64-byte aligned input buffer
+    and the same memory as a device tensor (on a CPU), zeros to probe the input with, and where each output lies
+    in the entry's one flat output vector."""
+
+    __slots__ = ("function", "buffer", "flat", "zeros", "tensor", "outputs")
+
+    def __init__(self, session: LocalSession, shape: tuple[int, ...]):
+        self.function = session.funcs[session.entries[shape[1]]]
+        if session.bundle.device == "cpu":
+            self.buffer, self.tensor = session.vm.aligned(shape, np.float32)
+        else:
+            self.buffer, self.tensor = np.zeros(shape, np.float32), None  # copied to the device per call
+        self.flat, self.zeros = self.buffer.reshape(-1), np.zeros(self.buffer.size, np.float32)
+        self.outputs = layout(session.output_shapes, session.batch, shape[1])
+
+
 class LocalSession(FrameSession):
     """The bundle's library in this process. The state is one flat vector that stays on the device between
-    calls; on a CPU the input goes in through a preallocated aligned buffer and the outputs come back as views
-    of one flat vector, so a call copies one frame in and nothing else."""
+    calls; on a CPU the input goes in through a preallocated aligned buffer (`input_buffer`: fill it and step it,
+    and nothing is copied) and the outputs come back as views of the entry's one flat output vector. Per call
+    Python adds ~3 us: the input check (a dot product with zeros is NaN exactly when a frame holds NaN or Inf),
+    one copy of the frames, the call, and the output views."""
 
     OPS = ("reset", "step", "flush")  # what a Worker may run
 
@@ -187,7 +210,7 @@ class LocalSession(FrameSession):
         self.vm = load_library(bundle)  # first: it proves the manifest's interface fields before they are used
         super().__init__(bundle, allow_nonfinite)
         self.funcs = {name: self.vm.raw_function(name) for name in bundle.manifest["entries"]}
-        self.inputs = {}  # frames per call -> (numpy buffer, the same memory as a device tensor)
+        self.calls: dict[tuple[int, ...], Call] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -199,29 +222,35 @@ class LocalSession(FrameSession):
             raise EdgekitError("this stream was flushed: it has ended", "call reset() to start a new stream")
         self.flushed = ending
 
-    def _call(self, entry: str, frames: int, *args) -> dict[str, np.ndarray]:
-        self._ended(entry == "flush")
-        outputs, self.state = self.funcs[entry](*args, self.state)
-        return unpack(self.vm.numpy(outputs), self.output_shapes, self.batch, frames)
-
-    def _input(self, x: np.ndarray):
-        if self.bundle.device != "cpu":
-            return self.vm.tensor(x)
-        if x.shape not in self.inputs:
-            self.inputs[x.shape] = self.vm.aligned(x.shape, x.dtype)
-        buf, tensor = self.inputs[x.shape]
-        np.copyto(buf, x)
-        return tensor
+    def input_buffer(self, frames: int = 1) -> np.ndarray:
+        """The session's own input buffer [batch, frames, features] for calls of `frames` frames: frames written
+        into it and passed to `step` go to the compiled entry without a copy (valid until the session closes)."""
+        entry_for(self.bundle, frames)
+        shape = (self.batch, frames, self.input_size)
+        return self.calls.setdefault(shape, Call(self, shape)).buffer
 
     def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        x = self.check_input(x)
-        return self._call(self.entries[x.shape[1]], x.shape[1], self._input(x))
+        call = self.calls.get(x.shape) if type(x) is np.ndarray and x.dtype is FLOAT32 else None
+        if call is None:
+            x = self.check_input(x)
+            call = self.calls.setdefault(x.shape, Call(self, x.shape))
+        if x is not call.buffer:
+            call.buffer[...] = x
+        if not (self.allow_nonfinite or math.isfinite(call.flat.dot(call.zeros))):
+            self.check_input(x)  # refuses the call, naming the frame
+        if self.flushed:
+            self._ended(False)
+        outputs, self.state = call.function(call.tensor if call.tensor is not None else self.vm.tensor(call.buffer),
+                                            self.state)
+        flat = self.vm.numpy(outputs)
+        return {name: flat[where].reshape(shape) for name, where, shape in call.outputs}
 
     def flush(self) -> dict[str, np.ndarray]:
-        if self.delay:
-            return self._call("flush", self.delay)
-        self._ended(True)  # nothing to compute without a delay, but the stream ends all the same
-        return {n: np.zeros((self.batch, 0, *s), np.float32) for n, s in self.output_shapes.items()}
+        self._ended(True)
+        if not self.delay:  # nothing to compute without a delay, but the stream ends all the same
+            return {n: np.zeros((self.batch, 0, *s), np.float32) for n, s in self.output_shapes.items()}
+        outputs, self.state = self.funcs["flush"](self.state)
+        return unpack(self.vm.numpy(outputs), self.output_shapes, self.batch, self.delay)
 
     def read_state(self) -> dict[str, np.ndarray]:
         """The state now, tensor by tensor (a copy)."""
@@ -247,14 +276,19 @@ class RemoteSession(WorkerSession, FrameSession):
         return self.worker("flush")
 
 
-def unpack(flat: np.ndarray, shapes: dict[str, list[int]], *lead: int) -> dict[str, np.ndarray]:
-    """Views of a packed vector as named arrays of shapes `lead + shape`, in order (the entries' packing)."""
-    out, at = {}, 0
+def layout(shapes: dict[str, list[int]], *lead: int) -> list[tuple[str, slice, tuple[int, ...]]]:
+    """Where each named array of shape `lead + shape` lies in a packed vector, in order (the entries' packing)."""
+    out, at = [], 0
     for name, shape in shapes.items():
         size = math.prod(lead) * math.prod(shape)
-        out[name] = flat[at:at + size].reshape(*lead, *shape)
+        out.append((name, slice(at, at + size), (*lead, *shape)))
         at += size
     return out
+
+
+def unpack(flat: np.ndarray, shapes: dict[str, list[int]], *lead: int) -> dict[str, np.ndarray]:
+    """Views of a packed vector as named arrays of shapes `lead + shape`, in order (the entries' packing)."""
+    return {name: flat[where].reshape(shape) for name, where, shape in layout(shapes, *lead)}
 
 
 def pack(arrays: list[np.ndarray]) -> np.ndarray:
@@ -386,10 +420,6 @@ def _onnxruntime_engine(bundle: Bundle, torch_model, frames: int, threads: int |
     return OrtFrames(bundle, threads, (frames,))
 
 
-def _tvm_engine(bundle: Bundle, torch_model, frames: int, threads: int | None):
-    return LocalSession(bundle).step
-
-
 class OrtFrames:
     """The bundle's frame entries in ONNX Runtime, the packed state carried between calls in numpy: x [B, K, F]
     with K one of `chunks` -> the outputs, in manifest order."""
@@ -417,30 +447,31 @@ def bench_frames(bundle: Bundle, frames: int, calls: int, rng: np.random.Generat
     return xs
 
 
-def _tvm_vm_only(bundle: Bundle, frames: int, calls: int, seed: int) -> dict:
-    """The compiled function alone, timed inside TVM (no Python per call): what compute costs. Its inputs are
-    taken from the middle of a realistic stream (random frames, the state carried over `MID_STREAM` frames), not
-    a zero state: a state that has decayed into denormal floats is what a long stream runs on."""
-    import tvm
-    from tvm import relax
-
+def _tvm_paired(bundle: Bundle, xs: np.ndarray, warmup: int) -> tuple[list[float], list[float]]:
+    """Seconds per call of the session's `step` and of its compiled entry alone (called through tvm-ffi on the
+    session's own input buffer, already filled), both on every input in turn, first one then the other, over one
+    carried state: their paired difference is what the session adds to a call, whatever else the machine does."""
     session = LocalSession(bundle)
-    x = np.random.default_rng([seed, frames]).standard_normal((session.batch, MID_STREAM + frames,
-                                                                session.input_size), dtype=np.float32)
-    session.feed(x[:, :MID_STREAM], max(chunk_sizes(bundle)))
-    dev = tvm.device(bundle.device)
-    with bundle.verified_library() as lib:
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), dev)
-    entry = entry_for(bundle, frames)
-    args = [x[:, MID_STREAM:], session.vm.numpy(session.state)]
-    vm.set_input(entry, *[tvm.runtime.tensor(a, dev) for a in args])
-    te = vm.time_evaluator("invoke_stateful", dev, number=max(1, calls // 5), repeat=5)(entry)
-    per_frame = te.mean / frames
-    return {"frames_per_call": frames, "calls": calls, "mean_us": per_frame * 1e6, "min_us": te.min / frames * 1e6,
-            "frames_per_second": 1.0 / per_frame, "real_time_factor": per_frame / HOP_SECONDS}
+    buffer = session.input_buffer(xs.shape[2])
+    call, to_device, sync = session.calls[buffer.shape], session.vm.tensor, session.vm.sync
+    steps, computes = [], []
+    for i, x in enumerate(xs):
+        for alone in ((False, True) if i % 2 else (True, False)):
+            if alone:
+                buffer[...] = x
+                t0 = time.perf_counter()
+                _, session.state = call.function(call.tensor if call.tensor is not None else to_device(buffer),
+                                                 session.state)
+                sync()
+                (computes if i >= warmup else []).append(time.perf_counter() - t0)
+            else:
+                t0 = time.perf_counter()
+                session.step(x)
+                (steps if i >= warmup else []).append(time.perf_counter() - t0)
+    return steps, computes
 
 
-ENGINES = {"pytorch": _torch_engine, "onnxruntime": _onnxruntime_engine, "tvm": _tvm_engine}
+ENGINES = {"pytorch": _torch_engine, "onnxruntime": _onnxruntime_engine}  # tvm: `_tvm_paired`
 
 
 # ---- the unit ---------------------------------------------------------------------------------------------------
@@ -567,14 +598,21 @@ class Frame(Unit):
             xs = bench_frames(bundle, frames, n, rng)
             for engine in options.engines:
                 progress(f"{engine}, chunk {frames}: {n} calls")
+                if engine == "tvm":
+                    steps, computes = _tvm_paired(bundle, xs, options.warmup)
+                    overhead = float(np.median(np.subtract(steps, computes))) * 1e6
+                    results += [{"engine": "tvm", **measure.summarize(steps, frames, hop=HOP_SECONDS),
+                                 "session_overhead_us": overhead},
+                                {"engine": "tvm-compute", **measure.summarize(computes, frames, hop=HOP_SECONDS)}]
+                    continue
                 call = ENGINES[engine](bundle, torch_model, frames, options.threads)
                 results.append({"engine": engine, **measure.summarize(measure.time_calls(call, xs, options.warmup),
                                                                       frames, hop=HOP_SECONDS)})
-            if "tvm" in options.engines:
-                results.append({"engine": "tvm-compute", **_tvm_vm_only(bundle, frames, n, options.seed)})
         return {"hop_ms": HOP_SECONDS * 1e3, "batch": m["batch"], "results": results,
                 "input": f"standard normal frames and silence (zeros), alternating every {SILENCE_CALLS} calls, the "
-                         "state carried; tvm-compute: the function alone on a state 4096 random frames into a stream",
+                         "state carried; tvm-compute: the compiled entry alone (through tvm-ffi on the session's preallocated "
+                         "tensors), taking turns with the tvm session's step on every input, one state carried through "
+                         "both; session_overhead_us: their paired difference per call (p50)",
                 "note": "per-frame latency = call latency / frames per call; real-time factor = p50 per frame / hop"}
 
     def render_validation(self, report: dict) -> list:
@@ -602,11 +640,13 @@ class Frame(Unit):
         for r in report["results"]:
             fmt = lambda k: f"{r[k]:.1f}" if k in r else "-"  # noqa: E731
             engine = r["engine"] if "bundles" not in report else f"{r['engine']} {r['precision']} {Path(r['bundle']).name}"
-            rows.append([engine, str(r["frames_per_call"]), fmt("p50_us") if "p50_us" in r else fmt("mean_us"),
-                         fmt("p90_us"), fmt("p99_us"), fmt("max_us"), f"{r['frames_per_second']:.0f}",
+            rows.append([engine, str(r["frames_per_call"]), fmt("p50_us"), fmt("p90_us"), fmt("p99_us"), fmt("max_us"), f"{r['frames_per_second']:.0f}",
                          f"{r['real_time_factor']:.4f}"])
         return [render.table(f"{report['model']} on {report['target']}: latency per frame (hop {report['hop_ms']:g} ms)",
                              ["engine", "chunk", "p50 us", "p90 us", "p99 us", "max us", "frames/s", "RTF"], rows),
+                *[f"the Python session adds {r['session_overhead_us']:.1f} us per call at chunk {r['frames_per_call']} "
+                  f"(p50 of step minus the entry alone, call by call){'' if 'bundles' not in report else ' in ' + Path(r['bundle']).name}"
+                  for r in report["results"] if "session_overhead_us" in r],
                 *render.bench_footer(report)]
 
 

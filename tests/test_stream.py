@@ -20,8 +20,8 @@ from edgekit.apps.kws import (DEMO_CHECKPOINT, SCV2_LABELS, SUPPRESS_FRAMES, Cli
                               Window, detect, host_bundle)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "kws"))
-from make_dataset import (make_dataset, reverberate, say, speakers, split_of, synthesize, telephone,  # noqa: E402
-                          training_speakers)
+from make_dataset import (make_dataset, reverberate, say, speaker_id, speakers, split_of, synthesize,  # noqa: E402
+                          telephone, training_speakers)
 from speech_commands import LABELS, load_split  # noqa: E402
 
 TEST_VOICE = "en-us+f3"  # f3 is a test-split speaker: never heard in training
@@ -56,6 +56,13 @@ def test_dataset_layout(tmp_path):
         "no"] * 2 + ["yes"] * 2
     assert split_of(TEST_VOICE.split("+")[1]) == "testing"
     assert np.array_equal(synthesize("go", TEST_VOICE, 150, 40), synthesize("go", TEST_VOICE, 150, 40))  # seeded
+    noise, before = (tmp_path / "_background_noise_" / "hum.wav").read_bytes(), sorted(every)
+    added = make_dataset(tmp_path, ["yes"], {"training": 2, "validation": 1, "testing": 1}, engines=["flite"])
+    assert added == {"training": 2, "validation": 0, "testing": 0}  # only flite's training voices speak
+    assert (tmp_path / "_background_noise_" / "hum.wav").read_bytes() == noise
+    assert (tmp_path / "testing_list.txt").read_text().split() == test
+    new = {f"{p.parent.name}/{p.name}" for p in tmp_path.glob("[a-z]*/*.wav")} - set(before)
+    assert len(new) == 2 and speakers(new) <= {speaker_id(v) for v in ("flite:awb", "flite:rms")}
 
 
 def test_speakers_held_out_in_every_engine():
@@ -67,6 +74,7 @@ def test_speakers_held_out_in_every_engine():
     train = set(training_speakers())
     assert {"flite:awb", "flite:rms"} <= train and not train & held
     assert {split_of(v) for v in speakers() if v.startswith("espeak-ng:")} == {"training", "validation", "testing"}
+    assert split_of("piper:joe") == split_of("kokoro:jf_alpha+jm_kumo") == "training"  # new speakers, whether installed
     a, b = (say("flite:awb", "go", np.random.default_rng(3)) for _ in range(2))
     assert np.array_equal(a, b) and 0.1 < len(a) / audio.SAMPLE_RATE < 1.0
 

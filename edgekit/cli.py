@@ -324,8 +324,8 @@ def report(bundle: Path, out: Path, engines: tuple[str, ...], calls: int, warmup
     segments) and per byte fed one at a time as generation feeds them. min/median/mean/p90/p99/p99.9/max/std,
     init time, first call, peak resident memory, the machine (CPU, cores, governor, threads, pinning). Writes
     OUT/report.json (`runs`: one entry per engine and call, with every call's time), OUT/report.md and PNG plots:
-    latency CDF, per-call timeline, resident memory over the run. A bundle for another machine is refused (no
-    emulated timings); a memory-bank LM has no native runner (--engine python).
+    latency CDF, per-call timeline, resident memory over the run (a memory-bank LM fetches one document's block
+    first). A bundle for another machine is refused (no emulated timings).
       edgekit runner out/lmu && edgekit report out/lmu -o out/lmu-report
     With --rpc, the board runs it (uploaded over TVM RPC) and times every call there:
       edgekit report out/lmu-rpi5 --rpc 192.168.1.20:9090 -o out/rpi5-report   # board: edgekit serve --port 9090
@@ -357,8 +357,8 @@ def serve(port: int, host: str) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 def runner(bundle: Path) -> None:
-    """Build the native runner `edgekit-run` into BUNDLE (a frame model or a segment LM for a CPU target): a C++
-    program over TVM's runtime, so the board needs no Python.
+    """Build the native runner `edgekit-run` into BUNDLE (a frame model, a segment LM or a memory-bank LM for a CPU
+    target): a C++ program over TVM's runtime, so the board needs no Python.
 
     \b
     Built with the target's g++ against the TVM runtime and tvm-ffi libraries of the wheels (aarch64 ones for ARM
@@ -368,7 +368,8 @@ def runner(bundle: Path) -> None:
     frames: raw float32 [T, batch, features]; outputs float32 per frame; --times: every call's time, load time,
     first output and peak RSS as JSON. It verifies the sha256 of what it loads and refuses NaN/Inf frames.
     A segment LM (HMT) streams a file's bytes instead: whole segments through the segment step, the rest byte by
-    byte; outputs: the float32 logits of the next byte after each byte.
+    byte; outputs: the float32 logits of the next byte after each byte. A memory-bank LM (memlm) first retrieves
+    the block of the whole input from its bank (each node read is checked against its sha256).
       BUNDLE/runner/edgekit-run BUNDLE --in text.txt --out logits.f32 --times times.json
     Here: `edgekit validate BUNDLE --runner native` streams through it (ARM bundles under qemu-aarch64);
     `edgekit compile ... --runner` builds it at compile time.

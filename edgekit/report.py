@@ -156,7 +156,7 @@ def _native(bundle: Bundle, index: int, n: int, seed: int, env: dict) -> dict:
 
     work = workloads(bundle)[index]
     t0 = time.perf_counter()
-    session = runner.session(bundle, env=env)
+    session = _started(runner.session(bundle, env=env), bundle, seed)
     init, rss, seconds, log = time.perf_counter() - t0, [], [], session.worker.times
     for i, x in enumerate(work.inputs(bundle, n, seed)):
         before = len(log)
@@ -186,9 +186,7 @@ def _serve_python() -> None:
     t0 = time.perf_counter()
     bundle = load(Path(path), verify=False)  # the parent checked it; the library is checked again as it loads
     work = workloads(bundle)[index]
-    session = units.of(bundle).session(bundle)
-    if bundle.manifest.get("fetched"):  # a memory bundle: one document's block first
-        session.fetch(TokenSource(seed).tokens(0, 4 * bundle.manifest["segment"]))
+    session = _started(units.of(bundle).session(bundle), bundle, seed)
     init, rss, times = time.perf_counter() - t0, [], []
     for i, x in enumerate(work.inputs(bundle, n, seed)):
         times += measure.time_calls(getattr(session, work.op), [x], 0)
@@ -198,6 +196,13 @@ def _serve_python() -> None:
     profile = _profile(session, work.inputs(bundle, PROFILE_CALLS, seed + 1)) if work.item == "frame" else None
     json.dump({"call_seconds": times, "init_seconds": init, "rss": rss, "peak_rss_bytes": peak,
                **({"profile": profile} if profile else {})}, sys.stdout)
+
+
+def _started(session, bundle: Bundle, seed: int):
+    """The session ready for its calls: a memory bundle's session first fetches one document's block."""
+    if bundle.manifest.get("fetched"):
+        session.fetch(TokenSource(seed).tokens(0, 4 * bundle.manifest["segment"]))
+    return session
 
 
 def _profile(session: LocalSession, xs: np.ndarray) -> list[dict]:

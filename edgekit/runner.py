@@ -3,9 +3,9 @@ its compiled entries with TVM's runtime library alone, so a board needs no Pytho
 target's g++ against the TVM runtime and tvm-ffi of the wheels (for aarch64 the aarch64 wheels of the emulation
 root) and republishes the bundle with the runner and those two libraries in `runner/`, listed and checksummed in
 the manifest like every other file. `NativeWorker` drives it over a pipe as `edgekit.worker.Worker` drives a
-Python process: it serves the operations of the unit's session, so `session` is the unit's own remote session
-and validation and reports run through it unchanged: natively, or under qemu-aarch64 for ARM bundles here.
-Memory-bank bundles are refused: retrieval from the bank is not in the runner."""
+Python process: it serves the operations of the unit's session (a memory unit's retrieval from its bank too), so
+`session` is the unit's own remote session and validation and reports run through it unchanged: natively, or
+under qemu-aarch64 for ARM bundles here."""
 from __future__ import annotations
 
 import importlib.util
@@ -28,7 +28,7 @@ SOURCE = Path(__file__).with_name("csrc") / "runner.cc"
 FOLDER = "runner"
 EXECUTABLE = f"{FOLDER}/edgekit-run"
 RUNTIME = ("tvm_ffi/lib/libtvm_ffi.so", "tvm/lib/libtvm_runtime.so")  # inside a site-packages holding the wheels
-UNITS = ("frame", "segment")  # what edgekit-run streams (a memory bundle's retrieval from its bank is not in it)
+UNITS = ("frame", "segment", "memory")  # what edgekit-run streams
 DTYPES = (np.float32, np.int64, np.uint8)  # the pipe's array dtypes, by code
 Progress = Callable[[str], None]
 
@@ -51,6 +51,9 @@ def add_runner(path: Path, progress: Progress = lambda msg: None) -> Bundle:
                 if file_sha256(stage / rel) != digest:
                     raise BundleError(f"{bundle.path}: {rel} changed while the runner was being added",
                                       "recompile the bundle; do not edit files inside it")
+        for rel in bundle.manifest.get("paged") or {}:  # vouched for node by node by their checksummed tables
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(bundle.path / rel, stage / rel)
         fields = _build(bundle, stage / FOLDER, progress)
         for report in REPORTS:
             if (bundle.path / report).is_file() and not (bundle.path / report).is_symlink():

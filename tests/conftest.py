@@ -24,6 +24,15 @@ def tiny_segment_bundle(tmp_path_factory):
     return load(out)
 
 
+@pytest.fixture(scope="session")
+def tiny_memory_bundle(tmp_path_factory):
+    """One small memlm bundle (a memory bank) for the host with its native runner, built once per test session."""
+    out = tmp_path_factory.mktemp("bundles") / "memlm-tiny"
+    result = CliRunner().invoke(main, ["compile", "memlm", "--config", "tiny", "-o", str(out), "--runner"])
+    assert result.exit_code == 0, result.output
+    return load(out)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Per-token ops are tiny: intra-op threads only add synchronisation, which stalls on a loaded machine."""

@@ -40,8 +40,8 @@ def stream(length: int, seed: int = 1) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return compile("memlm", "host", tmp_path_factory.mktemp("memlm") / "tiny", config="tiny")
+def bundle(tiny_memory_bundle):
+    return tiny_memory_bundle  # built once per test session (conftest)
 
 
 def test_fixed_steps_with_a_block_equal_the_reference_float64():
@@ -134,11 +134,17 @@ def test_a_session_fetches_before_scoring_and_keeps_no_mapping(bundle):
 @pytest.mark.slow
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="emulation is how an x86_64 host runs ARM")
 def test_rpi5_bundle_retrieves_and_validates_under_emulation(tmp_path):
-    """Retrieval, the bank's memory-mapped reads and their checks run in the aarch64 Python under qemu."""
+    """Retrieval, the bank's memory-mapped reads and their checks run in the aarch64 Python under qemu, and in the
+    native runner (built with the aarch64 cross g++) under qemu."""
+    from edgekit.runner import add_runner
+
     bundle = compile("memlm", "rpi5", tmp_path / "memlm-rpi5", config="tiny")
     report = validate(bundle.path, documents=3, document_segments=2)
     assert report["passed"], report["checks"]
     assert report["execution"].startswith("qemu-aarch64") and report["path_agreement"] == 1.0
+    native = validate(add_runner(bundle.path).path, documents=3, document_segments=2, runner="native")
+    assert native["passed"] and native["execution"].startswith("native runner under qemu-aarch64"), native["checks"]
+    assert native["path_agreement"] == 1.0
 
 
 BOARD = """

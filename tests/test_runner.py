@@ -1,6 +1,6 @@
 """The native runner: built into a bundle, it streams frames (or a byte LM's segments and tokens) with TVM's C++
-runtime alone and validates against PyTorch like a Python session; it refuses modified libraries, edited
-manifests, NaN frames and memory-bank bundles on its own."""
+runtime alone, retrieving a memory bundle's blocks from its bank itself, and validates against PyTorch like a
+Python session; it refuses modified libraries, edited manifests, modified bank nodes and NaN frames on its own."""
 import json
 import shutil
 import subprocess
@@ -158,11 +158,29 @@ def test_validate_a_segment_bundle_through_the_native_runner(tiny_segment_bundle
     session.worker.close()
 
 
-def test_a_memory_bundle_is_refused_with_what_runs_it(tiny_segment_bundle, tmp_path):
-    bad = tmp_path / "memory"
-    shutil.copytree(tiny_segment_bundle.path, bad)
-    manifest = json.loads((bad / "manifest.json").read_text())
-    (bad / "manifest.json").write_text(json.dumps({**manifest, "unit": "memory"}))
-    with pytest.raises(BundleError, match="native runner streams frame and segment bundles") as refused:
-        add_runner(bad)
-    assert "--engine python" in str(refused.value)
+def test_a_memory_bundle_retrieves_validates_and_refuses_a_modified_node_natively(tiny_memory_bundle, tmp_path):
+    """The runner retrieves a document's block from the bank itself (embedding, tree walk, nodes read one by one
+    and checked against their sha256) and streams with it, as the Python session does."""
+    bundle, L = tiny_memory_bundle, tiny_memory_bundle.manifest["segment"]
+    report = validate(bundle.path, documents=4, document_segments=2, report_path=tmp_path / "v.json", runner="native")
+    assert report["passed"] and report["path_agreement"] == 1.0 and report["execution"] == "native runner"
+    document = np.random.default_rng(2).integers(0, 256, 3 * L + 5).astype(np.uint8)
+    (tmp_path / "doc").write_bytes(document.tobytes())
+    proc = _run(bundle, "--in", str(tmp_path / "doc"), "--out", str(tmp_path / "y.f32"))
+    assert proc.returncode == 0, proc.stderr
+    python = Session(bundle)
+    path = python.fetch(document)["path"]
+    want = np.concatenate([python.score(document[:3 * L])["logits"].reshape(3 * L, -1),
+                           python.feed(document[3 * L:])["logits"][0]])
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "y.f32", np.float32).reshape(want.shape), want)
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle.path, bad)
+    with open(bad / "memory/bank.bin", "r+b") as f:
+        f.seek(int(path[-1]) * bundle.manifest["memory"]["node_bytes"] + 5)
+        f.write(b"\x01")
+    session = runner.session(load(bad))
+    with pytest.raises(EdgekitError, match=f"node {path[-1]} was modified after compilation"):
+        session.fetch(document)
+    with pytest.raises(EdgekitError, match="no memory block fetched yet"):
+        session.score(document[:L])
+    session.worker.close()

@@ -28,8 +28,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <cctype>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -255,6 +257,7 @@ static DLDataType dtype_of(const ffi::Any& spec) {
 
 // ---- the library, verified -----------------------------------------------------------------------------------------
 struct Library {
+  std::string dir;
   Object manifest;
   ffi::Optional<ffi::Module> vm;
 };
@@ -277,9 +280,9 @@ static Library open_bundle(const std::string& dir) {
   Object m = obj(parsed);
   if (num(field(m, "schema")) != 2) fail(dir + " has another manifest schema than 2", "recompile the bundle");
   std::string unit = str(field(m, "unit"));
-  if (unit != "frame" && unit != "segment")
-    fail(dir + " streams in '" + unit + "' units; the native runner streams frame and segment units (memory-bank "
-         "retrieval is not in it)", "run it with the Python session (edgekit validate / report --engine python)");
+  if (unit != "frame" && unit != "segment" && unit != "memory")
+    fail(dir + " streams in '" + unit + "' units; the native runner streams frame, segment and memory units",
+         "run it with the Python session (edgekit validate / report --engine python)");
   Object target = obj(field(m, "target"));
   if (str(field(target, "runs")) == "cuda") fail("the native runner runs CPU bundles, not CUDA ones");
   Object files = obj(field(m, "files"));
@@ -319,7 +322,7 @@ static Library open_bundle(const std::string& dir) {
   if (fp != m.end() && (*fp).second != nullptr)
     if (auto pool = obj((*fp).second).find(ffi::String("pool_function")); pool != obj((*fp).second).end())
       if ((*pool).second != nullptr) vm->GetFunction(ffi::String(str((*pool).second))).value()();
-  return {m, vm};
+  return {dir, m, vm};
 }
 
 // ---- every call timed ----------------------------------------------------------------------------------------------
@@ -394,6 +397,128 @@ struct FrameModel : Model {
   }
 };
 
+// ---- a memory unit's bank (edgekit/units/memory.py): retrieval by the document's bytes, nodes read one by one --------
+static uint64_t little(const std::string& b, size_t at, int bytes) {
+  if (at + bytes > b.size()) fail("a memory index entry is cut short", "recompile the bundle");
+  uint64_t v = 0;
+  for (int i = bytes - 1; i >= 0; --i) v = (v << 8) | static_cast<unsigned char>(b[at + i]);
+  return v;
+}
+
+struct Npy { std::string descr; std::vector<int64_t> shape; std::string data; };
+
+// The arrays of an uncompressed .npz (numpy.savez: zip entries stored, zip64 sizes), each a C-order .npy.
+static std::map<std::string, Npy> read_npz(const std::string& b, const std::string& what) {
+  std::map<std::string, Npy> arrays;
+  for (size_t at = 0; b.compare(at, 4, "PK\3\4") == 0;) {
+    uint64_t flags = little(b, at + 6, 2), method = little(b, at + 8, 2), size = little(b, at + 18, 4);
+    size_t name_len = little(b, at + 26, 2), extra_len = little(b, at + 28, 2), extra = at + 30 + name_len;
+    if (method != 0 || (flags & 8)) fail(what + " is not a plain numpy.savez archive", "recompile the bundle");
+    for (size_t x = extra; size == 0xffffffffu && x + 4 <= extra + extra_len; x += 4 + little(b, x + 2, 2))
+      if (little(b, x, 2) == 1) size = little(b, x + 12, 8);  // zip64: uncompressed, then compressed size
+    std::string npy = b.substr(extra + extra_len, size), name = b.substr(at + 30, name_len);
+    at = extra + extra_len + size;
+    if (npy.compare(0, 6, "\x93NUMPY") != 0) fail(what + ": " + name + " is not a .npy array", "recompile the bundle");
+    size_t header = npy[6] == 1 ? 10 : 12, header_len = little(npy, 8, npy[6] == 1 ? 2 : 4);
+    std::string h = npy.substr(header, header_len);
+    size_t d = h.find("'descr': '"), s = h.find("'shape': (");
+    if (d == std::string::npos || s == std::string::npos || h.find("'fortran_order': False") == std::string::npos)
+      fail(what + ": " + name + " has a header the runner does not read", "recompile the bundle");
+    Npy a{h.substr(d + 10, h.find('\'', d + 10) - d - 10), {}, npy.substr(header + header_len)};
+    for (size_t i = s + 10; h[i] != ')';) {
+      if (std::isdigit(static_cast<unsigned char>(h[i]))) { a.shape.push_back(std::atoll(h.c_str() + i)); while (std::isdigit(static_cast<unsigned char>(h[i]))) ++i; }
+      else ++i;
+    }
+    arrays[name.substr(0, name.size() - 4)] = a;
+  }
+  return arrays;
+}
+
+struct Bank {
+  std::string file;  // the bank: node i at i x node bytes, float32, vouched for by the checksummed index
+  int64_t branching = 0, depth = 0, buckets = 0, embed_dim = 0, nodes = 0, node_floats = 0;
+  std::vector<int64_t> ngrams;
+  std::vector<float> projection, centroids;  // [buckets, E], [nodes, E]
+  std::string sha256;  // [nodes, 32]
+
+  Bank(const std::string& dir, const Object& m) {
+    Object mem = obj(field(m, "memory"));
+    std::string index = str(field(mem, "index"));
+    checked(dir, obj(field(m, "files")), index);
+    auto arrays = read_npz(read_file(inside(dir, index)), index);  // read again after the check: a few KiB-MiB
+    file = inside(dir, str(field(mem, "bank")));
+    branching = num(field(mem, "branching"));
+    depth = num(field(mem, "depth"));
+    buckets = num(field(mem, "buckets"));
+    embed_dim = num(field(mem, "embed_dim"));
+    nodes = num(field(mem, "nodes"));
+    for (const auto& n : arr(field(mem, "ngrams"))) ngrams.push_back(num(n));
+    for (const auto& d : arr(field(mem, "node_shape"))) node_floats = (node_floats ? node_floats : 1) * num(d);
+    auto take = [&](const char* name, const char* descr, std::vector<int64_t> shape) -> const std::string& {
+      auto it = arrays.find(name);
+      if (it == arrays.end() || it->second.descr != descr || it->second.shape != shape)
+        fail(index + " has no " + name + " " + descr + " array of the manifest's shape", "recompile the bundle");
+      return it->second.data;
+    };
+    const std::string& p = take("projection", "<f4", {buckets, embed_dim});
+    const std::string& c = take("centroids", "<f4", {nodes, embed_dim});
+    projection.assign(reinterpret_cast<const float*>(p.data()), reinterpret_cast<const float*>(p.data()) + p.size() / 4);
+    centroids.assign(reinterpret_cast<const float*>(c.data()), reinterpret_cast<const float*>(c.data()) + c.size() / 4);
+    sha256 = take("sha256", "|u1", {nodes, 32});
+  }
+  // embed + walk of edgekit.units.memory (in float64): hashed byte n-grams, log counts, L2-normalised, projected and
+  // normalised; then level by level the child whose centroid is most similar. Node ids numbered level by level.
+  std::vector<int64_t> path(const int64_t* t, int64_t size) const {
+    std::vector<double> f(buckets, 0.0), e(embed_dim, 0.0);
+    for (int64_t n : ngrams)
+      for (int64_t i = 0; i + n <= size; ++i) {
+        int64_t k = 0;
+        for (int64_t j = 0; j < n; ++j) k = k * 257 + t[i + j];
+        f[(k * 5 + n) % buckets] += 1;
+      }
+    double norm = 0;
+    for (double& v : f) { v = std::log1p(v); norm += v * v; }
+    norm = std::max(std::sqrt(norm), 1e-30);
+    for (int64_t b = 0; b < buckets; ++b)
+      for (int64_t j = 0; j < embed_dim; ++j) e[j] += f[b] / norm * projection[b * embed_dim + j];
+    std::vector<int64_t> path;
+    for (int64_t level = 1, first = 0, parent = 0; level <= depth; ++level) {
+      int64_t best = -1;
+      double top = 0;
+      for (int64_t c = parent * branching; c < (parent + 1) * branching; ++c) {
+        double dot = 0;  // e's norm is the same for every child: the arg-max needs no normalising
+        for (int64_t j = 0; j < embed_dim; ++j) dot += centroids[(first + c) * embed_dim + j] * e[j];
+        if (best < 0 || dot > top) { best = c; top = dot; }
+      }
+      parent = best;
+      path.push_back(first + parent);
+      first += static_cast<int64_t>(std::pow(branching, level));
+    }
+    return path;
+  }
+  // The nodes of a path into `block` [depth, node], each checked against its sha256 as it is read.
+  void read(const std::vector<int64_t>& path, float* block) const {
+    std::ifstream in(file, std::ios::binary);
+    if (!in) fail("cannot read " + file, "recompile the bundle");
+    for (size_t level = 0; level < path.size(); ++level) {
+      char* node = reinterpret_cast<char*>(block + level * node_floats);
+      in.seekg(path[level] * node_floats * 4);
+      if (!in.read(node, node_floats * 4)) fail("cannot read node " + std::to_string(path[level]) + " of " + file);
+      Sha256 h;
+      h.update(node, node_floats * 4);
+      std::string want;
+      for (int i = 0; i < 32; ++i) {
+        char b[3];
+        std::snprintf(b, sizeof b, "%02x", static_cast<unsigned char>(sha256[path[level] * 32 + i]));
+        want += b;
+      }
+      if (h.hex() != want)
+        throw std::runtime_error(file + ": node " + std::to_string(path[level]) + " was modified after compilation "
+                                 "(sha256 mismatch); recompile the bundle");
+    }
+  }
+};
+
 // A segment unit (Generator in edgekit/units/segment.py): segment(tokens [1, L], length [1], *state) -> (*outputs,
 // *decode cache, *state); decode(token [1], *cache) -> (logits [1, V], *cache). Fed token by token, a segment holding
 // at most `summary` tokens (or all L) is rerun by the segment step, the decode step extends its cache otherwise, and
@@ -404,16 +529,19 @@ struct SegmentModel : Model {
   std::vector<std::pair<std::vector<int64_t>, DLDataType>> state_specs;
   size_t n_cache = 0, segment_entry = 0, decode_entry = 0;
   ffi::Tensor tokens{nullptr}, length{nullptr}, token{nullptr};
-  std::vector<ffi::Tensor> state, cache;
+  std::vector<ffi::Tensor> state, cache, fetched;  // fetched: a memory unit's block, once a document fetched it
   std::vector<int64_t> ids;  // the tokens of the current segment so far
+  std::unique_ptr<Bank> bank;
+  ffi::Tensor block{nullptr};
 
   SegmentModel(Library& lib) {
     Object& m = lib.manifest;
     vm = lib.vm;
     if (num(field(m, "batch")) != 1) fail("the native runner streams segment bundles of batch 1", "recompile with batch 1");
-    if (auto it = m.find(ffi::String("fetched")); it != m.end() && (*it).second != nullptr)
-      fail("the bundle takes a per-document input the native runner does not fetch",
-           "run it with the Python session");
+    if (auto it = m.find(ffi::String("fetched")); it != m.end() && (*it).second != nullptr) {
+      bank = std::make_unique<Bank>(lib.dir, m);
+      block = zeros(shape_of(arr((*it).second)[0]), F32);
+    }
     L = num(field(m, "segment"));
     summary = num(field(m, "summary"));
     for (const auto& o : arr(field(m, "outputs"))) {
@@ -444,6 +572,15 @@ struct SegmentModel : Model {
         return "token id " + std::to_string(t[i]) + " is not in [0, " + std::to_string(vocab) + "); pass bytes";
     return "";
   }
+  // A memory unit: retrieve and read the block of a document (its bytes); the stream starts anew. Its path.
+  std::vector<int64_t> fetch(const int64_t* t, int64_t n) {
+    auto path = bank->path(t, n);
+    fetched.clear();  // a node refused part-way leaves no block: score and feed refuse until a fetch succeeds
+    bank->read(path, static_cast<float*>(block.data_ptr()));
+    fetched = {block};
+    reset();
+    return path;
+  }
   // The segment step over the tokens so far (padded to L); the state moves on when they fill the segment.
   std::vector<ffi::Tensor> segment() {
     int64_t n = static_cast<int64_t>(ids.size());
@@ -453,6 +590,7 @@ struct SegmentModel : Model {
     *static_cast<int64_t*>(length.data_ptr()) = n;
     std::vector<ffi::Tensor> args{tokens, length};
     args.insert(args.end(), state.begin(), state.end());
+    args.insert(args.end(), fetched.begin(), fetched.end());
     auto out = call(segment_entry, n, args);
     size_t k = output_names.size();
     if (n == L) {
@@ -476,6 +614,7 @@ struct SegmentModel : Model {
     *static_cast<int64_t*>(token.data_ptr()) = id;
     std::vector<ffi::Tensor> args{token};
     args.insert(args.end(), cache.begin(), cache.end());
+    args.insert(args.end(), fetched.begin(), fetched.end());
     auto out = call(decode_entry, 1, args);
     keep = out[0];
     cache.assign(out.begin() + 1, out.end());
@@ -615,12 +754,22 @@ static std::string serve_frame(FrameModel& m, const std::string& op, Message& in
 // The segment session's operations (edgekit.units.segment.LocalSession): reset, score whole segments, feed tokens.
 static std::string serve_segment(SegmentModel& m, const std::string& op, Message& in, Message& out) {
   if (op == "reset") { m.reset(); return ""; }
-  if (op != "score" && op != "feed") return "the native runner has no operation '" + op + "' for segment bundles";
+  if (op != "score" && op != "feed" && (op != "fetch" || !m.bank))
+    return "the native runner has no operation '" + op + "' for this bundle";
   Named* t = find(in, "tokens", 1);
   if (!t) return op + " takes tokens: int64 token ids";
   int64_t n = t->count();
   const int64_t* ids = t->as<int64_t>();
   if (auto bad = m.check(ids, n); !bad.empty()) return bad;
+  if (op == "fetch") {
+    auto t0 = Clock::now();
+    auto path = m.fetch(ids, n);
+    float seconds = std::chrono::duration<float>(Clock::now() - t0).count();
+    out.push_back(Named::of("path", 1, {static_cast<int64_t>(path.size())}, path.data()));
+    out.push_back(Named::of("seconds", 0, {}, &seconds));
+    return "";
+  }
+  if (m.bank && m.fetched.empty()) return "no memory block fetched yet; call fetch(document bytes) before score or feed";
   if (op == "feed") {
     std::vector<float> logits(n * m.vocab);
     ffi::Tensor keep{nullptr};
@@ -666,6 +815,8 @@ static int serve(M& model, Serve op_of) {
       refused = op_of(model, op, in, out);
     } catch (const ffi::Error& e) {
       refused = std::string("the compiled entry failed: ") + e.what();
+    } catch (const std::runtime_error& e) {
+      refused = e.what();
     }
     if (refused.empty()) reply(std::move(out), model, logged);
     else reply_error(refused);
@@ -823,11 +974,25 @@ int main(int argc, char** argv) {
     return {in, out};
   };
   double first_output = -1;
-  if (str(field(lib.manifest, "unit")) == "segment") {
+  if (str(field(lib.manifest, "unit")) != "frame") {
     SegmentModel model(lib);
     model.load_seconds = std::chrono::duration<double>(Clock::now() - start).count();
     if (serving) return serve(model, serve_segment);
     auto [in, out] = opened("bytes");
+    std::string document;
+    if (model.bank) {  // a memory unit: the whole input is the document whose block is fetched, then streamed
+      char buf[1 << 16];
+      for (size_t got; (got = std::fread(buf, 1, sizeof buf, in)) > 0;) document.append(buf, got);
+      if (document.empty()) fail("the input is empty", "pass a document's bytes with --in FILE, or on stdin");
+      std::vector<int64_t> ids(document.begin(), document.end());
+      for (auto& id : ids) id &= 0xff;
+      try {
+        model.fetch(ids.data(), static_cast<int64_t>(ids.size()));
+      } catch (const std::runtime_error& e) {
+        fail(e.what());
+      }
+      in = fmemopen(document.data(), document.size(), "rb");
+    }
     stream_tokens(model, in, out, start, &first_output);
     if (out && out != stdout) std::fclose(out);
     if (!times_path.empty()) write_times(times_path, model, "tokens", first_output);

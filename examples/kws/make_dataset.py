@@ -384,7 +384,7 @@ def training_speakers(other_share: float = 0.35, engines: list[str] | None = Non
 def make_dataset(out: Path, words: dict[str, int] | list[str], per_word: dict[str, int], seed: int = 0,
                  workers: int = 1, noise_seconds: float = 60.0, engines: list[str] | None = None) -> dict[str, int]:
     """Write the data set; `per_word` gives clips per word for each split, `words` maps words to a multiplier
-    of it (a list: 1 each). With `engines`, only the training voices of those engines speak: clips added to an
+    of it (a list: 1 each; rounded, so a word may get none in a split). With `engines`, only the training voices of those engines speak: clips added to an
     existing data set (new speakers' clips have new names; its noises and split lists are kept). Returns the
     count of clips written per split."""
     words = words if isinstance(words, dict) else dict.fromkeys(words, 1.0)
@@ -403,8 +403,9 @@ def make_dataset(out: Path, words: dict[str, int] | list[str], per_word: dict[st
             if not (voices := by_split[split]):
                 continue
             start = int(hashlib.sha1(word.encode()).hexdigest(), 16) % len(voices)  # few clips: varied speakers
-            plan += [(voices[(start + i) % len(voices)], i) for i in range(max(1, round(count * share)))]
-        jobs.append((out, word, plan, seed))
+            plan += [(voices[(start + i) % len(voices)], i) for i in range(round(count * share))]
+        if plan:
+            jobs.append((out, word, plan, seed))
     with ProcessPoolExecutor(workers) as pool:
         names = [n for batch in pool.map(_write_word, jobs) for n in batch]
     lists = {s: sorted(n for n, split in names if split == s) for s in by_split}
@@ -423,7 +424,8 @@ def main() -> None:
     p.add_argument("--val", type=int, default=30, help="validation clips per keyword")
     p.add_argument("--test", type=int, default=60, help="test clips per keyword")
     p.add_argument("--unknown-scale", type=float, default=1.0,
-                   help="scales the clips of other words (at least one per word): fewer for slow synthesizers")
+                   help="scales the clips of other words (a word under half a clip gets none): fewer for slow "
+                   "synthesizers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--engines", nargs="+", choices=["espeak-ng", "flite", *NEURAL_PACKAGES],

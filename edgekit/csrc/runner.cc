@@ -975,6 +975,9 @@ int main(int argc, char** argv) {
   };
   double first_output = -1;
   if (str(field(lib.manifest, "unit")) != "frame") {
+    if (chunk != 1 || !flush || allow_nonfinite)
+      fail("--chunk, --no-flush and --allow-nonfinite are options of frame bundles; this one streams bytes",
+           "see edgekit-run --help");
     SegmentModel model(lib);
     model.load_seconds = std::chrono::duration<double>(Clock::now() - start).count();
     if (serving) return serve(model, serve_segment);

@@ -49,11 +49,13 @@ using Clock = std::chrono::steady_clock;
 class Sha256 {
  public:
   void update(const char* data, size_t n) {
-    for (size_t i = 0; i < n; ++i) {
-      block_[fill_++] = static_cast<unsigned char>(data[i]);
+    bytes_ += n;
+    while (n) {
+      size_t take = std::min(n, 64 - fill_);
+      std::memcpy(block_ + fill_, data, take);
+      fill_ += take, data += take, n -= take;
       if (fill_ == 64) { compress(); fill_ = 0; }
     }
-    bytes_ += n;
   }
   std::string hex() {  // the digest of everything so far (ends the hash)
     uint64_t bits = bytes_ * 8;
@@ -480,7 +482,8 @@ struct Bank {
     for (double& v : f) { v = std::log1p(v); norm += v * v; }
     norm = std::max(std::sqrt(norm), 1e-30);
     for (int64_t b = 0; b < buckets; ++b)
-      for (int64_t j = 0; j < embed_dim; ++j) e[j] += f[b] / norm * projection[b * embed_dim + j];
+      if (f[b] != 0)  // a document's n-grams fill few of the buckets
+        for (int64_t j = 0; j < embed_dim; ++j) e[j] += f[b] / norm * projection[b * embed_dim + j];
     std::vector<int64_t> path;
     for (int64_t level = 1, first = 0, parent = 0; level <= depth; ++level) {
       int64_t best = -1;

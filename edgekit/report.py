@@ -30,7 +30,7 @@ from edgekit.artifact import Bundle, load, write_atomic
 from edgekit.errors import BundleError, EdgekitError
 from edgekit.measure import TokenSource
 from edgekit.remote import machine
-from edgekit.units.frame import HOP_SECONDS, SILENCE_CALLS, LocalSession, bench_frames, chunk_sizes
+from edgekit.units.frame import HOP_SECONDS, SILENCE_CALLS, bench_frames, chunk_sizes
 
 ENGINES = ("python", "native")  # engines on this machine; "rpc" times a board
 FILES = ("report.json", "report.md", "latency_cdf.png", "timeline.png", "memory.png")
@@ -193,9 +193,10 @@ def _serve_python() -> None:
         if i % max(1, n // RSS_SAMPLES) == 0 or i == n - 1:
             rss.append([i, measure.rss_bytes()])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    profile = _profile(session, work.inputs(bundle, PROFILE_CALLS, seed + 1)) if work.item == "frame" else None
+    vm = session.vm if work.item == "frame" else session.engine.vm  # a segment session's engine holds its VM
     json.dump({"call_seconds": times, "init_seconds": init, "rss": rss, "peak_rss_bytes": peak,
-               **({"profile": profile} if profile else {})}, sys.stdout)
+               "profile": _profile(vm, getattr(session, work.op), work.inputs(bundle, PROFILE_CALLS, seed + 1))},
+              sys.stdout)
 
 
 def _started(session, bundle: Bundle, seed: int):
@@ -205,10 +206,10 @@ def _started(session, bundle: Bundle, seed: int):
     return session
 
 
-def _profile(session: LocalSession, xs: np.ndarray) -> list[dict]:
-    """Top compiled kernels by time over `xs`, the stream carried on, timed through the VM's instrument hook
-    (`set_instrument`; TVM 0.27 has no `vm.profile`). The Python hook adds a few microseconds to each timed call,
-    so the shares matter more than the times."""
+def _profile(vm, call: Callable[[np.ndarray], object], xs: np.ndarray) -> list[dict]:
+    """Top compiled kernels by time over calls of `call` on `xs`, the stream carried on, timed through the VM's
+    instrument hook (`set_instrument`; TVM 0.27 has no `vm.profile`). The Python hook adds a few microseconds to
+    each timed call, so the shares matter more than the times."""
     total, count, started = {}, {}, {}
 
     def hook(func, name, before, result, *args):
@@ -218,9 +219,9 @@ def _profile(session: LocalSession, xs: np.ndarray) -> list[dict]:
         total[name] = total.get(name, 0.0) + time.perf_counter() - started[name]
         count[name] = count.get(name, 0) + 1
 
-    session.vm.raw_function("set_instrument")(hook)
+    vm.raw_function("set_instrument")(hook)
     for x in xs:
-        session.step(x)
+        call(x)
     for name in [n for n in total if n.startswith("vm.builtin.")]:  # the VM's bookkeeping, not kernels
         del total[name]
     whole = sum(total.values())
@@ -318,7 +319,7 @@ def markdown(report: dict) -> str:
         *[line for r in report["runs"] if r.get("profile") for line in (
             f"Per-kernel profile, {r['engine']} engine, {_call(r)} ({PROFILE_CALLS} calls after "
             "the timed ones, through the VM's instrument hook, whose Python callback adds a few us to each call):",
-            "", "| kernel | calls per step | us per step | share of kernel time |", "|---|---|---|---|",
+            "", "| kernel | calls per call | us per call | share of kernel time |", "|---|---|---|---|",
             *[f"| {k['function'][:80]} | {k['calls_per_step']:g} | {k['us_per_step']:.1f} | {k['share']:.1%} |"
               for k in r["profile"]], "")]])
 

@@ -105,6 +105,7 @@ def test_report_times_a_segment_bundle_per_segment_and_per_token(tiny_segment_bu
     for r in result["runs"]:
         assert r["calls"] == 12 and len(r["call_us"]) == 14 and 0 < r["min_us"] <= r["p50_us"] <= r["p99_us"] <= r["max_us"]
         assert r["peak_rss_bytes"] > 4 * 2**20 and r["rss_bytes"] and "real_time_factor" not in r
+    assert all(r["profile"] for r in result["runs"][:2])  # the Python engine's per-kernel profile, both calls
     page = (tmp_path / "rep/report.md").read_text()
     assert f"| native | segment ({L} tokens) | 12 |" in page and "| python | feed (1 token) | 12 |" in page
     assert "RTF" not in page and json.loads((tmp_path / "rep/report.json").read_text())["unit"] == "segment"

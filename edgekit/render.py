@@ -28,12 +28,17 @@ def errors(title: str, report: dict):
 def quantized(report: dict) -> list:
     """A quantized bundle's validation: errors in each output's int8 steps against the quantized reference, and
     the quantization's own effect against the fp32 model (with bits per byte for a byte LM on text)."""
+    steps = lambda title, outputs: table(title, ["output", "codes differing", "max error (steps)"],  # noqa: E731
+                                         [[n, f"{o['codes_differing']:.4%}", f"{o['max_error_steps']:.3f}"]
+                                          for n, o in outputs.items() if "codes_differing" in o])
     out = []
+    if kernel := report.get("kernel_check"):
+        out.append(steps(f"kernel check ({kernel['frames']} {kernel.get('unit', 'frames')}; {kernel['how']}), in each "
+                         "output's int8 steps (max|row| / 127): the step criteria judge this", kernel["outputs"]))
     if any("codes_differing" in o for o in report["outputs"].values()):
-        out.append(table("against the quantized reference, in each output's int8 steps (max|row| / 127)",
-                         ["output", "codes differing", "max error (steps)"],
-                         [[n, f"{o['codes_differing']:.4%}", f"{o['max_error_steps']:.3f}"]
-                          for n, o in report["outputs"].items()]))
+        out.append(steps("against the quantized reference, in each output's int8 steps (max|row| / 127)"
+                         + (", free-running: a flipped code carried on by the state counts in every later item"
+                            if kernel else ""), report["outputs"]))
     if effect := report.get("quantization_effect"):
         out.append(errors(f"quantization effect: the quantized model against {effect['against']}", effect))
         if bits := effect.get("bits_per_byte"):

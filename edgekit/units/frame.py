@@ -35,6 +35,7 @@ FLOAT32 = np.dtype(np.float32)
 # The sessions' input probe (frames . zeros) is NaN exactly when a frame holds NaN or Inf; Inf * 0 also raises the
 # invalid flag, which numpy would print as a warning on top of the refusal.
 warnings.filterwarnings("ignore", "invalid value encountered in dot", RuntimeWarning, __name__)
+KERNEL_CHECK_CALLS, KERNEL_CHECK_WINDOWS = 1024, 8  # a quantized bundle's call-by-call kernel check: calls, windows
 SILENCE_CALLS = 25  # bench streams this many calls of random frames, then as many of silence, and so on
 
 
@@ -162,6 +163,10 @@ class FrameSession:
         """The last `delay` outputs of the stream, as if it were zero-padded offline."""
         raise NotImplementedError
 
+    def read_state(self) -> dict[str, np.ndarray] | None:
+        """The state now, tensor by tensor (a copy); None where the session cannot read it (the native runner)."""
+        return None
+
     def feed(self, x: np.ndarray, chunk: int = 1) -> dict[str, np.ndarray]:
         """Frames [batch, T, features] through whole chunks, the remainder frame by frame; outputs concatenated
         (T = 0: empty outputs)."""
@@ -203,7 +208,7 @@ class LocalSession(FrameSession):
     Python adds ~3 us: the input check (a dot product with zeros is NaN exactly when a frame holds NaN or Inf),
     one copy of the frames, the call, and the output views."""
 
-    OPS = ("reset", "step", "flush")  # what a Worker may run
+    OPS = ("reset", "step", "flush", "read_state")  # what a Worker may run
 
     def __init__(self, bundle: Bundle, allow_nonfinite: bool = False):
         check_runs_here(bundle)
@@ -253,7 +258,6 @@ class LocalSession(FrameSession):
         return unpack(self.vm.numpy(outputs), self.output_shapes, self.batch, self.delay)
 
     def read_state(self) -> dict[str, np.ndarray]:
-        """The state now, tensor by tensor (a copy)."""
         shapes = {s["name"]: s["shape"] for s in self.state_specs}
         return {k: v.copy() for k, v in unpack(self.vm.numpy(self.state), shapes).items()}
 
@@ -274,6 +278,9 @@ class RemoteSession(WorkerSession, FrameSession):
 
     def flush(self) -> dict[str, np.ndarray]:
         return self.worker("flush")
+
+    def read_state(self) -> dict[str, np.ndarray]:
+        return self.worker("read_state")
 
 
 def layout(shapes: dict[str, list[int]], *lead: int) -> list[tuple[str, slice, tuple[int, ...]]]:
@@ -379,6 +386,40 @@ class GoldenReference(Reference):
         with np.load(bundle.path / bundle.manifest["golden"]["file"]) as f:
             self.whole = {k: f[k][:, offset:offset + length] for k in f.files}
         self.running_means, self.sums, self.count, self.state = bundle.manifest["running_means"], {}, 0, None
+
+
+def _kernel_check(session: FrameSession, reference: QuantizedFrames, source: FrameSource, o: ValidateOptions
+                  ) -> tuple[Tally, int] | None:
+    """A quantized bundle's kernels call by call: in `KERNEL_CHECK_WINDOWS` windows spread over the stream (the
+    artifact streams on alone between them), the quantized reference restarts from the artifact's own state
+    before every call, so a code that flips on a rounding boundary counts in the call where it flips, and not
+    again in every later frame the carried state reaches (the free-running stream counts those). The tally and
+    the frames checked; None where the session cannot read its state."""
+    import torch
+
+    session.reset()
+    if session.read_state() is None:
+        return None
+    calls, dtypes = o.frames // o.chunk, {s["name"]: s["dtype"] for s in session.state_specs}
+    per_window = max(1, min(calls, KERNEL_CHECK_CALLS) // KERNEL_CHECK_WINDOWS)
+    tally, t, checked, threads = Tally(o.frames, quantized=True), 0, 0, torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference's ops are tiny: threads only wait on each other
+    try:
+        for start in np.linspace(0, calls - per_window, KERNEL_CHECK_WINDOWS).astype(int) * o.chunk:
+            while t < start:  # the artifact alone up to the window
+                stop = min(start, t + WINDOW)
+                session.feed(source.frames(t, stop, session.batch), o.chunk)
+                t = stop
+            for _ in range(per_window):
+                state = {k: torch.from_numpy(v.astype(dtypes[k])) for k, v in session.read_state().items()}
+                x = source.frames(t, t + o.chunk, session.batch)
+                got = session.step(x)
+                want, _ = reference.step_chunk(torch.from_numpy(x), state)
+                tally.add({k: got[k] for k in want}, {k: v.numpy() for k, v in want.items()}, t, [])
+                t, checked = t + o.chunk, checked + o.chunk
+    finally:
+        torch.set_num_threads(threads)
+    return tally, checked
 
 
 def _refuses_nonfinite(session: FrameSession) -> bool:
@@ -579,7 +620,9 @@ class Frame(Unit):
             if effect:
                 effect.end_of_segment(last[1], last[2], means)
             done += seg
-        report = _report(bundle, tally, rss, frames, options, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        kernel = _kernel_check(session, net, source, options) if effect else None
+        report = _report(bundle, tally, rss, frames, options, seconds, kernel)
         if effect:
             report["quantization_effect"] = {"against": "the float64 PyTorch model without quantization",
                                              "outputs": effect.errors(), "predictions": _predictions(effect, options)}
@@ -656,10 +699,14 @@ def _predictions(tally: Tally, o: ValidateOptions) -> dict:
             for name, (a, n, ae, ne) in tally.predictions.items()}
 
 
-def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, o: ValidateOptions, seconds: float
-            ) -> dict:
+def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, o: ValidateOptions, seconds: float,
+            kernel: tuple[Tally, int] | None = None) -> dict:
+    """The validation report. A quantized bundle's step criteria judge its kernel check where one ran (the
+    free-running stream's codes and steps are then reported as what the carried state makes of rounding flips,
+    judged by its predictions), else the free-running stream."""
     spiking = bool(tally.spikes)
     outputs = tally.errors()
+    judged = kernel[0].errors() if kernel else outputs
     spikes = {name.removeprefix("spikes."): {"agreement": int(a) / int(n), "sparsity_artifact": int(za) / int(n),
                                              "sparsity_reference": int(zr) / int(n)}
               for name, (a, n, za, zr) in tally.spikes.items()}
@@ -667,7 +714,7 @@ def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, o: V
     mem = measure.memory(rss, frames)
     quantized = scheme_of(bundle.manifest) != "none"
     checks = {
-        **(measure.step_checks(outputs, o.max_steps, o.max_codes_differing) if quantized else
+        **(measure.step_checks(judged, o.max_steps, o.max_codes_differing) if quantized else
            {} if spiking else measure.error_checks(outputs, o.atol, o.rtol)),
         **{f"spikes.{name}_agreement": s["agreement"] >= o.spike_agreement for name, s in spikes.items()},
         **({f"{name}_prediction": p["agreement_per_frame"] >= o.prediction_agreement
@@ -689,6 +736,9 @@ def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, o: V
         "outputs": outputs, "spikes": spikes, "predictions": predictions,
         "state_bytes": bundle.manifest["state_bytes"], "rss_bytes": mem["rss_bytes"],
         "seconds": round(seconds, 2), "checks": checks, "passed": all(checks.values()),
+        **({"kernel_check": {"frames": kernel[1], "outputs": judged,
+                             "how": f"call by call in {KERNEL_CHECK_WINDOWS} windows over the stream, the quantized "
+                                    "reference restarted from the artifact's state before every call"}} if kernel else {}),
     }
 
 

@@ -125,9 +125,9 @@ def report(bundle_path: Path, out: Path, engines: tuple[str, ...] = ENGINES, cal
                                                               "summary": bundle.manifest["summary"]}),
               **({"note": "EMULATED: the board ran under qemu; these are not board timings"} if where["emulated"]
                  else {}),
-              "input": f"standard normal frames and silence (zeros), alternating every {SILENCE_CALLS} calls, the state carried "
-                       "from a fresh stream; warm-up calls are timed too (call_us) but left out of the statistics"
-                       if frames else SEGMENT_INPUT,
+              "input": f"standard normal frames and silence (zeros), alternating every {SILENCE_CALLS} calls, the "
+                       "state carried from a fresh stream; warm-up calls are timed too (call_us) but left out of the "
+                       "statistics" if frames else SEGMENT_INPUT,
               "timing": {e: TIMING[e] for e in engines}, "runs": runs}
     progress("writing the report and plots")
     write_atomic(out / "report.json", (json.dumps(result, indent=1) + "\n").encode())

@@ -125,7 +125,8 @@ def test_compile_builds_the_runner_and_it_streams_bytes_like_the_python_session(
     """Whole segments through the segment step, the rest fed byte by byte (segment steps while the segment holds
     at most `summary` bytes, decode steps after): the logits of the next byte after each, as the session's."""
     bundle, L = tiny_segment_bundle, tiny_segment_bundle.manifest["segment"]
-    assert {bundle.manifest["runner"]["executable"], *bundle.manifest["runner"]["libraries"]} <= set(bundle.manifest["files"])
+    built = bundle.manifest["runner"]
+    assert {built["executable"], *built["libraries"]} <= set(bundle.manifest["files"])
     text = np.random.default_rng(4).integers(0, 256, 2 * L + 6).astype(np.uint8)
     (tmp_path / "text").write_bytes(text.tobytes())
     proc = _run(bundle, "--in", str(tmp_path / "text"), "--out", str(tmp_path / "y.f32"), "--times",

@@ -399,7 +399,7 @@ struct FrameModel : Model {
   }
 };
 
-// ---- a memory unit's bank (edgekit/units/memory.py): retrieval by the document's bytes, nodes read one by one --------
+// ---- a memory unit's bank (edgekit/units/memory.py): retrieval by the document's bytes, nodes read one by one ----
 static uint64_t little(const std::string& b, size_t at, int bytes) {
   if (at + bytes > b.size()) fail("a memory index entry is cut short", "recompile the bundle");
   uint64_t v = 0;
@@ -427,10 +427,9 @@ static std::map<std::string, Npy> read_npz(const std::string& b, const std::stri
     if (d == std::string::npos || s == std::string::npos || h.find("'fortran_order': False") == std::string::npos)
       fail(what + ": " + name + " has a header the runner does not read", "recompile the bundle");
     Npy a{h.substr(d + 10, h.find('\'', d + 10) - d - 10), {}, npy.substr(header + header_len)};
-    for (size_t i = s + 10; h[i] != ')';) {
-      if (std::isdigit(static_cast<unsigned char>(h[i]))) { a.shape.push_back(std::atoll(h.c_str() + i)); while (std::isdigit(static_cast<unsigned char>(h[i]))) ++i; }
-      else ++i;
-    }
+    for (char* at = &h[s + 10]; *at != ')';)  // "(6, 32)", "(257,)", "()"
+      if (std::isdigit(static_cast<unsigned char>(*at))) a.shape.push_back(std::strtoll(at, &at, 10));
+      else ++at;
     arrays[name.substr(0, name.size() - 4)] = a;
   }
   return arrays;
@@ -464,8 +463,9 @@ struct Bank {
     };
     const std::string& p = take("projection", "<f4", {buckets, embed_dim});
     const std::string& c = take("centroids", "<f4", {nodes, embed_dim});
-    projection.assign(reinterpret_cast<const float*>(p.data()), reinterpret_cast<const float*>(p.data()) + p.size() / 4);
-    centroids.assign(reinterpret_cast<const float*>(c.data()), reinterpret_cast<const float*>(c.data()) + c.size() / 4);
+    auto floats = [](const std::string& d) { return reinterpret_cast<const float*>(d.data()); };
+    projection.assign(floats(p), floats(p) + p.size() / 4);
+    centroids.assign(floats(c), floats(c) + c.size() / 4);
     sha256 = take("sha256", "|u1", {nodes, 32});
   }
   // embed + walk of edgekit.units.memory (in float64): hashed byte n-grams, log counts, L2-normalised, projected and
@@ -540,7 +540,8 @@ struct SegmentModel : Model {
   SegmentModel(Library& lib) {
     Object& m = lib.manifest;
     vm = lib.vm;
-    if (num(field(m, "batch")) != 1) fail("the native runner streams segment bundles of batch 1", "recompile with batch 1");
+    if (num(field(m, "batch")) != 1)
+      fail("the native runner streams segment bundles of batch 1", "recompile with batch 1");
     if (auto it = m.find(ffi::String("fetched")); it != m.end() && (*it).second != nullptr) {
       bank = std::make_unique<Bank>(lib.dir, m);
       block = zeros(shape_of(arr((*it).second)[0]), F32);
@@ -728,7 +729,8 @@ static std::string serve_frame(FrameModel& m, const std::string& op, Message& in
   if (op == "step") {
     Named* x = find(in, "x", 0);
     if (!x || x->shape.size() != 3 || x->shape[0] != m.batch || x->shape[2] != m.features)
-      return "step takes x: float32 [batch=" + std::to_string(m.batch) + ", K, features=" + std::to_string(m.features) + "]";
+      return "step takes x: float32 [batch=" + std::to_string(m.batch) + ", K, features=" +
+             std::to_string(m.features) + "]";
     frames = x->shape[1];
     if (!m.entries.count(frames)) return "the bundle has no entry for chunks of " + std::to_string(frames) + " frames";
     if (!allow_nonfinite && first_nonfinite(x->as<float>(), x->count()) >= 0)
@@ -772,7 +774,8 @@ static std::string serve_segment(SegmentModel& m, const std::string& op, Message
     out.push_back(Named::of("seconds", 0, {}, &seconds));
     return "";
   }
-  if (m.bank && m.fetched.empty()) return "no memory block fetched yet; call fetch(document bytes) before score or feed";
+  if (m.bank && m.fetched.empty())
+    return "no memory block fetched yet; call fetch(document bytes) before score or feed";
   if (op == "feed") {
     std::vector<float> logits(n * m.vocab);
     ffi::Tensor keep{nullptr};
@@ -936,9 +939,10 @@ static void usage() {
                "       edgekit-run BUNDLE --serve\n"
                "A frame bundle streams raw float32 frames [T, batch, features] (default: stdin) through its entries:\n"
                "chunks of K frames, the remainder frame by frame, then flush; --out writes float32 outputs per frame\n"
-               "[T, batch, outputs...]. A segment bundle (a byte LM) streams the input's bytes: whole segments through\n"
-               "its segment step, the remainder byte by byte; --out writes the float32 logits of the next byte after\n"
-               "each byte [T, vocabulary]. --times writes every call's time (JSON); a summary goes to stderr.\n");
+               "[T, batch, outputs...]. A segment bundle (a byte LM) streams the input's bytes: whole segments\n"
+               "through its segment step, the remainder byte by byte; --out writes the float32 logits of the next\n"
+               "byte after each byte [T, vocabulary]; a memory-bank LM first fetches the block of the whole input.\n"
+               "--times writes every call's time (JSON); a summary goes to stderr.\n");
 }
 
 int main(int argc, char** argv) {

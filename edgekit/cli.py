@@ -371,6 +371,7 @@ def runner(bundle: Path) -> None:
     byte; outputs: the float32 logits of the next byte after each byte. A memory-bank LM (memlm) first retrieves
     the block of the whole input from its bank (each node read is checked against its sha256).
       BUNDLE/runner/edgekit-run BUNDLE --in text.txt --out logits.f32 --times times.json
+      BUNDLE/runner/edgekit-run BUNDLE --in prompt.txt --generate 200     # greedy bytes to stdout
     Here: `edgekit validate BUNDLE --runner native` streams through it (ARM bundles under qemu-aarch64);
     `edgekit compile ... --runner` builds it at compile time.
     """

@@ -121,9 +121,11 @@ def test_a_manifest_pointing_the_runner_outside_the_bundle_is_refused(native_bun
         runner.session(load(bad))
 
 
-def test_compile_builds_the_runner_and_it_streams_bytes_like_the_python_session(tiny_segment_bundle, tmp_path):
+def test_compile_builds_the_runner_and_it_streams_and_generates_bytes_like_the_python_session(tiny_segment_bundle,
+                                                                                              tmp_path):
     """Whole segments through the segment step, the rest fed byte by byte (segment steps while the segment holds
-    at most `summary` bytes, decode steps after): the logits of the next byte after each, as the session's."""
+    at most `summary` bytes, decode steps after): the logits of the next byte after each, as the session's; then
+    greedy generation, fed back byte by byte."""
     bundle, L = tiny_segment_bundle, tiny_segment_bundle.manifest["segment"]
     built = bundle.manifest["runner"]
     assert {built["executable"], *built["libraries"]} <= set(bundle.manifest["files"])
@@ -140,6 +142,12 @@ def test_compile_builds_the_runner_and_it_streams_bytes_like_the_python_session(
     summary = bundle.manifest["summary"]
     assert times["entry"] == ["segment"] * (2 + summary) + ["decode"] * (6 - summary)
     assert times["tokens"] == [L, L, *range(1, summary + 1), *[1] * (6 - summary)] and min(times["call_ns"]) > 0
+    generated = _run(bundle, "--in", str(tmp_path / "text"), "--generate", "12")
+    logits, want = want[-1], []
+    for _ in range(12):  # greedy, as the runner generates: each byte the arg-max of the logits before it
+        want.append(int(np.argmax(logits)))
+        logits = session.feed(np.array(want[-1:]))["logits"][0, -1]
+    assert generated.returncode == 0 and generated.stdout == bytes(want), generated.stderr
 
 
 def test_validate_a_segment_bundle_through_the_native_runner(tiny_segment_bundle, tmp_path):

@@ -11,7 +11,8 @@
 //   edgekit-run BUNDLE [--in FILE|-] [--out FILE|-] [--chunk K] [--times FILE] [--no-flush] [--threads N]
 //       frames: raw float32 [T, batch, features]; outputs: raw float32 per frame [T, batch, outputs...] in
 //       manifest order (flushed at the end unless --no-flush). Bytes for a segment bundle; outputs: the float32
-//       logits of the next byte after each byte [T, vocabulary]. --times: JSON with every call's nanoseconds.
+//       logits of the next byte after each byte [T, vocabulary]; --generate N then writes N bytes to stdout, each
+//       the most likely after the bytes before it. --times: JSON with every call's nanoseconds.
 //   edgekit-run BUNDLE --serve
 //       the session's operations over a pipe on stdin/stdout (edgekit.runner.NativeWorker): see `serve` below.
 #include <tvm/ffi/extra/json.h>
@@ -873,13 +874,18 @@ static void stream_frames(FrameModel& m, FILE* in, FILE* out, int64_t chunk, boo
 }
 
 // Bytes as token ids: whole segments through the segment step, the remainder fed byte by byte; the logits of the
-// next byte after each byte [T, V] (float32), the first output's.
-static void stream_tokens(SegmentModel& m, FILE* in, FILE* out, Clock::time_point start, double* first_output) {
+// next byte after each byte [T, V] (float32), the first output's. Then `generate` bytes, each the arg-max of the
+// logits before it, fed back in turn and written to stdout.
+static void stream_tokens(SegmentModel& m, FILE* in, FILE* out, int64_t generate, Clock::time_point start,
+                          double* first_output) {
   std::vector<unsigned char> bytes(m.L);
+  std::vector<float> last;
   auto written = [&](const float* p, int64_t n) {
     if (*first_output < 0) *first_output = std::chrono::duration<double>(Clock::now() - start).count();
     if (out) std::fwrite(p, sizeof(float), n, out);
+    last.assign(p + n - m.vocab, p + n);
   };
+  ffi::Tensor keep{nullptr};
   while (true) {
     size_t got = std::fread(bytes.data(), 1, m.L, in);
     std::vector<int64_t> ids(bytes.begin(), bytes.begin() + got);
@@ -889,10 +895,17 @@ static void stream_tokens(SegmentModel& m, FILE* in, FILE* out, Clock::time_poin
       written(static_cast<const float*>(m.segment()[0].data_ptr()), m.L * m.vocab);
       continue;
     }
-    ffi::Tensor keep{nullptr};
     for (int64_t id : ids) written(m.feed(id, keep), m.vocab);
     break;
   }
+  if (generate && last.empty()) fail("--generate needs a prompt of at least one byte", "pass it with --in FILE");
+  for (int64_t i = 0; i < generate; ++i) {
+    auto next = static_cast<int64_t>(std::max_element(last.begin(), last.end()) - last.begin());
+    std::fputc(static_cast<int>(next), stdout);
+    const float* p = m.feed(next, keep);
+    last.assign(p, p + m.vocab);
+  }
+  std::fflush(stdout);
 }
 
 static int64_t peak_rss_bytes() {
@@ -935,13 +948,14 @@ static void summary(const Model& m, double first_output) {  // per entry: calls,
 static void usage() {
   std::fprintf(stderr,
                "usage: edgekit-run BUNDLE [--in FILE|-] [--out FILE|-] [--chunk K] [--times FILE|-] [--no-flush]\n"
-               "                          [--threads N] [--allow-nonfinite]\n"
+               "                          [--threads N] [--allow-nonfinite] [--generate N]\n"
                "       edgekit-run BUNDLE --serve\n"
                "A frame bundle streams raw float32 frames [T, batch, features] (default: stdin) through its entries:\n"
                "chunks of K frames, the remainder frame by frame, then flush; --out writes float32 outputs per frame\n"
                "[T, batch, outputs...]. A segment bundle (a byte LM) streams the input's bytes: whole segments\n"
                "through its segment step, the remainder byte by byte; --out writes the float32 logits of the next\n"
-               "byte after each byte [T, vocabulary]; a memory-bank LM first fetches the block of the whole input.\n"
+               "byte after each byte [T, vocabulary]; a memory-bank LM first fetches the block of the whole input;\n"
+               "--generate N then writes N bytes to stdout, each the most likely one after the bytes before it.\n"
                "--times writes every call's time (JSON); a summary goes to stderr.\n");
 }
 
@@ -949,7 +963,7 @@ int main(int argc, char** argv) {
   auto start = Clock::now();
   if (argc < 2 || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "--help")) { usage(); return argc < 2 ? 2 : 0; }
   std::string bundle = argv[1], in_path = "-", out_path, times_path;
-  int64_t chunk = 1;
+  int64_t chunk = 1, generate = 0;
   bool flush = true, serving = false, allow_nonfinite = false;
   for (int i = 2; i < argc; ++i) {
     std::string a = argv[i];
@@ -961,6 +975,7 @@ int main(int argc, char** argv) {
     else if (a == "--out") out_path = value();
     else if (a == "--times") times_path = value();
     else if (a == "--chunk") chunk = std::atoll(value().c_str());
+    else if (a == "--generate") generate = std::atoll(value().c_str());
     else if (a == "--threads") setenv("TVM_NUM_THREADS", value().c_str(), 1);
     else if (a == "--no-flush") flush = false;
     else if (a == "--serve") serving = true;
@@ -981,11 +996,14 @@ int main(int argc, char** argv) {
     return {in, out};
   };
   double first_output = -1;
+  if (generate && str(field(lib.manifest, "unit")) == "frame") fail("--generate is for byte LMs", "see --help");
   if (str(field(lib.manifest, "unit")) != "frame") {
     if (chunk != 1 || !flush || allow_nonfinite)
       fail("--chunk, --no-flush and --allow-nonfinite are options of frame bundles; this one streams bytes",
            "see edgekit-run --help");
     SegmentModel model(lib);
+    if (generate < 0 || (generate && (out_path == "-" || model.vocab > 256)))
+      fail("--generate N writes N >= 0 bytes to stdout (a byte LM's)", "write the logits with --out FILE, not -");
     model.load_seconds = std::chrono::duration<double>(Clock::now() - start).count();
     if (serving) return serve(model, serve_segment);
     auto [in, out] = opened("bytes");
@@ -1003,7 +1021,7 @@ int main(int argc, char** argv) {
       }
       in = fmemopen(document.data(), document.size(), "rb");
     }
-    stream_tokens(model, in, out, start, &first_output);
+    stream_tokens(model, in, out, generate, start, &first_output);
     if (out && out != stdout) std::fclose(out);
     if (!times_path.empty()) write_times(times_path, model, "tokens", first_output);
     summary(model, first_output);

@@ -80,10 +80,12 @@ def test_validate_through_the_native_runner(native_bundle, tmp_path):
     report = validate(native_bundle.path, frames=300, chunk=4, report_path=tmp_path / "v.json", runner="native")
     assert report["passed"] and report["execution"] == "native runner" and report["runner"] == "native"
     assert report["outputs"]["logits"]["max_abs_error"] < 1e-5
-    session = runner.session(native_bundle)
+    session, python = runner.session(native_bundle), Session(native_bundle)
     x = np.random.default_rng(0).standard_normal((1, 12, 40), dtype=np.float32)
-    np.testing.assert_array_equal(session.run(x, 4)["logits"], Session(native_bundle).run(x, 4)["logits"])
+    np.testing.assert_array_equal(session.run(x, 4)["logits"], python.run(x, 4)["logits"])
     assert [(e, f) for e, f, _ in session.worker.times] == [("chunk4", 4)] * 3 + [("flush", 0)]
+    state = session.worker("read_state")
+    assert all(np.array_equal(state[k], v) for k, v in python.read_state().items())
     with pytest.raises(Exception, match="flushed"):
         session.flush()
     session.worker.close()
@@ -164,6 +166,11 @@ def test_validate_a_segment_bundle_through_the_native_runner(tiny_segment_bundle
     session.reset()
     session.score(np.arange(L))
     assert [e for e, _, _ in session.worker.times] == ["segment"] * 4  # the refused calls ran nothing
+    python = Session(tiny_segment_bundle)
+    python.score(np.arange(L))
+    state = session.worker("read_state")  # what a Python segment session holds as its state
+    want = {s["name"]: python.engine.vm.numpy(t) for s, t in zip(python.engine.state_specs, python.gen.state)}
+    assert all(state[k].dtype == v.dtype and np.array_equal(state[k], v) for k, v in want.items())
     session.worker.close()
 
 

@@ -335,7 +335,7 @@ struct Model {
   std::vector<std::string> names;  // entry names, as the call log refers to them
   std::vector<ffi::Function> funcs;
   std::vector<Call> log;
-  std::vector<std::string> output_names;
+  std::vector<std::string> output_names, state_names;
   double load_seconds = 0;
 
   size_t entry(const std::string& name) {
@@ -360,7 +360,7 @@ struct Model {
 struct FrameModel : Model {
   int64_t batch = 1, features = 0, delay = 0, state_size = 0;
   std::vector<int64_t> output_sizes;     // per frame, per output (manifest order)
-  std::vector<std::vector<int64_t>> output_dims;  // per frame, per output
+  std::vector<std::vector<int64_t>> output_dims, state_shapes;  // per frame, per output; per state tensor
   std::map<int64_t, size_t> entries;     // frames per call -> entry
   std::map<int64_t, ffi::Tensor> inputs;  // frames per call -> preallocated input [batch, K, features]
   int64_t flush_entry = -1;
@@ -380,7 +380,11 @@ struct FrameModel : Model {
       output_dims.emplace_back(shape.begin() + 2, shape.end());
       output_sizes.push_back(product(shape, 2));
     }
-    for (const auto& s : arr(field(m, "state"))) state_size += product(shape_of(s));
+    for (const auto& s : arr(field(m, "state"))) {
+      state_names.push_back(str(field(obj(s), "name")));
+      state_shapes.push_back(shape_of(s));
+      state_size += product(state_shapes.back());
+    }
     for (const auto& kv : obj(field(m, "entries"))) {
       int64_t frames = num(field(obj(kv.second), "frames"));
       size_t index = entry(str(kv.first));
@@ -556,7 +560,10 @@ struct SegmentModel : Model {
       output_shapes.emplace_back(shape.begin() + 1, shape.end());
     }
     vocab = output_shapes[0].back();
-    for (const auto& s : arr(field(m, "state"))) state_specs.emplace_back(shape_of(s), dtype_of(s));
+    for (const auto& s : arr(field(m, "state"))) {
+      state_names.push_back(str(field(obj(s), "name")));
+      state_specs.emplace_back(shape_of(s), dtype_of(s));
+    }
     n_cache = arr(field(m, "decode_cache")).size();
     segment_entry = entry("segment");
     decode_entry = entry("decode");
@@ -634,8 +641,9 @@ static int64_t first_nonfinite(const float* x, int64_t n) {
 }
 
 // ---- serve: the pipe protocol --------------------------------------------------------------------------------------
-// edgekit.runner.NativeWorker speaks it: the operations of the unit's Python session (frame: reset, step, flush;
-// segment: reset, score, feed) with named arrays in and out, like edgekit.worker.Worker's.
+// edgekit.runner.NativeWorker speaks it: the operations of the unit's Python session (frame: reset, step, flush,
+// read_state; segment: reset, score, feed, read_state; memory: fetch too) with named arrays in and out, like
+// edgekit.worker.Worker's.
 //   string  := u32 length, bytes
 //   array   := string name, u8 dtype (0 float32, 1 int64, 2 uint8), u32 ndim, ndim x i64 shape, the data
 //   request := string op, u32 count, count x array
@@ -724,6 +732,12 @@ static Named* find(Message& arrays, const char* name, uint8_t code) {
 // The frame session's operations; "" or why the request was refused.
 static std::string serve_frame(FrameModel& m, const std::string& op, Message& in, Message& out, bool allow_nonfinite) {
   if (op == "reset") { m.reset(); return ""; }
+  if (op == "read_state") {  // the packed state, tensor by tensor
+    const float* p = static_cast<const float*>(m.state.data_ptr());
+    for (size_t i = 0; i < m.state_names.size(); p += product(m.state_shapes[i]), ++i)
+      out.push_back(Named::of(m.state_names[i], 0, m.state_shapes[i], p));
+    return "";
+  }
   if (op != "step" && op != "flush") return "the native runner has no operation '" + op + "' for frame bundles";
   if (m.flushed) return "this stream was flushed: it has ended; reset it to start a new one";
   int64_t frames = 0;
@@ -760,6 +774,12 @@ static std::string serve_frame(FrameModel& m, const std::string& op, Message& in
 // The segment session's operations (edgekit.units.segment.LocalSession): reset, score whole segments, feed tokens.
 static std::string serve_segment(SegmentModel& m, const std::string& op, Message& in, Message& out) {
   if (op == "reset") { m.reset(); return ""; }
+  if (op == "read_state") {  // the state carried between segments, tensor by tensor
+    for (size_t i = 0; i < m.state.size(); ++i)
+      out.push_back(Named::of(m.state_names[i], m.state_specs[i].second.code == kDLFloat ? 0 : 1,
+                              m.state_specs[i].first, static_cast<const char*>(m.state[i].data_ptr())));
+    return "";
+  }
   if (op != "score" && op != "feed" && (op != "fetch" || !m.bank))
     return "the native runner has no operation '" + op + "' for this bundle";
   Named* t = find(in, "tokens", 1);

@@ -33,7 +33,7 @@ def quantized(report: dict) -> list:
                                           for n, o in outputs.items() if "codes_differing" in o])
     out = []
     if kernel := report.get("kernel_check"):
-        out.append(steps(f"kernel check ({kernel['frames']} {kernel.get('unit', 'frames')}; {kernel['how']}), in each "
+        out.append(steps(f"kernel check ({kernel['items']} {kernel['unit']}; {kernel['how']}), in each "
                          "output's int8 steps (max|row| / 127): the step criteria judge this", kernel["outputs"]))
     if any("codes_differing" in o for o in report["outputs"].values()):
         out.append(steps("against the quantized reference, in each output's int8 steps (max|row| / 127)"

@@ -132,8 +132,6 @@ class NativeWorker(ChildProcess):
     `op` there, as `edgekit.worker.Worker` does. `times` holds (entry, items, nanoseconds) of every compiled call,
     timed inside the runner around the compiled function (items: frames, or tokens)."""
 
-    reads_state = True  # the runner sends its state back (`read_state`)
-
     def __init__(self, bundle: Bundle, allow_nonfinite: bool = False, progress: Progress = lambda msg: None,
                  env: dict | None = None):
         check_unit(bundle)

@@ -69,6 +69,10 @@ class WorkerSession:
     def reset(self) -> None:
         self.worker("reset")
 
+    def read_state(self) -> dict[str, np.ndarray]:
+        """The state now, tensor by tensor (what a quantized bundle's kernel check restarts its reference from)."""
+        return self.worker("read_state")
+
 
 def send(stream, message: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()

@@ -101,7 +101,7 @@ def test_an_int8_bundle_validates_against_its_quantized_reference(int8_bundle):
     assert {"logits_within_2_steps", "logits_codes_differing", "mean_logits_prediction"} <= set(report["checks"])
     assert report["outputs"]["logits"]["codes_differing"] <= 0.001
     kernel = report["kernel_check"]  # call by call from the artifact's own state: what judges the step criteria
-    assert kernel["frames"] >= 8 * 4 and kernel["outputs"]["logits"]["codes_differing"] <= 0.001
+    assert kernel["items"] >= 8 * 4 and kernel["outputs"]["logits"]["codes_differing"] <= 0.001
     effect = report["quantization_effect"]
     assert 0 < effect["outputs"]["logits"]["max_abs_error"] < 0.05 * effect["outputs"]["logits"]["reference_max_abs"]
 
@@ -112,6 +112,7 @@ def test_a_segment_lm_quantizes_too_and_reports_bits_per_byte(tmp_path):
     report = validate(bundle.path, segments=24, decode_segments=1)
     assert report["passed"], report["checks"]
     assert {"logits_within_2_steps", "next_byte_agreement"} <= set(report["checks"])
+    assert report["kernel_check"]["unit"] == "segments" and report["kernel_check"]["items"] == 23
     bits = report["quantization_effect"]["bits_per_byte"]
     assert abs(bits["artifact"] - bits["fp32"]) < 0.05
 
@@ -148,7 +149,7 @@ def test_arm_int8_builds_use_sdot_only_where_the_core_has_it(tmp_path):
     assert "\tsdot\t" in _disassembly(pi5) and "\tsdot\t" not in _disassembly(pi4)
     report = validate(pi5.path, frames=200, chunk=4)  # under qemu-aarch64 -cpu cortex-a76, the Pi 5's core
     assert report["passed"] and "emulation" in report["execution"], report["checks"]
-    assert report["kernel_check"]["frames"] > 0  # the state read back from the emulated process, call by call
+    assert report["kernel_check"]["items"] > 0  # the state read back from the emulated process, call by call
     assert json.loads((pi5.path / "manifest.json").read_text())["precision"] == "int8"
 
 

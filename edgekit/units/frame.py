@@ -163,9 +163,9 @@ class FrameSession:
         """The last `delay` outputs of the stream, as if it were zero-padded offline."""
         raise NotImplementedError
 
-    def read_state(self) -> dict[str, np.ndarray] | None:
-        """The state now, tensor by tensor (a copy); None where the session cannot read it (the native runner)."""
-        return None
+    def read_state(self) -> dict[str, np.ndarray]:
+        """The state now, tensor by tensor (a copy)."""
+        raise NotImplementedError
 
     def feed(self, x: np.ndarray, chunk: int = 1) -> dict[str, np.ndarray]:
         """Frames [batch, T, features] through whole chunks, the remainder frame by frame; outputs concatenated
@@ -279,9 +279,6 @@ class RemoteSession(WorkerSession, FrameSession):
     def flush(self) -> dict[str, np.ndarray]:
         return self.worker("flush")
 
-    def read_state(self) -> dict[str, np.ndarray]:
-        return self.worker("read_state")
-
 
 def layout(shapes: dict[str, list[int]], *lead: int) -> list[tuple[str, slice, tuple[int, ...]]]:
     """Where each named array of shape `lead + shape` lies in a packed vector, in order (the entries' packing)."""
@@ -389,17 +386,15 @@ class GoldenReference(Reference):
 
 
 def _kernel_check(session: FrameSession, reference: QuantizedFrames, source: FrameSource, o: ValidateOptions
-                  ) -> tuple[Tally, int] | None:
+                  ) -> tuple[Tally, int]:
     """A quantized bundle's kernels call by call: in `KERNEL_CHECK_WINDOWS` windows spread over the stream (the
     artifact streams on alone between them), the quantized reference restarts from the artifact's own state
     before every call, so a code that flips on a rounding boundary counts in the call where it flips, and not
     again in every later frame the carried state reaches (the free-running stream counts those). The tally and
-    the frames checked; None where the session cannot read its state."""
+    the frames checked."""
     import torch
 
     session.reset()
-    if session.read_state() is None:
-        return None
     calls, dtypes = o.frames // o.chunk, {s["name"]: s["dtype"] for s in session.state_specs}
     per_window = max(1, min(calls, KERNEL_CHECK_CALLS) // KERNEL_CHECK_WINDOWS)
     tally, t, checked, threads = Tally(o.frames, quantized=True), 0, 0, torch.get_num_threads()
@@ -736,7 +731,7 @@ def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, o: V
         "outputs": outputs, "spikes": spikes, "predictions": predictions,
         "state_bytes": bundle.manifest["state_bytes"], "rss_bytes": mem["rss_bytes"],
         "seconds": round(seconds, 2), "checks": checks, "passed": all(checks.values()),
-        **({"kernel_check": {"frames": kernel[1], "outputs": judged,
+        **({"kernel_check": {"items": kernel[1], "unit": "frames", "outputs": judged,
                              "how": f"call by call in {KERNEL_CHECK_WINDOWS} windows over the stream, the quantized "
                                     "reference restarted from the artifact's state before every call"}} if kernel else {}),
     }

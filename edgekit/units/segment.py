@@ -31,6 +31,7 @@ from edgekit.worker import WorkerSession
 
 GOLDEN = "reference.npz"
 SCORE_BLOCK = 16  # segments per scoring call in validation
+KERNEL_CHECK_SEGMENTS = 64  # at most this many segments of a quantized bundle's segment-by-segment kernel check
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,7 @@ class LocalSession:
     segments with the segment step alone, or `feed` tokens one at a time as generation does (the logits of the
     next token after each); both continue the same stream. What validation drives, here or in a Worker."""
 
-    OPS = ("reset", "score", "feed")  # what a Worker may run
+    OPS = ("reset", "score", "feed", "read_state")  # what a Worker may run
     execution, pid = "native", None
     Engine = TVMEngine
 
@@ -254,6 +255,10 @@ class LocalSession:
     def feed(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         """Token ids one by one: {logits [1, n, V]}, row i the distribution of the token after tokens[i]."""
         return {"logits": np.stack([self.gen.feed(int(t)) for t in np.asarray(tokens).reshape(-1)])[None]}
+
+    def read_state(self) -> dict[str, np.ndarray]:
+        """The state carried between segments now, tensor by tensor (a copy)."""
+        return {s["name"]: self.engine.vm.numpy(t).copy() for s, t in zip(self.engine.state_specs, self.gen.state)}
 
 
 class RemoteSession(WorkerSession):
@@ -314,6 +319,25 @@ class GoldenReference:
 
     def feed(self, segment: np.ndarray) -> dict[str, np.ndarray]:
         return {"logits": self.record["fed_logits"]}
+
+
+def _kernel_check(session, reference: QuantizedModel, source: TokenSource, segments: int, L: int
+                  ) -> tuple[Tally, int]:
+    """A quantized bundle's kernels segment by segment: before every segment the quantized reference's segment
+    step starts from the artifact's own state, so a code that flips on a rounding boundary counts in the segment
+    where it flips, not again in every later segment the carried memory reaches. The tally and the segments
+    checked."""
+    import torch
+
+    session.reset()
+    segments, tally = min(segments, KERNEL_CHECK_SEGMENTS), Tally(min(segments, KERNEL_CHECK_SEGMENTS), quantized=True)
+    for s in range(segments):
+        state = {k: torch.from_numpy(v) for k, v in session.read_state().items()}
+        tokens = source.tokens(s * L, (s + 1) * L)
+        got = session.score(tokens)
+        want, _ = reference.segment_step(torch.from_numpy(tokens).view(1, -1), torch.tensor([L]), state)
+        tally.add(got, {k: want[k][:, None].numpy() for k in got}, s, [])
+    return tally, segments
 
 
 # ---- the unit ---------------------------------------------------------------------------------------------------
@@ -410,8 +434,10 @@ class Segment(Unit):
                 rss[stop] = measure.rss_bytes(session.pid)
             progress(stop, segments)
         mem = measure.memory(rss, segments)
-        outputs = tally.errors()
-        checks = {**(measure.step_checks(outputs, o.max_steps, o.max_codes_differing) if quantized else
+        outputs, seconds = tally.errors(), time.perf_counter() - t0
+        kernel = _kernel_check(session, ref.net, source, scored, L) if ref64 is not None else None
+        judged = kernel[0].errors() if kernel else outputs
+        checks = {**(measure.step_checks(judged, o.max_steps, o.max_codes_differing) if quantized else
                      measure.error_checks(outputs, o.atol, o.rtol)),
                   **({"next_byte_agreement": int(agree[0]) >= o.prediction_agreement * int(agree[1])} if quantized
                      else {}), **mem["checks"]}
@@ -419,6 +445,10 @@ class Segment(Unit):
             "against": "the float64 PyTorch model without quantization", "outputs": effect.errors(),
             **({"bits_per_byte": {k: float(np.mean(v)) for k, v in bits.items()}} if bits["fp32"] else {})}} \
             if ref64 is not None else {}
+        if kernel:
+            extra["kernel_check"] = {"items": kernel[1], "unit": "segments", "outputs": judged,
+                                     "how": "segment by segment from the start of the stream, the quantized "
+                                            "reference's segment step started from the artifact's state each time"}
         return {
             "bundle": str(bundle.path), "target": bundle.target["name"], "segments": segments,
             "decode_segments": decode_segments, "segment_length": L, "tokens": segments * L, "seed": o.seed,
@@ -433,7 +463,7 @@ class Segment(Unit):
                             {"atol": o.atol, "rtol": o.rtol}), "rss_change_max_bytes": measure.RSS_CHANGE_MAX},
             "outputs": outputs, "next_byte_agreement": int(agree[0]) / int(agree[1]),
             "state_bytes": bundle.manifest["state_bytes"], "rss_bytes": mem["rss_bytes"],
-            "seconds": round(time.perf_counter() - t0, 2), "checks": checks, "passed": all(checks.values()), **extra,
+            "seconds": round(seconds, 2), "checks": checks, "passed": all(checks.values()), **extra,
         }
 
     def bench(self, bundle: Bundle, options: BenchOptions, torch_model, progress) -> dict:

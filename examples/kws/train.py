@@ -30,7 +30,7 @@ from edgekit import audio  # noqa: E402
 from edgekit.models.lmuformer import LMUFormer  # noqa: E402
 from make_dataset import (AFFIX_WORDS, EXTRA_WORDS, SCV2_WORDS, common_words, make_stream, speakers,  # noqa: E402
                           split_of, training_speakers)
-from speech_commands import KEYWORDS, LABELS, SILENCE, UNKNOWN, load_split  # noqa: E402
+from speech_commands import KEYWORDS, LABELS, SILENCE, UNKNOWN, Split, load_split  # noqa: E402
 
 WHOLE, CUT = 0.03, 0.3  # s of a keyword outside the window still counted whole; fraction outside that makes it cut
 
@@ -116,6 +116,15 @@ class StreamWindows:
         return torch.stack([self.features[s:s + self.frames] for s in starts]), torch.tensor(labels)
 
 
+def spoken_by(split: Split, root: Path, engines: list[str]) -> Split:
+    """The clips of `split` said by these engines' speakers (per the data set's speakers.txt), silence kept."""
+    engine = {sid: speaker.split(":")[0] for sid, speaker, _ in
+              (line.split() for line in (root / "speakers.txt").read_text().splitlines())}
+    keep = [i for i, n in enumerate(split.names)
+            if n.startswith(SILENCE) or engine[n.split("/")[1].split("_nohash_")[0]] in engines]
+    return Split(split.waves[keep], split.labels[keep], [split.names[i] for i in keep])
+
+
 def epoch_indices(y: np.ndarray, unknown_ratio: float, rng: np.random.Generator) -> np.ndarray:
     """Every clip of every class except `_unknown_`, of which a fresh random subset `unknown_ratio` times the
     size of an average class: unknown words are most of the data and must not swamp the keywords."""
@@ -142,16 +151,21 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--init", type=Path, help="start from this checkpoint (same configuration) instead of at random")
     p.add_argument("--max-minutes", type=float, help="stop after this much training time; the best epoch is kept")
+    p.add_argument("--engines", nargs="+", help="train on these synthesizers' speakers only (clips and stream): a "
+                   "leave-one-synthesizer-out model; validation stays on the data set's validation voices")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     rng, gen = np.random.default_rng(a.seed), torch.Generator().manual_seed(a.seed)
     t0 = time.perf_counter()
     data = {s: load_split(a.data, s, seed=a.seed) for s in ("training", "validation", "testing")}
+    if a.engines:
+        data["training"] = spoken_by(data["training"], a.data, a.engines)
     x = {s: torch.from_numpy(d.features()) for s, d in data.items()}
     y = {s: torch.from_numpy(d.labels) for s, d in data.items()}
     frames = x["training"].shape[1]
-    voices = {"training": training_speakers(), "validation": [v for v in speakers() if split_of(v) == "validation"]}
+    voices = {"training": training_speakers(engines=a.engines),
+              "validation": [v for v in speakers() if split_of(v) == "validation"]}
     streams = {s: StreamWindows(m, voices[s], a.seed + i, frames, tuple(a.stream_snr)) for i, (s, m) in
                enumerate([("training", a.stream_minutes), ("validation", a.stream_minutes / 6)])}
     val_windows = streams["validation"].sample(2000, np.random.default_rng(a.seed))
@@ -213,7 +227,8 @@ def save(model: LMUFormer, a: argparse.Namespace, history: list[dict], best: flo
               "clip_frames": frames, "pad_to": None, "config": model.config(),
               "parameters": sum(p.numel() for p in model.parameters()), "init": a.init and str(a.init),
               "data": {"root": str(a.data), **counts}, "speakers": {
-                  s: sorted({v for v in speakers() if split_of(v) == s}) for s in ("training", "heldout")},
+                  "training": sorted(set(training_speakers(engines=a.engines))),
+                  "heldout": sorted(v for v in speakers() if split_of(v) == "heldout")},
               "stream_minutes": a.stream_minutes, "stream_windows_per_epoch": a.stream_windows,
               "stream_snr_db": list(a.stream_snr), "augmentation": "clips: make_dataset.py; features: VTLP, SpecAugment",
               "accuracy": {"validation_clips_and_windows": round(best, 4)},

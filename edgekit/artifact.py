@@ -87,6 +87,18 @@ def is_bundle(path: Path) -> bool:
     return all(p.is_dir() and not p.is_symlink() or str(p.relative_to(path)) in listed for p in entries)
 
 
+STAGES: set[Path] = set()  # this process's staging folders, until they are published
+
+
+def abandon_stages() -> bool:
+    """Remove this process's unpublished staging folders (a signal is ending it mid-build); whether it had any."""
+    had = bool(STAGES)
+    for stage in STAGES:
+        shutil.rmtree(stage, ignore_errors=True)
+    STAGES.clear()
+    return had
+
+
 def staging_dir(out: Path) -> Path:
     """A fresh sibling directory to build into, so the final rename is atomic (same filesystem). Staging folders
     of compiles that were killed (their process is gone) are removed on the way."""
@@ -98,6 +110,7 @@ def staging_dir(out: Path) -> Path:
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
+    STAGES.add(stage)
     return stage
 
 
@@ -114,6 +127,7 @@ def publish(stage: Path, manifest: dict, out: Path, force: bool) -> Path:
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)
     stage.rename(out)
+    STAGES.discard(stage)
     if old is not None:
         shutil.rmtree(old)
     return out

@@ -5,6 +5,7 @@ spinner on a terminal, else one line per stage."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -16,6 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from edgekit import artifact
 from edgekit.errors import EdgekitError
 from edgekit.units import frame, memory, segment
 
@@ -74,12 +76,25 @@ def _print(renderables: list) -> None:
         console.print(r, highlight=False)
 
 
+def _interrupted(signum: int, frame) -> None:
+    """Ctrl-C or SIGTERM. During a build the staging folders go and the process ends at once: an exception raised
+    inside torch's or TVM's native frames can crash the process or be swallowed there. Elsewhere Ctrl-C is a
+    KeyboardInterrupt (a stream prints its summary) and SIGTERM an exit."""
+    if artifact.abandon_stages():
+        err_console.print("interrupted; nothing was written", highlight=False)
+        sys.stderr.flush()
+        os._exit(128 + signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    sys.exit(128 + signum)
+
+
 class Group(click.Group):
     """Turns edgekit's own errors into a red message and exit code 2, so users never see a traceback."""
 
     def invoke(self, ctx: click.Context):
-        # SIGTERM unwinds like Ctrl-C, so a compile removes its staging folder on the way out.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        signal.signal(signal.SIGINT, _interrupted)
+        signal.signal(signal.SIGTERM, _interrupted)
         try:
             return super().invoke(ctx)
         except EdgekitError as e:

@@ -85,7 +85,8 @@ class Tally:
                 self._steps(name, g.astype(np.float64), w)
             if name in means:
                 p = self.predictions.setdefault(name, np.zeros(4, np.int64))
-                p[:2] += [(g.argmax(-1) == w.argmax(-1)).sum(), g.shape[0] * g.shape[1]]
+                agree = g.argmax(-1) == w.argmax(-1)  # [batch, n] per frame; [batch, n, L] per token
+                p[:2] += [agree.sum(), agree.size]
 
     def _steps(self, name: str, g: np.ndarray, w: np.ndarray) -> None:
         """Each output row on the int8 grid the quantized reference's own scale puts it on (step = max|row| / 127,

@@ -25,7 +25,7 @@ def _kinds(sch: s_tir.Schedule, block) -> str:
                    else "O" for v in sch.get(block).iter_vars)
 
 
-def _lanes(extent: int) -> int:
+def lanes(extent: int) -> int:
     """Partial results for a reduction over `extent` values: the most that divide it evenly, up to LANES."""
     return max(d for d in range(1, LANES + 1) if extent % d == 0)
 
@@ -46,7 +46,7 @@ class RowReductionSchedule(dlight.ScheduleRule):
             loops = sch.get_loops(block)
             if kind not in ("S" * rows, "S" * (rows + 1), "S" * rows + "R") or len(loops) != len(kind) \
                     or [extent(sch, loop) for loop in loops[:rows]] != row_extents \
-                    or (kind.endswith("R") and _lanes(extent(sch, loops[-1])) == 1):
+                    or (kind.endswith("R") and lanes(extent(sch, loops[-1])) == 1):
                 return None
         for block, kind in zip(blocks[:-1], kinds):
             if kind == kinds[-1] and len(sch.get_consumers(block)) == 1:  # e.g. x - max, read once by exp
@@ -55,7 +55,7 @@ class RowReductionSchedule(dlight.ScheduleRule):
         for block in sch.get_child_blocks(sch.get_sblock("root")):
             if _kinds(sch, block).endswith("R"):
                 loop = sch.get_loops(block)[-1]
-                partials.append(sch.rfactor(sch.split(loop, [None, _lanes(extent(sch, loop))])[1], rows))
+                partials.append(sch.rfactor(sch.split(loop, [None, lanes(extent(sch, loop))])[1], rows))
         row = sch.fuse(*sch.get_loops(blocks[-1])[:rows])
         if math.prod(extent(sch, loop) for loop in sch.get_loops(blocks[-1])) >= PARALLEL_VALUES:
             sch.parallel(row)

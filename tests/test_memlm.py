@@ -94,6 +94,20 @@ def test_host_bundle_validates_with_the_same_paths(bundle):
     assert report["outputs"]["logits"]["reference_max_abs"] > 0.1
 
 
+def test_an_int8_bundle_validates_against_its_quantized_reference(tmp_path):
+    """Retrieval as in fp32; the logits against the quantized model with the same block, in int8 steps, and its
+    kernel check restarted from the artifact's state segment by segment (read back through the worker)."""
+    bundle = compile("memlm", "host", tmp_path / "int8", config="tiny", quantize="int8")
+    assert bundle.manifest["quantization"]["products"]
+    report = validate(bundle.path, documents=3, document_segments=2)
+    assert report["passed"], report["checks"]
+    assert {"logits_within_2_steps", "logits_codes_differing", "next_byte_agreement", "path_agreement"} <= \
+        set(report["checks"]) and report["path_agreement"] == 1.0
+    assert report["kernel_check"]["items"] == 6 and "int8 products" in report["reference"]
+    effect = report["quantization_effect"]
+    assert 0 < effect["outputs"]["logits"]["max_abs_error"] and "bits_per_byte" in effect
+
+
 def test_a_modified_node_is_refused_when_fetched(bundle, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(bundle.path, copy)

@@ -66,6 +66,21 @@ def test_quantized_products_are_the_scheme_and_only_linear_layers():
     np.testing.assert_array_equal(plain.numpy(), (x @ w.T).numpy())
 
 
+def test_the_reference_computes_erf_as_the_compiled_artifact_does():
+    """The quantized reference's fp32 forms are the artifact's term for term (here TVM's fast_erf, its fused
+    multiply-adds included), so a code on a rounding boundary rounds alike in both."""
+    from tvm import te
+
+    from edgekit.kernels.nan_semantics import fast_erf
+
+    x = np.random.default_rng(0).standard_normal(4096).astype(np.float32) * 3
+    placeholder = te.placeholder(x.shape, "float32")
+    compiled = _run(te.create_prim_func([placeholder, fast_erf(placeholder)]), x, x.shape)
+    with quantize.products("int8", artifact_forms=True):
+        np.testing.assert_array_equal(torch.erf(torch.from_numpy(x)).numpy(), compiled)
+    assert not np.array_equal(torch.erf(torch.from_numpy(x)).numpy(), compiled)  # torch's own erf differs
+
+
 @pytest.fixture(scope="module")
 def int8_bundle(tmp_path_factory):
     return compile("lmuformer", "host", tmp_path_factory.mktemp("q") / "lmu-int8", config="tiny", quantize="int8",
@@ -113,7 +128,8 @@ def test_a_segment_lm_quantizes_too_and_reports_bits_per_byte(tmp_path):
     report = validate(bundle.path, segments=24, decode_segments=1)
     assert report["passed"], report["checks"]
     assert {"logits_within_2_steps", "next_byte_agreement"} <= set(report["checks"])
-    assert report["kernel_check"]["unit"] == "segments" and report["kernel_check"]["items"] == 23
+    kernel = report["kernel_check"]  # judges next-byte agreement too: the free-running reference runs HMT as written
+    assert kernel["unit"] == "segments" and kernel["items"] == 23 and kernel["next_byte_agreement"] >= 0.999
     bits = report["quantization_effect"]["bits_per_byte"]
     assert abs(bits["artifact"] - bits["fp32"]) < 0.05
 
@@ -129,8 +145,6 @@ def test_a_kernel_that_drifts_from_the_reference_fails_validation(int8_bundle, t
 def test_int8_is_refused_where_it_cannot_be_checked(tmp_path):
     with pytest.raises(CompileError, match="CUDA target"):
         compile("lmuformer", "jetson", tmp_path / "j", config="tiny", quantize="int8")
-    with pytest.raises(CompileError, match="memory-streaming"):
-        compile("memlm", "host", tmp_path / "h", config="tiny", quantize="int8")
     with pytest.raises(CompileError, match="unknown quantization"):
         compile("lmuformer", "host", tmp_path / "x", config="tiny", quantize="int4")
     assert not any(tmp_path.iterdir())

@@ -28,10 +28,11 @@ import numpy as np
 from edgekit import measure, render
 from edgekit.artifact import Bundle, TensorSpec
 from edgekit.errors import BundleError, EdgekitError, InputShapeError
-from edgekit.measure import Tally, TokenSource
+from edgekit.measure import TokenSource
+from edgekit.quantize import scheme_of
 from edgekit.units import BenchOptions
-from edgekit.units.segment import (GOLDEN, LocalSession, ORTEngine, Reference, RemoteSession, Segment, TVMEngine,
-                                   _no_options)
+from edgekit.units.segment import (GOLDEN, Comparison, Criteria, LocalSession, ORTEngine, Reference, RemoteSession,
+                                   Segment, TVMEngine, _no_options, kernel_check, next_byte_line, reference_name)
 
 BANK, INDEX = "memory/bank.bin", "memory/index.npz"
 NGRAMS = (2, 3, 4)
@@ -125,7 +126,7 @@ class MemorySession(LocalSession):
     """A memory bundle's session: `fetch` a document (its bytes, or a prompt) to start it, then `score` or `feed`
     its bytes like a segment session."""
 
-    OPS = ("reset", "score", "feed", "fetch")
+    OPS = ("reset", "score", "feed", "fetch", "read_state")
     Engine = MemoryTVMEngine
 
     def fetch(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
@@ -159,12 +160,17 @@ class MemoryRemoteSession(RemoteSession):
 # ---- references ----------------------------------------------------------------------------------------------------
 
 class MemoryReference(Reference):
-    """The float64 reference with the block its own retrieval (the model's weights, not the bundle's bank) finds."""
+    """The float64 (or quantized) reference with the block its own retrieval (the model's weights, not the bundle's
+    bank) finds."""
 
     def fetch(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         path = self.net.path(tokens)
         self.carry = (None, self.net.fetch(path).detach())
         return {"path": np.array(path)}
+
+    def block(self, tokens: np.ndarray):
+        """The block a document's bytes retrieve (as the segment step takes it)."""
+        return self.net.fetch(self.net.path(tokens)).detach()
 
 
 class MemoryGolden:
@@ -190,31 +196,25 @@ class MemoryGolden:
 # ---- the unit ------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ValidateOptions:
+class ValidateOptions(Criteria):
     """A stream of `documents` documents of `document_segments` segments each; each fetched (from all its bytes)
-    then scored, the last `decode_segments` segments of the last one fed byte by byte. Pass criteria: logits within
-    atol or rtol of the reference's magnitude, every path identical, RSS at T within 5 MiB of T/10."""
+    then scored, the last `decode_segments` segments of the last one fed byte by byte. Pass criteria: the segment
+    unit's `Criteria` for the logits, every path identical, RSS at T within 5 MiB of T/10."""
 
     documents: int = 32
     document_segments: int = 4
     decode_segments: int = 1
-    seed: int = 0
-    text: Path | None = None
-    atol: float = 1e-4
-    rtol: float = 1e-3
 
     def __post_init__(self):
+        super().__post_init__()
         if self.documents < 1 or self.document_segments < 1 or not 0 <= self.decode_segments <= self.document_segments:
             raise EdgekitError("need --documents >= 1, --document-segments >= 1 and 0 <= --decode-segments <= "
                                "--document-segments")
-        if not (self.atol >= 0 and self.rtol >= 0):
-            raise EdgekitError("--atol and --rtol must be >= 0")
 
 
 class Memory(Segment):
     name = "memory"
     ValidateOptions = ValidateOptions
-    quantizations = ("none",)  # its own validation has no quantized reference yet
 
     def manifest_fields(self, net, options) -> dict:
         return {**super().manifest_fields(net, options), "fetched": [net.block_spec().to_json()]}
@@ -262,7 +262,8 @@ class Memory(Segment):
 
     def validate(self, bundle: Bundle, session, net, options: ValidateOptions, progress) -> dict:
         """Document by document: the artifact's retrieval against the reference's (the path), then its logits
-        against the float64 reference with that block; RSS at T/10 and T of the documents."""
+        against the reference with that block (a quantized bundle's: the quantized model's, and its kernel check
+        segment by segment as the segment unit's); RSS at T/10 and T of the documents."""
         o = options
         documents, per_doc, decode_segments = o.documents, o.document_segments, o.decode_segments
         if net is None:
@@ -274,48 +275,49 @@ class Memory(Segment):
             documents, per_doc, decode_segments = 1, golden["document_segments"], golden["decode_segments"]
             ref = MemoryGolden(bundle)
         else:
-            ref = MemoryReference(net)
+            ref = MemoryReference(self.reference(net, scheme_of(bundle.manifest)))
+        quantized = scheme_of(bundle.manifest) != "none"
+        ref64 = MemoryReference(net) if quantized and net is not None else None  # the quantization's own effect
         source, L = TokenSource(o.seed, o.text), bundle.manifest["segment"]
         segments, marks = documents * per_doc, measure.rss_marks(documents)
-        tally, rss, fetch_seconds, paths = Tally(segments), {}, [], [0, 0]
-        agree, t0 = np.zeros(2, np.int64), time.perf_counter()
+        compared, rss, fetch_seconds, paths = Comparison(segments, quantized, ref64), {}, [], [0, 0]
+        t0 = time.perf_counter()
         for doc in range(documents):
             first = doc * per_doc
             tokens = source.tokens(first * L, (first + per_doc) * L)
             got = session.fetch(tokens)
             paths[0] += bool(np.array_equal(got["path"], ref.fetch(tokens)["path"]))
             paths[1] += 1
+            if ref64 is not None:
+                ref64.fetch(tokens)
             fetch_seconds.append(float(got["seconds"]))
             fed = decode_segments if doc == documents - 1 else 0
             pieces = [(first, first + per_doc - fed, "score")] if per_doc > fed else []
             pieces += [(s, s + 1, "feed") for s in range(first + per_doc - fed, first + per_doc)]
             for start, stop, how in pieces:
                 part = tokens[(start - first) * L:(stop - first) * L]
-                got, want = getattr(session, how)(part), getattr(ref, how)(part)
-                if how == "feed":
-                    got, want = ({"logits_byte_by_byte": d["logits"][:, None]} for d in (got, want))
-                tally.add(got, want, start, [])
-                name = next(iter(got))
-                agree += [(got[name].argmax(-1) == want[name].argmax(-1)).sum(), got[name][..., 0].size]
+                compared.add(how, part, getattr(session, how)(part), getattr(ref, how)(part), start)
             if doc + 1 in marks:
                 rss[doc + 1] = measure.rss_bytes(session.pid)
             progress(doc + 1, documents)
         mem = measure.memory(rss, documents)
-        outputs = tally.errors()
-        checks = {**measure.error_checks(outputs, o.atol, o.rtol), "path_agreement": paths[0] == paths[1],
-                  **mem["checks"]}
+        checked = [source.tokens(d * per_doc * L, (d + 1) * per_doc * L) for d in range(documents)]
+        kernel = kernel_check(session, ref.net, [(t, (ref.block(t),)) for t in checked], L, session.fetch) \
+            if ref64 is not None else None
+        checks, fields = compared.report(o, kernel)
+        checks.update({"path_agreement": paths[0] == paths[1], **mem["checks"]})
         return {
             "bundle": str(bundle.path), "target": bundle.target["name"], "documents": documents,
             "document_segments": per_doc, "segments": segments, "decode_segments": decode_segments,
             "segment_length": L, "tokens": segments * L, "seed": o.seed,
             "input": f"the bytes of {o.text}, repeated" if o.text is not None else
                      "uniform random bytes, numpy default_rng([seed, block]) per 4096-byte block",
-            "reference": "PyTorch in float64: the model's retrieval (its own retriever weights and bank) and its "
-                         "algorithm as written, one stream per document; token by token, each token's distribution "
-                         "given only the tokens before it",
-            "criteria": {"atol": o.atol, "rtol": o.rtol, "rss_change_max_bytes": measure.RSS_CHANGE_MAX},
-            "outputs": outputs, "path_agreement": paths[0] / paths[1],
-            "next_byte_agreement": int(agree[0]) / int(agree[1]),
+            "reference": reference_name(bundle.manifest, "the model's retrieval (its own retriever weights and bank) "
+                                                         "and its algorithm as written, one stream per document; token "
+                                                         "by token, each token's distribution given only the tokens "
+                                                         "before it"),
+            **fields, "criteria": {**fields["criteria"], "rss_change_max_bytes": measure.RSS_CHANGE_MAX},
+            "path_agreement": paths[0] / paths[1],
             "fetch_us": {"p50": float(np.percentile(fetch_seconds, 50) * 1e6),
                          "p99": float(np.percentile(fetch_seconds, 99) * 1e6)},
             "bank_bytes": bundle.manifest["memory"]["bank_bytes"], "state_bytes": bundle.manifest["state_bytes"],
@@ -352,10 +354,10 @@ class Memory(Segment):
                  f"segments = {report['tokens']} bytes, the last {report['decode_segments']} byte by byte, "
                  f"{report['seconds']} s)")
         return [render.errors(title, report),
-                f"retrieved path agreement {report['path_agreement']:.2%}; next-byte arg-max agreement "
-                f"{report['next_byte_agreement']:.4%}; fetch p50 {report['fetch_us']['p50']:.0f} us, p99 "
+                f"retrieved path agreement {report['path_agreement']:.2%}; {next_byte_line(report)}; fetch p50 "
+                f"{report['fetch_us']['p50']:.0f} us, p99 "
                 f"{report['fetch_us']['p99']:.0f} us from a {render.mib(report['bank_bytes'])} bank",
-                *render.validation_footer(report)]
+                *render.quantized(report), *render.validation_footer(report)]
 
 
 UNIT = Memory()

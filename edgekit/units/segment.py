@@ -40,14 +40,11 @@ class ExportOptions:
 
 
 @dataclass(frozen=True)
-class ValidateOptions:
-    """All segments but the last `decode_segments` are scored by the segment step, those fed byte by byte (the
-    generation path). Pass criteria: every output within atol or within rtol of the reference's magnitude (a
-    quantized bundle: against the quantized reference in int8 steps, as for frame models); resident memory at T
-    within 5 MiB of T/10."""
+class Criteria:
+    """How a byte LM's stream is judged: every output within atol or within rtol of the reference's magnitude; a
+    quantized bundle against the quantized reference in int8 steps instead (as for frame models), next bytes
+    agreeing `prediction_agreement` of the time."""
 
-    segments: int = 256
-    decode_segments: int = 2
     seed: int = 0
     text: Path | None = None  # stream this file's bytes (repeated) instead of random bytes
     atol: float = 1e-4
@@ -57,11 +54,23 @@ class ValidateOptions:
     prediction_agreement: float = 0.999  # and next bytes agreeing this often
 
     def __post_init__(self):
+        if not (self.atol >= 0 and self.rtol >= 0):
+            raise EdgekitError("--atol and --rtol must be >= 0")
+
+
+@dataclass(frozen=True)
+class ValidateOptions(Criteria):
+    """All segments but the last `decode_segments` are scored by the segment step, those fed byte by byte (the
+    generation path); `Criteria` judge them, and resident memory at T must stay within 5 MiB of T/10."""
+
+    segments: int = 256
+    decode_segments: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.segments < 1 or not 0 <= self.decode_segments <= self.segments:
             raise EdgekitError(f"need --segments >= 1 and 0 <= --decode-segments <= --segments; got {self.segments}, "
                                f"{self.decode_segments}")
-        if not (self.atol >= 0 and self.rtol >= 0):
-            raise EdgekitError("--atol and --rtol must be >= 0")
 
 
 # ---- engines: the numpy interface `Generator` drives (TVM here; ONNX Runtime; eager PyTorch in streaming.py) -------
@@ -321,23 +330,94 @@ class GoldenReference:
         return {"logits": self.record["fed_logits"]}
 
 
-def _kernel_check(session, reference: QuantizedModel, source: TokenSource, segments: int, L: int
-                  ) -> tuple[Tally, int]:
+def kernel_check(session, reference: QuantizedModel, documents: list[tuple[np.ndarray, tuple]], L: int, start
+                 ) -> tuple[Tally, int]:
     """A quantized bundle's kernels segment by segment: before every segment the quantized reference's segment
     step starts from the artifact's own state, so a code that flips on a rounding boundary counts in the segment
-    where it flips, not again in every later segment the carried memory reaches. The tally and the segments
-    checked."""
+    where it flips, not again in every later segment the carried memory reaches. `documents`: (whole segments of
+    tokens, the segment step's per-document inputs) in stream order, each begun by `start(tokens)`; at most
+    KERNEL_CHECK_SEGMENTS segments. The tally and the segments checked."""
     import torch
 
-    session.reset()
-    segments, tally = min(segments, KERNEL_CHECK_SEGMENTS), Tally(min(segments, KERNEL_CHECK_SEGMENTS), quantized=True)
-    for s in range(segments):
-        state = {k: torch.from_numpy(v) for k, v in session.read_state().items()}
-        tokens = source.tokens(s * L, (s + 1) * L)
-        got = session.score(tokens)
-        want, _ = reference.segment_step(torch.from_numpy(tokens).view(1, -1), torch.tensor([L]), state)
-        tally.add(got, {k: want[k][:, None].numpy() for k in got}, s, [])
+    segments = min(KERNEL_CHECK_SEGMENTS, sum(t.size // L for t, _ in documents))
+    tally, done = Tally(segments, quantized=True), 0
+    for tokens, fetched in documents:
+        start(tokens)
+        for s in range(0, min(tokens.size, (segments - done) * L), L):
+            state = {k: torch.from_numpy(v) for k, v in session.read_state().items()}
+            segment = tokens[s:s + L]
+            got = session.score(segment)
+            want, _ = reference.segment_step(torch.from_numpy(segment).view(1, -1), torch.tensor([L]), state, *fetched)
+            tally.add(got, {k: want[k][:, None].numpy() for k in got}, done, ["logits"])
+            done += 1
     return tally, segments
+
+
+class Comparison:
+    """A byte LM's stream compared piece by piece: the artifact against its reference (a quantized bundle's: the
+    quantized model, in int8 steps) and next-byte agreement; for a quantized bundle with the float64 model at hand
+    (`ref64`) also that reference against it (the quantization's own effect, bits per byte of scored segments)."""
+
+    def __init__(self, segments: int, quantized: bool, ref64):
+        self.quantized, self.ref64 = quantized, ref64
+        self.tally, self.effect = Tally(segments, quantized=quantized), Tally(segments)
+        self.bits, self.agree = {"artifact": [], "fp32": []}, np.zeros(2, np.int64)
+
+    def add(self, how: str, tokens: np.ndarray, got: dict, want: dict, first: int) -> None:
+        """`how` ("score" or "feed") ran over `tokens` from segment `first` on; got: the artifact's outputs."""
+        want64 = getattr(self.ref64, how)(tokens) if self.ref64 is not None else None
+        if want64 is not None and how == "score":
+            self.bits["artifact"].append(_bits(got["logits"], tokens))
+            self.bits["fp32"].append(_bits(want64["logits"], tokens))
+        if how == "feed":  # one segment's L token-by-token distributions, tallied as one segment
+            got, want, want64 = ({"logits_byte_by_byte": d["logits"][:, None]} if d is not None else None
+                                 for d in (got, want, want64))
+        self.tally.add(got, want, first, [])
+        if want64 is not None:
+            self.effect.add(want, want64, first, [])
+        name = next(iter(got))
+        self.agree += [(got[name].argmax(-1) == want[name].argmax(-1)).sum(), got[name][..., 0].size]
+
+    def report(self, options: Criteria, kernel: tuple[Tally, int] | None) -> tuple[dict, dict]:
+        """(checks, report fields): a quantized bundle's step criteria judge its kernel check where there is one."""
+        o, outputs = options, self.tally.errors()
+        judged = kernel[0].errors() if kernel else outputs
+        checks = measure.step_checks(judged, o.max_steps, o.max_codes_differing) if self.quantized else \
+            measure.error_checks(outputs, o.atol, o.rtol)
+        agree = kernel[0].predictions["logits"][:2] if kernel else self.agree
+        if self.quantized:
+            checks["next_byte_agreement"] = int(agree[0]) >= o.prediction_agreement * int(agree[1])
+        fields = {"criteria": {"max_steps": o.max_steps, "max_codes_differing": o.max_codes_differing,
+                               "next_byte_agreement_min": o.prediction_agreement} if self.quantized else
+                  {"atol": o.atol, "rtol": o.rtol},
+                  "outputs": outputs, "next_byte_agreement": int(self.agree[0]) / int(self.agree[1])}
+        if self.ref64 is not None:
+            fields["quantization_effect"] = {
+                "against": "the float64 PyTorch model without quantization", "outputs": self.effect.errors(),
+                **({"bits_per_byte": {k: float(np.mean(v)) for k, v in self.bits.items()}} if self.bits["fp32"]
+                   else {})}
+        if kernel:
+            fields["kernel_check"] = {"items": kernel[1], "unit": "segments", "outputs": judged,
+                                      "next_byte_agreement": int(agree[0]) / int(agree[1]),
+                                      "how": "segment by segment from the start of each stream, the quantized "
+                                             "reference's segment step started from the artifact's state each time"}
+        return checks, fields
+
+
+def next_byte_line(report: dict) -> str:
+    """Next-byte arg-max agreement, and for a quantized bundle with a kernel check the one judged there."""
+    line = f"next-byte arg-max agreement {report['next_byte_agreement']:.4%}"
+    if kernel := report.get("kernel_check"):
+        line += f" free-running, {kernel['next_byte_agreement']:.4%} in the kernel check (judged)"
+    return line
+
+
+def reference_name(manifest: dict, what: str) -> str:
+    """The report's account of the reference: the float64 model, or for a quantized bundle the fp32 one with its
+    products quantized; `what` says what of the model it runs."""
+    scheme = scheme_of(manifest)
+    return ("PyTorch in float64" if scheme == "none" else f"PyTorch in fp32 with the bundle's {scheme} products and "
+            "fp32 forms as the artifact computes them (edgekit.quantize)") + ": " + what
 
 
 # ---- the unit ---------------------------------------------------------------------------------------------------
@@ -412,58 +492,30 @@ class Segment(Unit):
         ends = measure.pieces(scored, SCORE_BLOCK, list(marks))
         pieces = [(s, e, "score") for s, e in zip([0, *ends], ends)] if scored else []
         pieces += [(s, s + 1, "feed") for s in range(scored, segments)]
-        tally, rss, agree, t0 = Tally(segments, quantized=quantized), {}, np.zeros(2, np.int64), time.perf_counter()
-        effect, bits = Tally(segments), {"artifact": [], "fp32": []}
+        compared, rss, t0 = Comparison(segments, quantized, ref64), {}, time.perf_counter()
         session.reset()
         for start, stop, how in pieces:
             tokens = source.tokens(start * L, stop * L)
-            got, want = getattr(session, how)(tokens), getattr(ref, how)(tokens)
-            want64 = getattr(ref64, how)(tokens) if ref64 is not None else None
-            if want64 is not None and how == "score":
-                bits["artifact"].append(_bits(got["logits"], tokens))
-                bits["fp32"].append(_bits(want64["logits"], tokens))
-            if how == "feed":  # one segment's L token-by-token distributions, tallied as one segment
-                got, want, want64 = ({"logits_byte_by_byte": d["logits"][:, None]} if d is not None else None
-                                     for d in (got, want, want64))
-            tally.add(got, want, start, [])
-            if want64 is not None:
-                effect.add(want, want64, start, [])
-            name = next(iter(got))
-            agree += [(got[name].argmax(-1) == want[name].argmax(-1)).sum(), got[name][..., 0].size]
+            compared.add(how, tokens, getattr(session, how)(tokens), getattr(ref, how)(tokens), start)
             if stop in marks:
                 rss[stop] = measure.rss_bytes(session.pid)
             progress(stop, segments)
-        mem = measure.memory(rss, segments)
-        outputs, seconds = tally.errors(), time.perf_counter() - t0
-        kernel = _kernel_check(session, ref.net, source, scored, L) if ref64 is not None else None
-        judged = kernel[0].errors() if kernel else outputs
-        checks = {**(measure.step_checks(judged, o.max_steps, o.max_codes_differing) if quantized else
-                     measure.error_checks(outputs, o.atol, o.rtol)),
-                  **({"next_byte_agreement": int(agree[0]) >= o.prediction_agreement * int(agree[1])} if quantized
-                     else {}), **mem["checks"]}
-        extra = {"quantization_effect": {
-            "against": "the float64 PyTorch model without quantization", "outputs": effect.errors(),
-            **({"bits_per_byte": {k: float(np.mean(v)) for k, v in bits.items()}} if bits["fp32"] else {})}} \
-            if ref64 is not None else {}
-        if kernel:
-            extra["kernel_check"] = {"items": kernel[1], "unit": "segments", "outputs": judged,
-                                     "how": "segment by segment from the start of the stream, the quantized "
-                                            "reference's segment step started from the artifact's state each time"}
+        mem, seconds = measure.memory(rss, segments), time.perf_counter() - t0
+        kernel = kernel_check(session, ref.net, [(source.tokens(0, scored * L), ())], L, lambda _: session.reset()) \
+            if ref64 is not None and scored else None
+        checks, fields = compared.report(o, kernel)
+        checks.update(mem["checks"])
         return {
             "bundle": str(bundle.path), "target": bundle.target["name"], "segments": segments,
             "decode_segments": decode_segments, "segment_length": L, "tokens": segments * L, "seed": o.seed,
             "input": f"the bytes of {o.text}, repeated" if o.text is not None else
                      "uniform random bytes, numpy default_rng([seed, block]) per 4096-byte block",
-            "reference": ("PyTorch in float64" if not quantized else f"PyTorch in fp32 with the bundle's "
-                          f"{scheme_of(bundle.manifest)} products (edgekit.quantize)") + ": the model's algorithm "
-                         "as written, one stream; token by token, each token's distribution given only the tokens "
-                         "before it",
-            "criteria": {**({"max_steps": o.max_steps, "max_codes_differing": o.max_codes_differing,
-                             "next_byte_agreement_min": o.prediction_agreement} if quantized else
-                            {"atol": o.atol, "rtol": o.rtol}), "rss_change_max_bytes": measure.RSS_CHANGE_MAX},
-            "outputs": outputs, "next_byte_agreement": int(agree[0]) / int(agree[1]),
+            "reference": reference_name(bundle.manifest, "the model's algorithm as written, one stream; token by "
+                                                         "token, each token's distribution given only the tokens "
+                                                         "before it"),
+            **fields, "criteria": {**fields["criteria"], "rss_change_max_bytes": measure.RSS_CHANGE_MAX},
             "state_bytes": bundle.manifest["state_bytes"], "rss_bytes": mem["rss_bytes"],
-            "seconds": round(seconds, 2), "checks": checks, "passed": all(checks.values()), **extra,
+            "seconds": round(seconds, 2), "checks": checks, "passed": all(checks.values()),
         }
 
     def bench(self, bundle: Bundle, options: BenchOptions, torch_model, progress) -> dict:
@@ -516,8 +568,8 @@ class Segment(Unit):
     def render_validation(self, report: dict) -> list:
         title = (f"validation of {report['bundle']} ({report['segments']} segments = {report['tokens']} bytes, the "
                  f"last {report['decode_segments']} byte by byte, {report['seconds']} s)")
-        return [render.errors(title, report), f"next-byte arg-max agreement {report['next_byte_agreement']:.4%}",
-                *render.quantized(report), *render.validation_footer(report)]
+        return [render.errors(title, report), next_byte_line(report), *render.quantized(report),
+                *render.validation_footer(report)]
 
     def render_bench(self, report: dict) -> list:
         rows = [[r["engine"], r["call"], str(r["bytes_per_call"]),

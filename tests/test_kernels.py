@@ -105,13 +105,15 @@ def test_layer_norm_is_vectorized_and_matches_numpy():
     np.testing.assert_allclose(run(mod, x), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_data_movement_is_inlined_into_one_pass():
-    """Two transposes feeding a concatenate: one loop nest, no intermediate tensors."""
-    a, b = RNG.standard_normal((3, 5, 16), dtype=np.float32), RNG.standard_normal((3, 5, 16), dtype=np.float32)
+def test_data_movement_is_inlined_into_one_pass_a_loop_per_concatenated_piece():
+    """Two transposes feeding a concatenate: no intermediate tensors, and the concatenated axis split at the
+    pieces' offsets (each loop copies one input instead of choosing among all of them per element)."""
+    a, b = RNG.standard_normal((3, 5, 16), dtype=np.float32), RNG.standard_normal((3, 5, 24), dtype=np.float32)
     mod = module([a.shape, b.shape], lambda x, y: relax.op.concat(
         [relax.op.permute_dims(x, [1, 0, 2]), relax.op.permute_dims(y, [1, 0, 2])], axis=2))
     ((script,),) = [[s] for name, s in scheduled(mod).items() if "concatenate" in name]
     assert "sblock_alloc_buffer" not in script
+    assert "range(T.int64(16))" in script and "range(T.int64(16), T.int64(40))" in script
     np.testing.assert_array_equal(run(mod, a, b), np.concatenate([a.transpose(1, 0, 2), b.transpose(1, 0, 2)], 2))
 
 

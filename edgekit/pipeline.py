@@ -13,6 +13,7 @@ from tvm.s_tir import dlight
 
 from edgekit import cuda as offline_cuda
 from edgekit.kernels import call_rewrite_pass
+from edgekit.kernels.cpu_cumsum import ShortCumsum
 from edgekit.kernels.cpu_fastmath import FastErfSoftmax
 from edgekit.kernels.cpu_gemv import PackedGEMVSchedule, PackGEMVWeights
 from edgekit.kernels.cpu_injective import InlineInjective
@@ -36,10 +37,12 @@ ClipTakeIndices = call_rewrite_pass("ClipTakeIndices", _clip_take)
 
 def cpu_passes(target: tvm.target.Target) -> list:
     """TVM's CPU pipeline plus edgekit.kernels: int8 products onto the target's dot-product kernels, constant fp32
-    weights packed and erf/softmax made vectorizable before legalization; after fusion each kernel takes the first rule that matches it (products with constant weights,
-    products of two tensors, row reductions, data movement); the rest keep TVM's default loops. NaN propagates as
-    in PyTorch (ReLU, erf), and every kernel runs with denormals flushed (kernels/fp_mode.py)."""
+    weights packed, erf/softmax made vectorizable and short cumulative sums plain reductions before legalization;
+    after fusion each kernel takes the first rule that matches it (products with constant weights, products of two
+    tensors, row reductions, data movement); the rest keep TVM's default loops. NaN propagates as in PyTorch
+    (ReLU, erf), and every kernel runs with denormals flushed (kernels/fp_mode.py)."""
     return [
+        ShortCumsum,  # before DispatchSortScan turns every cumsum into TVM's parallel scan
         *cpu.library_dispatch_passes(target),
         ClipTakeIndices,
         NaNPropagatingReLU,

@@ -190,3 +190,16 @@ def test_kernels_flush_denormals_on_every_thread_and_restore_the_callers_mode(tm
     out = subprocess.run([sys.executable, "-c", POOL_PROBE, str(tmp_path / "square.so")], capture_output=True,
                          text=True, check=True, env={**os.environ, "TVM_NUM_THREADS": "2"}).stdout.split()
     assert out == ["32", "64", "True"], out
+
+
+@pytest.mark.parametrize("axis,exclusive", [(1, False), (1, True), (2, False)])
+def test_a_short_cumulative_sum_is_a_serial_prefix_reduction(axis, exclusive):
+    """A running sum over a chunk's frames: no parallel scan (a thread-pool wake per call), values as numpy's."""
+    x = RNG.standard_normal((1, 16, 35), dtype=np.float32)
+    mod = module([x.shape], lambda v: relax.op.cumsum(v, axis=axis, exclusive=exclusive))
+    (script,) = [s for name, s in scheduled(mod).items() if "cumsum" in name]
+    assert "T.parallel" not in script and "cumsum_generic" not in script
+    want = np.cumsum(x, axis=axis)
+    if exclusive:
+        want = np.concatenate([np.zeros_like(np.take(want, [0], axis)), np.delete(want, -1, axis)], axis)
+    np.testing.assert_allclose(run(mod, x), want, rtol=1e-6, atol=1e-6)

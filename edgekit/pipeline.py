@@ -16,7 +16,7 @@ from edgekit.kernels import call_rewrite_pass
 from edgekit.kernels.cpu_cumsum import ShortCumsum
 from edgekit.kernels.cpu_fastmath import FastErfSoftmax
 from edgekit.kernels.cpu_gemv import PackedGEMVSchedule, PackGEMVWeights
-from edgekit.kernels.cpu_injective import InlineInjective
+from edgekit.kernels.cpu_injective import InlineInjective, SplitAsSlices
 from edgekit.kernels.cpu_int8 import Int8DotKernels
 from edgekit.kernels.cpu_matmul import BatchMatmulSchedule
 from edgekit.kernels.fp_mode import add_pool_function, flush_denormals
@@ -51,6 +51,8 @@ def cpu_passes(target: tvm.target.Target) -> list:
         relax.transform.FoldConstant(),
         PackGEMVWeights,
         FastErfSoftmax,
+        SplitAsSlices,
+        relax.transform.CanonicalizeBindings(),  # a slice's reader takes it directly, not through the tuple
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

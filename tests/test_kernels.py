@@ -203,3 +203,15 @@ def test_a_short_cumulative_sum_is_a_serial_prefix_reduction(axis, exclusive):
     if exclusive:
         want = np.concatenate([np.zeros_like(np.take(want, [0], axis)), np.delete(want, -1, axis)], axis)
     np.testing.assert_allclose(run(mod, x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_split_state_is_read_through_slices_fused_into_its_readers():
+    """Unpacking a flat state: no split op (a kernel copying every piece, whose outputs cannot become views); each
+    piece is a slice fused into its reader."""
+    x = RNG.standard_normal(40, dtype=np.float32)
+    mod = module([x.shape], lambda v: (lambda parts: relax.op.concat(
+        [relax.op.multiply(parts[0], relax.const(np.float32(2))), relax.op.exp(parts[1]), parts[2]], axis=0))(
+        relax.op.split(v, [8, 24], axis=0)))
+    names = list(scheduled(mod))
+    assert not any("split" in n for n in names) and len(names) == 1, names
+    np.testing.assert_allclose(run(mod, x), np.concatenate([2 * x[:8], np.exp(x[8:24]), x[24:]]), rtol=1e-6)

@@ -65,6 +65,39 @@ def vtlp(x: torch.Tensor, gen: torch.Generator, warp: float = 0.1) -> torch.Tens
     return take(lo) * (1 - w) + take(hi) * w
 
 
+class FeatureNoise:
+    """Noise mixed into normalised log-mel features at a random SNR: filterbank energies add (the speech-noise
+    cross term averages out over a band), so mixing costs one logaddexp instead of a new front-end pass. The
+    SNR is relative to the clip's active frames, as make_dataset.py's and heldout.py's mixing is."""
+
+    def __init__(self, root: Path, kinds: list[str], snr_db: tuple[float, float]):
+        self.noises = [torch.from_numpy(audio.features(audio.read_wav(root / "_background_noise_" / f"{k}.wav")))
+                       for k in kinds]
+        self.snr_db = snr_db
+
+    def __call__(self, x: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
+        b, t, _ = x.shape
+        mix = torch.rand(b, generator=gen) < share
+        if not mix.any():
+            return x
+        log_energy = lambda f: f * (2 * audio.NORM_STD) + audio.NORM_MEAN  # noqa: E731
+        speech = log_energy(x[mix])
+        noise = torch.stack([self._stretch(t, gen) for _ in range(int(mix.sum()))])
+        frame = speech.exp().sum(2)
+        active = frame > 1e-4 * frame.amax(1, keepdim=True)  # samples above 1 % of the peak, as add_noise
+        level = (frame * active).sum(1) / active.sum(1)
+        snr = torch.empty(len(speech)).uniform_(*self.snr_db, generator=gen)
+        gain = level.log() - noise.exp().sum(2).mean(1).log() - snr * np.log(10) / 10
+        out = x.clone()
+        out[mix] = ((torch.logaddexp(speech, noise + gain[:, None, None]) - audio.NORM_MEAN) / (2 * audio.NORM_STD))
+        return out
+
+    def _stretch(self, frames: int, gen: torch.Generator) -> torch.Tensor:
+        noise = self.noises[int(torch.randint(len(self.noises), (1,), generator=gen))]
+        at = int(torch.randint(len(noise) - frames, (1,), generator=gen))
+        return noise[at:at + frames] * (2 * audio.NORM_STD) + audio.NORM_MEAN
+
+
 @torch.no_grad()
 def accuracy(model: LMUFormer, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
     model.eval()
@@ -139,6 +172,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, required=True, help="a Speech Commands v2 layout (real or synthetic)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint to write (+ .json beside it)")
     p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--depth", type=int, default=1, help="LMU blocks")
     p.add_argument("--mlp-ratio", type=float, default=2.0)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch", type=int, default=64)
@@ -147,6 +181,10 @@ def main() -> None:
     p.add_argument("--stream-minutes", type=float, default=60.0, help="synthetic training stream to draw windows from")
     p.add_argument("--stream-windows", type=int, default=3000, help="stream windows per epoch")
     p.add_argument("--stream-snr", type=float, nargs=2, default=(0.0, 30.0), help="SNR range of stream words, dB")
+    p.add_argument("--feature-noise", type=float, default=0.0, help="share of training items mixed with noise "
+                   "at the feature level (on top of the clips' own noise)")
+    p.add_argument("--feature-noise-snr", type=float, nargs=2, default=(0.0, 20.0), help="its SNR range, dB")
+    p.add_argument("--feature-noise-kinds", nargs="+", default=["pink_noise", "brown_noise", "white_noise", "babble"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--init", type=Path, help="start from this checkpoint (same configuration) instead of at random")
@@ -172,7 +210,8 @@ def main() -> None:
     print(f"features in {time.perf_counter() - t0:.0f} s: " + ", ".join(f"{s} {len(v)}" for s, v in y.items()),
           flush=True)
 
-    model = LMUFormer(input_size=x["training"].shape[2], dim=a.dim, depth=1, mlp_ratio=a.mlp_ratio,
+    noise = FeatureNoise(a.data, a.feature_noise_kinds, tuple(a.feature_noise_snr)) if a.feature_noise else None
+    model = LMUFormer(input_size=x["training"].shape[2], dim=a.dim, depth=a.depth, mlp_ratio=a.mlp_ratio,
                       num_classes=len(LABELS), theta=float(frames), seq_len=frames)
     if a.init:
         model.load_state_dict(torch.load(a.init, map_location="cpu", weights_only=True))
@@ -191,7 +230,8 @@ def main() -> None:
         total = 0.0
         for i in range(0, len(order), a.batch):
             b = order[i:i + a.batch]
-            logits = model.forward_frames(spec_augment(vtlp(ex[b], gen), gen))["logits"].mean(1)
+            batch = ex[b] if noise is None else noise(ex[b], a.feature_noise, gen)
+            logits = model.forward_frames(spec_augment(vtlp(batch, gen), gen))["logits"].mean(1)
             loss = F.cross_entropy(logits, ey[b], label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()
@@ -230,7 +270,9 @@ def save(model: LMUFormer, a: argparse.Namespace, history: list[dict], best: flo
                   "training": sorted(set(training_speakers(engines=a.engines))),
                   "heldout": sorted(v for v in speakers() if split_of(v) == "heldout")},
               "stream_minutes": a.stream_minutes, "stream_windows_per_epoch": a.stream_windows,
-              "stream_snr_db": list(a.stream_snr), "augmentation": "clips: make_dataset.py; features: VTLP, SpecAugment",
+              "stream_snr_db": list(a.stream_snr), "augmentation": "clips: make_dataset.py; features: "
+              + (f"noise ({', '.join(a.feature_noise_kinds)}) on {a.feature_noise:.0%} at {a.feature_noise_snr[0]:g}-"
+                 f"{a.feature_noise_snr[1]:g} dB, " if a.feature_noise else "") + "VTLP, SpecAugment",
               "accuracy": {"validation_clips_and_windows": round(best, 4)},
               "train_seconds": round(seconds, 1), "threads": a.threads, "history": history}
     a.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

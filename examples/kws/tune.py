@@ -2,8 +2,9 @@
 
 Streams like heldout.py's (keywords and other words 0.6-1.5 s apart, pink noise at 20 and 10 dB below the
 speech, and clean) are made from the espeak-ng validation voices (never trained on) and from each other engine's
-training voices (flite awb and rms, piper joe, the Kokoro speakers and blends: heard in
-training, but other renderings of the words): the held-out voices (kal, slt, ked) and the espeak-ng test voices are never used. The windows of
+training voices (flite awb and rms, piper joe, the Kokoro speakers and blends: heard in training, but other
+renderings of the words): the held-out voices (kal, slt, ked) and the espeak-ng test voices are never used. The
+windows of
 every stream are classified once per hop (PyTorch; the bundle gives identical windows, see heldout.py), then the
 detector is run for every threshold and smoothing; the setting with the best F1 pooled over all streams wins.
 
@@ -75,11 +76,13 @@ def main() -> None:
     for hop in a.hop:
         windows = [pytorch_windows(a.checkpoint, x, hop, spec.clip_frames) for x, _ in streams]
         for smooth, threshold in itertools.product(a.smooth, a.threshold):
-            scores = [score(_redetect(spec, w, threshold, hop, smooth), truth) for w, (_, truth) in zip(windows, streams)]
+            scores = [score(_redetect(spec, w, threshold, hop, smooth), truth)
+                      for w, (_, truth) in zip(windows, streams)]
             tp, det, kw = (sum(s[k] for s in scores) for k in ("true_positives", "detections", "keywords"))
             precision, recall = tp / max(det, 1), tp / max(kw, 1)
+            f1 = 2 * precision * recall / max(precision + recall, 1e-9)
             runs.append({"hop": hop, "smooth": smooth, "threshold": threshold, "precision": round(precision, 4),
-                         "recall": round(recall, 4), "f1": round(2 * precision * recall / max(precision + recall, 1e-9), 4)})
+                         "recall": round(recall, 4), "f1": round(f1, 4)})
             print(json.dumps(runs[-1]), flush=True)
     best = max(runs, key=lambda r: r["f1"])
     (a.out / "results.json").write_text(json.dumps({"checkpoint": str(a.checkpoint), "groups": validation_groups(),

@@ -186,7 +186,8 @@ def _given(**flags) -> dict:
                    f"[default: {', '.join(map(str, frame.ExportOptions.chunks))}]")
 @click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
               help="int8: weights int8 per output channel, activations int8 per row at run time, int32 dot products "
-                   "on the target's instructions (AVX-512 VNNI, Arm sdot); recurrences, norms and softmax stay fp32")
+                   "on the target's instructions (AVX-512 VNNI, AVX-512BW or AVX2 without it, Arm sdot); recurrences, "
+                   "norms and softmax stay fp32")
 @click.option("--force", is_flag=True, help="replace an existing bundle at --out")
 @click.option("--runner", "with_runner", is_flag=True,
               help="also build the native runner edgekit-run into the bundle (as `edgekit runner` does)")

@@ -13,8 +13,12 @@ target's features, never assumed:
 - `avx512-vnni` (x86 with AVX-512 VNNI): `vpdpbusd`, u8 x s8 -> s32, 16 columns x 4 k per instruction. The codes
   are signed, so they go in as code + 128 (the sign bit flipped) and the accumulators start at -128 * column sum.
 - `sdot` (Armv8.2 dotprod: Cortex-A76/A78, Pi 5, Orin's CPU): s8 x s8 -> s32, 4 columns x 4 k.
-- `generic` (x86 without VNNI, Cortex-A72 of the Pi 4): a plain int32 reduction over K, which LLVM vectorizes
-  for the target (pmaddwd on x86, smull/addv on the A72).
+- `avx512-bw`, `avx2` (x86 without VNNI): the same tiles in three instructions, as int8 libraries did before VNNI:
+  `vpmaddubsw` multiplies |code| (u8) by the weight with the code's sign moved onto it (s8) and adds pairs to s16,
+  `vpmaddwd` by ones adds those pairs to s32. Exact, as codes are symmetric: a pair is at most 2 x 127 x 127 =
+  32,258, under the s16 saturation at 32,767. 16 columns per instruction on AVX-512BW, 8 on AVX2.
+- `generic` (other CPUs, Cortex-A72 of the Pi 4, and products whose N is not a multiple of the lanes): a plain
+  int32 reduction over K, which LLVM vectorizes for the target (smull/addv on the A72).
 
 The instructions are called through `T.call_llvm_pure_intrin` (TVM's `tensorize` crashes with the pinned tvm-ffi
 and its shipped VNNI intrinsic no longer verifies with LLVM 22). A register tile of `rows` rows x `tile` groups of
@@ -37,9 +41,12 @@ from edgekit.quantize import QMAX, TINY
 
 VEC = 16  # fp32 lanes of the row quantization
 SIGN_BITS = -0x7F7F7F80  # 0x80808080 as int32: flips the sign bit of 4 packed int8 codes (code + 128 as u8)
-LANES = {"avx512-vnni": 16, "sdot": 4}  # int32 columns per instruction
+LANES = {"avx512-vnni": 16, "sdot": 4, "avx512-bw": 16, "avx2": 8}  # int32 columns per instruction
+ACCUMULATORS = {"avx512-vnni": 16, "sdot": 16, "avx512-bw": 16, "avx2": 8}  # vector registers a tile may hold
 INTRINSICS = {"avx512-vnni": ("llvm.x86.avx512.vpdpbusd.512", "int8x64", "int32x16"),
-              "sdot": ("llvm.aarch64.neon.sdot.v4i32.v16i8", "int8x16", "int32x4")}
+              "sdot": ("llvm.aarch64.neon.sdot.v4i32.v16i8", "int8x16", "int32x4"),
+              "avx512-bw": (("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"), "int8x64", "int32x16"),
+              "avx2": (("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"), "int8x32", "int32x8")}
 
 
 def isa(target: tvm.target.Target) -> str:
@@ -49,6 +56,10 @@ def isa(target: tvm.target.Target) -> str:
         return "sdot"
     if not arm and codegen.target_has_features("avx512vnni", target):
         return "avx512-vnni"
+    if not arm and codegen.target_has_features("avx512bw", target):
+        return "avx512-bw"
+    if not arm and codegen.target_has_features("avx2", target):
+        return "avx2"
     return "generic"
 
 
@@ -101,19 +112,50 @@ def _quantize_rows(k: int, rows: int, width: int):
     return quantize
 
 
+def _dot4(kind: str):
+    """(acc, xs, ws) -> acc (int32 lanes) + the 4-k dot product of the broadcast codes xs with each lane's 4
+    weights ws, on `kind`'s instructions (see the module docstring); called while TVMScript parses the kernel."""
+    name, operand, acc_type = INTRINSICS[kind]
+    if isinstance(name, str):
+        def one_instruction(acc, xs, ws):
+            return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(name), acc, xs, ws, dtype=acc_type)
+
+        return one_instruction
+    bytes_, pairs = int(operand.split("x")[1]), f"int16x{int(operand.split('x')[1]) // 2}"
+    madd_u8s8, madd_s16 = name
+
+    def three_instructions(acc, xs, ws):
+        zero = T.broadcast(T.int8(0), bytes_)
+        signed = T.Select(xs < zero, zero - ws, ws)
+        sums = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(madd_u8s8), T.Select(xs < zero, zero - xs, xs),
+                                       signed, dtype=pairs)
+        return acc + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(madd_s16), sums,
+                                             T.broadcast(T.int16(1), bytes_ // 2), dtype=acc_type)
+
+    return three_instructions
+
+
+def start_offsets(kind: str, codes: np.ndarray) -> np.ndarray:
+    """Where each column's accumulator starts: -128 x its weight sum on VNNI (the codes go in as code + 128), else 0."""
+    return (-128 * codes.astype(np.int64).sum(axis=0) if kind == "avx512-vnni" else np.zeros(codes.shape[1])
+            ).astype(np.int32)
+
+
 @cache  # parsing TVMScript costs ~0.1 s; a chunked step repeats the same shapes
 def dot_kernel(kind: str, m: int, k: int, n: int) -> tirx.PrimFunc:
     """x [M, K] fp32, packed weights [N/(L G), K4/4, G, 4L] int8 (K4: K rounded up to 4, zero rows; G: `_group`),
     start [N] int32, weight scales [N] -> [M, N] fp32 with the instruction of `kind`; the accumulators start at
-    `start` (the VNNI offset; zeros for sdot)."""
-    lanes, rows, k4 = LANES[kind], _rows(m), -(-k // 4) * 4
-    name, operand, acc_type = INTRINSICS[kind]
+    `start` (`start_offsets`)."""
+    lanes, k4, budget = LANES[kind], -(-k // 4) * 4, ACCUMULATORS[kind]
+    _, operand, acc_type = INTRINSICS[kind]
     panels = n // lanes
     group = _group(panels)
-    tile = next(p for p in (16 // rows, 4, 2, 1) if panels % p == 0 and p * rows <= 16 and p % group == 0)
+    rows = next(r for r in (4, 2, 1) if m % r == 0 and r * group <= budget)
+    tile = next(p for p in (budget // rows, 4, 2, 1) if panels % p == 0 and p * rows <= budget and p % group == 0)
     flip = SIGN_BITS if kind == "avx512-vnni" else 0
     outer = T.parallel if m * k * n >= PARALLEL_MACS and m > rows else T.serial
     quantize = _quantize_rows(k, rows, k4)
+    dot4 = _dot4(kind)
 
     @T.prim_func
     def kernel(x: T.Buffer((m, k), "float32"), w: T.Buffer((panels // group, k4 // 4, group, lanes * 4), "int8"),
@@ -134,10 +176,9 @@ def dot_kernel(kind: str, m: int, k: int, n: int) -> tirx.PrimFunc:
                                              T.int32(flip))
                         xs = T.reinterpret(T.broadcast(word, lanes), dtype=operand)
                         for p in T.unroll(tile):
-                            acc[T.ramp((r * tile + p) * lanes, 1, lanes)] = T.call_llvm_pure_intrin(
-                                T.llvm_lookup_intrinsic_id(name), acc[T.ramp((r * tile + p) * lanes, 1, lanes)], xs,
-                                w.vload([(g * tile + p) // group, ko, (g * tile + p) % group, 0], operand),
-                                dtype=acc_type)
+                            acc[T.ramp((r * tile + p) * lanes, 1, lanes)] = dot4(
+                                acc[T.ramp((r * tile + p) * lanes, 1, lanes)], xs,
+                                w.vload([(g * tile + p) // group, ko, (g * tile + p) % group, 0], operand))
                 for r in T.unroll(rows):
                     for p in T.unroll(tile):
                         y[rb * rows + r, T.ramp((g * tile + p) * lanes, 1, lanes)] = \
@@ -241,8 +282,7 @@ def _rewrite(bb: relax.BlockBuilder, call: relax.Call, lookup) -> relax.Expr:
         args = [x, relax.const(np.ascontiguousarray(codes.T)), relax.const(sw)]
     else:
         func = dot_kernel(kind, m, k, n)
-        start = (-128 * w.astype(np.int64).sum(axis=0) if kind == "avx512-vnni" else np.zeros(n)).astype(np.int32)
-        args = [x, relax.const(pack(codes, LANES[kind])), relax.const(start), relax.const(sw)]
+        args = [x, relax.const(pack(codes, LANES[kind])), relax.const(start_offsets(kind, codes)), relax.const(sw)]
     gv = bb.add_func(func, func.attrs["global_symbol"])
     return relax.call_tir(gv, args, out_ty=relax.TensorType((m, n), "float32"))
 

@@ -37,11 +37,16 @@ def _kernel(kind: str, x: np.ndarray, w: np.ndarray) -> np.ndarray:
     codes, sw = quantize.weight_codes(w)
     if kind == "generic":
         return _run(cpu_int8.generic_kernel(m, k, n), x, np.ascontiguousarray(codes.T), sw, (m, n))
-    start = (-128 * codes.astype(np.int64).sum(0)).astype(np.int32)
-    return _run(cpu_int8.dot_kernel(kind, m, k, n), x, cpu_int8.pack(codes, cpu_int8.LANES[kind]), start, sw, (m, n))
+    return _run(cpu_int8.dot_kernel(kind, m, k, n), x, cpu_int8.pack(codes, cpu_int8.LANES[kind]),
+                cpu_int8.start_offsets(kind, codes), sw, (m, n))
 
 
-HOST_KINDS = ["generic"] + (["avx512-vnni"] if cpu_int8.isa(targets.get("host").tvm_target()) == "avx512-vnni" else [])
+def _host_has(*features: str) -> bool:
+    return all(tvm.target.codegen.target_has_features(f, targets.get("host").tvm_target()) for f in features)
+
+
+HOST_KINDS = ["generic"] + [kind for kind, feature in [("avx2", "avx2"), ("avx512-bw", "avx512bw"),
+                                                       ("avx512-vnni", "avx512vnni")] if _host_has(feature)]
 
 
 @pytest.mark.parametrize("kind", HOST_KINDS)
@@ -154,6 +159,20 @@ def _disassembly(bundle) -> str:
     tool = shutil.which("aarch64-linux-gnu-objdump")
     return subprocess.run([tool, "-d", str(bundle.path / bundle.manifest["library"])], capture_output=True,
                           text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("mcpu,kind,mnemonic", [("znver4", "avx512-vnni", "vpdpbusd"),
+                                                 ("skylake-avx512", "avx512-bw", "vpmaddubsw"),
+                                                 ("haswell", "avx2", "vpmaddubsw")])
+def test_x86_int8_kernels_use_the_best_dot_product_the_cpu_has(tmp_path, mcpu, kind, mnemonic):
+    """Read off the target's features: VNNI where it exists, else AVX-512BW or AVX2's two-step products."""
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu})
+    assert cpu_int8.isa(target) == kind
+    func = cpu_int8.dot_kernel(kind, 1, 64, 256).with_attr("global_symbol", "main")
+    tvm.compile(tvm.IRModule({"main": func}), target=target).export_library(str(tmp_path / "k.so"))
+    disassembly = subprocess.run(["objdump", "-d", str(tmp_path / "k.so")], capture_output=True, text=True,
+                                 check=True).stdout
+    assert f"\t{mnemonic} " in disassembly and ("vpdpbusd" in disassembly) == (kind == "avx512-vnni")
 
 
 @pytest.mark.slow

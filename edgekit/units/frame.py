@@ -649,7 +649,8 @@ class Frame(Unit):
         report = _report(bundle, tally, rss, frames, options, seconds, kernel)
         if effect:
             report["quantization_effect"] = {"against": "the float64 PyTorch model without quantization",
-                                             "outputs": effect.errors(), "predictions": _predictions(effect, options)}
+                                             "outputs": effect.errors(), "predictions": _predictions(effect, options),
+                                             "spikes": _spikes(effect)}
         report["checks"]["nonfinite_input_refused"] = _refuses_nonfinite(session)
         report["passed"] = all(report["checks"].values())
         if net is not None and report["spikes"] and net.spike_fanout():
@@ -700,6 +701,10 @@ class Frame(Unit):
         if effect := report.get("quantization_effect"):
             out += [f"quantized vs fp32 prediction agreement ({name} arg-max): " +
                     ", ".join(f"{k} {v:.4%}" for k, v in p.items()) for name, p in effect["predictions"].items()]
+            if spikes := effect.get("spikes"):
+                low = min(spikes, key=lambda n: spikes[n]["agreement"])
+                out.append(f"quantized vs fp32 spike agreement: lowest {spikes[low]['agreement']:.4%} ({low}), mean "
+                           f"{np.mean([v['agreement'] for v in spikes.values()]):.4%} over {len(spikes)} layers")
         return out + render.validation_footer(report)
 
     def render_bench(self, report: dict) -> list:
@@ -717,6 +722,13 @@ class Frame(Unit):
                 *render.bench_footer(report)]
 
 
+def _spikes(tally: Tally) -> dict:
+    """Per spiking layer: the fraction of spikes that agree, and each side's sparsity (the fraction of zeros)."""
+    return {name.removeprefix("spikes."): {"agreement": int(a) / int(n), "sparsity_artifact": int(za) / int(n),
+                                           "sparsity_reference": int(zr) / int(n)}
+            for name, (a, n, za, zr) in tally.spikes.items()}
+
+
 def _predictions(tally: Tally, o: ValidateOptions) -> dict:
     return {name: {"agreement_per_frame": int(a) / int(n),
                    "agreement_per_utterance" if o.utterance else "agreement_at_end": int(ae) / int(ne)}
@@ -731,9 +743,7 @@ def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, o: V
     spiking = bool(tally.spikes)
     outputs = tally.errors()
     judged = kernel[0].errors() if kernel else outputs
-    spikes = {name.removeprefix("spikes."): {"agreement": int(a) / int(n), "sparsity_artifact": int(za) / int(n),
-                                             "sparsity_reference": int(zr) / int(n)}
-              for name, (a, n, za, zr) in tally.spikes.items()}
+    spikes = _spikes(tally)
     predictions = _predictions(tally, o)
     mem = measure.memory(rss, frames)
     quantized = scheme_of(bundle.manifest) != "none"

@@ -26,8 +26,9 @@ from edgekit.kernels import call_rewrite_pass, extent, fused_blocks
 def _split_as_slices(bb, call: relax.Call) -> relax.Expr:
     if call.op != tvm.ir.Op.get("relax.split") or call.args[0].ty.shape is None:
         return call
-    x, axis, at = call.args[0], int(call.attrs.axis), call.attrs.indices_or_sections
-    size = x.ty.shape[int(call.attrs.axis)]
+    x, at = call.args[0], call.attrs.indices_or_sections
+    axis = int(call.attrs.axis) % len(x.ty.shape)
+    size = x.ty.shape[axis]
     if not isinstance(size, tvm.ir.prim.expr.IntImm):
         return call
     size = int(size)

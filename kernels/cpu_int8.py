@@ -126,9 +126,9 @@ def _dot4(kind: str):
 
     def three_instructions(acc, xs, ws):
         zero = T.broadcast(T.int8(0), bytes_)
-        signed = T.Select(xs < zero, zero - ws, ws)
-        sums = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(madd_u8s8), T.Select(xs < zero, zero - xs, xs),
-                                       signed, dtype=pairs)
+        negative = xs < zero
+        sums = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(madd_u8s8), T.Select(negative, zero - xs, xs),
+                                       T.Select(negative, zero - ws, ws), dtype=pairs)
         return acc + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(madd_s16), sums,
                                              T.broadcast(T.int16(1), bytes_ // 2), dtype=acc_type)
 

@@ -31,8 +31,9 @@ from edgekit.errors import BundleError, EdgekitError, InputShapeError
 from edgekit.measure import TokenSource
 from edgekit.quantize import scheme_of
 from edgekit.units import BenchOptions
-from edgekit.units.segment import (GOLDEN, Comparison, Criteria, LocalSession, ORTEngine, Reference, RemoteSession,
-                                   Segment, TVMEngine, _no_options, kernel_check, next_byte_line, reference_name)
+from edgekit.units.segment import (GOLDEN, KERNEL_CHECK_SEGMENTS, Comparison, Criteria, LocalSession, ORTEngine,
+                                   Reference, RemoteSession, Segment, TVMEngine, _no_options, kernel_check,
+                                   next_byte_line, reference_name)
 
 BANK, INDEX = "memory/bank.bin", "memory/index.npz"
 NGRAMS = (2, 3, 4)
@@ -165,12 +166,9 @@ class MemoryReference(Reference):
 
     def fetch(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         path = self.net.path(tokens)
-        self.carry = (None, self.net.fetch(path).detach())
+        self.block = self.net.fetch(path).detach()  # as the segment step takes it
+        self.carry = (None, self.block)
         return {"path": np.array(path)}
-
-    def block(self, tokens: np.ndarray):
-        """The block a document's bytes retrieve (as the segment step takes it)."""
-        return self.net.fetch(self.net.path(tokens)).detach()
 
 
 class MemoryGolden:
@@ -281,6 +279,7 @@ class Memory(Segment):
         source, L = TokenSource(o.seed, o.text), bundle.manifest["segment"]
         segments, marks = documents * per_doc, measure.rss_marks(documents)
         compared, rss, fetch_seconds, paths = Comparison(segments, quantized, ref64), {}, [], [0, 0]
+        checked = []  # (tokens, (block,)) of the documents the kernel check will replay
         t0 = time.perf_counter()
         for doc in range(documents):
             first = doc * per_doc
@@ -290,6 +289,8 @@ class Memory(Segment):
             paths[1] += 1
             if ref64 is not None:
                 ref64.fetch(tokens)
+                if len(checked) * per_doc < KERNEL_CHECK_SEGMENTS:
+                    checked.append((tokens, (ref.block,)))
             fetch_seconds.append(float(got["seconds"]))
             fed = decode_segments if doc == documents - 1 else 0
             pieces = [(first, first + per_doc - fed, "score")] if per_doc > fed else []
@@ -301,9 +302,7 @@ class Memory(Segment):
                 rss[doc + 1] = measure.rss_bytes(session.pid)
             progress(doc + 1, documents)
         mem = measure.memory(rss, documents)
-        checked = [source.tokens(d * per_doc * L, (d + 1) * per_doc * L) for d in range(documents)]
-        kernel = kernel_check(session, ref.net, [(t, (ref.block(t),)) for t in checked], L, session.fetch) \
-            if ref64 is not None else None
+        kernel = kernel_check(session, ref.net, checked, L, session.fetch) if ref64 is not None else None
         checks, fields = compared.report(o, kernel)
         checks.update({"path_agreement": paths[0] == paths[1], **mem["checks"]})
         return {

@@ -361,7 +361,7 @@ class Comparison:
     def __init__(self, segments: int, quantized: bool, ref64):
         self.quantized, self.ref64 = quantized, ref64
         self.tally, self.effect = Tally(segments, quantized=quantized), Tally(segments)
-        self.bits, self.agree = {"artifact": [], "fp32": []}, np.zeros(2, np.int64)
+        self.bits = {"artifact": [], "fp32": []}
 
     def add(self, how: str, tokens: np.ndarray, got: dict, want: dict, first: int) -> None:
         """`how` ("score" or "feed") ran over `tokens` from segment `first` on; got: the artifact's outputs."""
@@ -372,11 +372,9 @@ class Comparison:
         if how == "feed":  # one segment's L token-by-token distributions, tallied as one segment
             got, want, want64 = ({"logits_byte_by_byte": d["logits"][:, None]} if d is not None else None
                                  for d in (got, want, want64))
-        self.tally.add(got, want, first, [])
+        self.tally.add(got, want, first, [next(iter(got))])  # the logits' next-byte agreement too
         if want64 is not None:
             self.effect.add(want, want64, first, [])
-        name = next(iter(got))
-        self.agree += [(got[name].argmax(-1) == want[name].argmax(-1)).sum(), got[name][..., 0].size]
 
     def report(self, options: Criteria, kernel: tuple[Tally, int] | None) -> tuple[dict, dict]:
         """(checks, report fields): a quantized bundle's step criteria judge its kernel check where there is one."""
@@ -384,13 +382,14 @@ class Comparison:
         judged = kernel[0].errors() if kernel else outputs
         checks = measure.step_checks(judged, o.max_steps, o.max_codes_differing) if self.quantized else \
             measure.error_checks(outputs, o.atol, o.rtol)
-        agree = kernel[0].predictions["logits"][:2] if kernel else self.agree
+        stream = sum(p[:2] for p in self.tally.predictions.values())  # scored and fed bytes alike
+        agree = kernel[0].predictions["logits"][:2] if kernel else stream
         if self.quantized:
             checks["next_byte_agreement"] = int(agree[0]) >= o.prediction_agreement * int(agree[1])
         fields = {"criteria": {"max_steps": o.max_steps, "max_codes_differing": o.max_codes_differing,
                                "next_byte_agreement_min": o.prediction_agreement} if self.quantized else
                   {"atol": o.atol, "rtol": o.rtol},
-                  "outputs": outputs, "next_byte_agreement": int(self.agree[0]) / int(self.agree[1])}
+                  "outputs": outputs, "next_byte_agreement": int(stream[0]) / int(stream[1])}
         if self.ref64 is not None:
             fields["quantization_effect"] = {
                 "against": "the float64 PyTorch model without quantization", "outputs": self.effect.errors(),

@@ -20,8 +20,8 @@ from edgekit.apps.kws import (DEMO_CHECKPOINT, SCV2_LABELS, SUPPRESS_FRAMES, Cli
                               Window, detect, host_bundle)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "kws"))
-from make_dataset import (make_dataset, reverberate, say, speaker_id, speakers, split_of, synthesize,  # noqa: E402
-                          telephone, training_speakers)
+from make_dataset import (in_voice_phones, make_dataset, reverberate, say, speaker_id, speakers,  # noqa: E402
+                          split_of, synthesize, telephone, training_speakers)
 from speech_commands import LABELS, load_split  # noqa: E402
 
 TEST_VOICE = "en-us+f3"  # f3 is a test-split speaker: never heard in training
@@ -75,8 +75,19 @@ def test_speakers_held_out_in_every_engine():
     assert {"flite:awb", "flite:rms"} <= train and not train & held
     assert {split_of(v) for v in speakers() if v.startswith("espeak-ng:")} == {"training", "validation", "testing"}
     assert split_of("piper:joe") == split_of("kokoro:jf_alpha+jm_kumo") == "training"  # new speakers, whether installed
+    assert split_of("mbrola:us2") == split_of("mbrola:de4") == "training" and split_of("mbrola:es2") == "validation"
     a, b = (say("flite:awb", "go", np.random.default_rng(3)) for _ in range(2))
     assert np.array_equal(a, b) and 0.1 < len(a) / audio.SAMPLE_RATE < 1.0
+
+
+def test_mbrola_voice_speaks_english_with_its_own_phonemes():
+    """A Spanish voice (no /j/, no diphthongs as one phoneme, no schwa) says "yes" and "go" with its nearest
+    sounds; pitch points stay on the first part of a split diphthong; comments and unknown sounds drop."""
+    pho = "; espeak-ng\nj\t65\nE\t50\t 0 232 80 215\ns\t100\ng\t65\n@U\t177\t 0 198 100 139\nQ 10\n_\t301\n"
+    spanish = frozenset("p b t d k g f T s x tS m n l r w i e a o u".split())
+    assert in_voice_phones(pho, spanish) == "i 65\ne 50 0 232 80 215\ns 100\ng 65\no 88 0 198 100 139\nu 88\n_ 301\n"
+    english = frozenset("j E s g @U".split())
+    assert in_voice_phones(pho, english) == "j 65\nE 50 0 232 80 215\ns 100\ng 65\n@U 177 0 198 100 139\n_ 301\n"
 
 
 def test_augmentation_room_and_telephone():

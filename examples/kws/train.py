@@ -32,20 +32,38 @@ from make_dataset import (AFFIX_WORDS, EXTRA_WORDS, SCV2_WORDS, common_words, ma
                           split_of, training_speakers)
 from speech_commands import KEYWORDS, LABELS, SILENCE, UNKNOWN, Split, load_split  # noqa: E402
 
+SILENCE_LEVEL = float((np.log(audio.EPSILON) - audio.NORM_MEAN) / (2 * audio.NORM_STD))  # a band with no energy
+
 WHOLE, CUT = 0.03, 0.3  # s of a keyword outside the window still counted whole; fraction outside that makes it cut
 
 
 def spec_augment(x: torch.Tensor, gen: torch.Generator, freq: int = 16, time_: int = 12) -> torch.Tensor:
-    """One frequency and one time mask per clip, filled with the silence level (normalised log(eps))."""
+    """One frequency and one time mask per clip, filled with the silence level."""
     b, t, f = x.shape
-    fill = float(x.min())
     f0 = torch.randint(0, f - freq, (b, 1), generator=gen)
     fw = torch.randint(0, freq + 1, (b, 1), generator=gen)
     t0 = torch.randint(0, t - time_, (b, 1), generator=gen)
     tw = torch.randint(0, time_ + 1, (b, 1), generator=gen)
     fm = (torch.arange(f) >= f0) & (torch.arange(f) < f0 + fw)
     tm = (torch.arange(t) >= t0) & (torch.arange(t) < t0 + tw)
-    return x.masked_fill(fm[:, None, :] | tm[:, :, None], fill)
+    return x.masked_fill(fm[:, None, :] | tm[:, :, None], SILENCE_LEVEL)
+
+
+def bin_centres(bins: int) -> tuple[np.ndarray, torch.Tensor]:
+    """The mel filterbank's centre frequencies, in mel (numpy) and in Hz (torch)."""
+    mels = audio.mel(audio.LOW_FREQ) + (np.arange(bins) + 1) * (audio.mel(audio.SAMPLE_RATE / 2) - audio.mel(
+        audio.LOW_FREQ)) / (bins + 1)
+    return mels, torch.from_numpy(700.0 * np.expm1(mels / 1127.0))
+
+
+def narrowband(x: torch.Tensor, gen: torch.Generator, share: float) -> torch.Tensor:
+    """A recording made at 8 kHz (a telephone line, a cheap microphone), then resampled: nothing above its 3.4-4 kHz
+    cutoff, background noise included; `share` of the items get the silence level in every band above a random
+    cutoff. (make_dataset.py's telephone band limits the speech only, before its noise is mixed in.)"""
+    b, _, f = x.shape
+    cutoff = 3400.0 + 600.0 * torch.rand(b, 1, generator=gen, dtype=torch.float64)
+    mute = (bin_centres(f)[1][None, :] > cutoff) & (torch.rand(b, 1, generator=gen) < share)
+    return x.masked_fill(mute[:, None, :], SILENCE_LEVEL)
 
 
 def vtlp(x: torch.Tensor, gen: torch.Generator, warp: float) -> torch.Tensor:
@@ -53,9 +71,7 @@ def vtlp(x: torch.Tensor, gen: torch.Generator, warp: float) -> torch.Tensor:
     a factor in [1 - warp, 1 + warp] (bin b takes the energy the unwarped spectrum had at f_b / factor), as a
     shorter or longer vocal tract moves every formant by the same factor."""
     b, _, f = x.shape
-    mels = audio.mel(audio.LOW_FREQ) + (np.arange(f) + 1) * (audio.mel(audio.SAMPLE_RATE / 2) - audio.mel(
-        audio.LOW_FREQ)) / (f + 1)
-    hz = torch.from_numpy(700.0 * np.expm1(mels / 1127.0))
+    mels, hz = bin_centres(f)
     alpha = 1 + (torch.rand(b, 1, generator=gen, dtype=torch.float64) * 2 - 1) * warp
     src = torch.from_numpy(np.interp(audio.mel(np.clip((hz / alpha).numpy(), 0, None)), mels, np.arange(f)))
     lo = src.floor().long().clamp(0, f - 1)
@@ -187,6 +203,8 @@ def main() -> None:
     p.add_argument("--feature-noise-kinds", nargs="+", default=["pink_noise", "brown_noise", "white_noise", "babble"])
     p.add_argument("--vtlp", type=float, default=0.1, help="vocal-tract length perturbation: frequency warp "
                    "factors in [1 - VTLP, 1 + VTLP] (a female voice's formants lie ~15-20 %% above a male one's)")
+    p.add_argument("--narrowband", type=float, default=0.15, help="share of training items made 8 kHz recordings "
+                   "(nothing above 3.4-4 kHz, noise included)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--init", type=Path, help="start from this checkpoint (same configuration) instead of at random")
@@ -233,7 +251,7 @@ def main() -> None:
         for i in range(0, len(order), a.batch):
             b = order[i:i + a.batch]
             batch = ex[b] if noise is None else noise(ex[b], a.feature_noise, gen)
-            logits = model.forward_frames(spec_augment(vtlp(batch, gen, a.vtlp), gen))["logits"].mean(1)
+            logits = model.forward_frames(spec_augment(vtlp(narrowband(batch, gen, a.narrowband), gen, a.vtlp), gen))["logits"].mean(1)
             loss = F.cross_entropy(logits, ey[b], label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()
@@ -274,7 +292,7 @@ def save(model: LMUFormer, a: argparse.Namespace, history: list[dict], best: flo
               "stream_minutes": a.stream_minutes, "stream_windows_per_epoch": a.stream_windows,
               "stream_snr_db": list(a.stream_snr), "augmentation": "clips: make_dataset.py; features: "
               + (f"noise ({', '.join(a.feature_noise_kinds)}) on {a.feature_noise:.0%} at {a.feature_noise_snr[0]:g}-"
-                 f"{a.feature_noise_snr[1]:g} dB, " if a.feature_noise else "") + f"VTLP +-{a.vtlp:.0%}, SpecAugment",
+                 f"{a.feature_noise_snr[1]:g} dB, " if a.feature_noise else "") + f"8 kHz band on {a.narrowband:.0%}, VTLP +-{a.vtlp:.0%}, SpecAugment",
               "accuracy": {"validation_clips_and_windows": round(best, 4)},
               "train_seconds": round(seconds, 1), "threads": a.threads, "history": history}
     a.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

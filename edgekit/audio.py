@@ -42,13 +42,25 @@ def mel(freq: np.ndarray | float) -> np.ndarray:
     return 1127.0 * np.log1p(np.asarray(freq, dtype=np.float64) / 700.0)
 
 
+def mel_to_hz(m: np.ndarray | float) -> np.ndarray:
+    """The inverse of `mel`."""
+    return 700.0 * np.expm1(np.asarray(m, dtype=np.float64) / 1127.0)
+
+
+@cache
+def mel_edges(num_bins: int = NUM_MEL_BINS, sample_rate: int = SAMPLE_RATE, low_freq: float = LOW_FREQ) -> np.ndarray:
+    """The filters' corners in mel, evenly spaced up to Nyquist: filter i rises from [i], peaks at [i + 1] (its
+    centre) and falls to [i + 2]."""
+    lo, hi = mel(low_freq), mel(sample_rate / 2)
+    return lo + np.arange(num_bins + 2) * (hi - lo) / (num_bins + 1)
+
+
 @cache
 def mel_banks(num_bins: int = NUM_MEL_BINS, fft_size: int = FFT_SIZE, sample_rate: int = SAMPLE_RATE,
               low_freq: float = LOW_FREQ) -> np.ndarray:
     """Triangular filters [fft_size // 2 + 1, num_bins], linear in mel, up to Nyquist; the Nyquist bin gets
     weight 0 as in Kaldi (its filters span FFT bins 0 .. fft_size/2 - 1 only)."""
-    lo, hi = mel(low_freq), mel(sample_rate / 2)
-    edges = lo + np.arange(num_bins + 2) * (hi - lo) / (num_bins + 1)
+    edges = mel_edges(num_bins, sample_rate, low_freq)
     left, centre, right = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     m = mel(np.arange(fft_size // 2) * sample_rate / fft_size)[None, :]
     tri = np.maximum(0.0, np.minimum((m - left) / (centre - left), (right - m) / (right - centre)))

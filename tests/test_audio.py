@@ -58,6 +58,7 @@ def test_matches_plain_kaldi_formulas():
 
 def test_known_values_and_shapes():
     assert math.isclose(float(audio.mel(700.0)), 1127.0 * math.log(2.0))
+    assert np.allclose(audio.mel_to_hz(audio.mel([20.0, 1000.0, 8000.0])), [20.0, 1000.0, 8000.0])
     banks = audio.mel_banks()
     assert banks.shape == (257, 128) and not banks[256].any() and banks.min() == 0.0
     assert audio.frame_count(16000) == 98 and audio.frame_count(399) == 0

@@ -18,6 +18,7 @@ import json
 import shlex
 import sys
 import time
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +50,11 @@ def spec_augment(x: torch.Tensor, gen: torch.Generator, freq: int = 16, time_: i
     return x.masked_fill(fm[:, None, :] | tm[:, :, None], SILENCE_LEVEL)
 
 
+@cache
 def bin_centres(bins: int) -> tuple[np.ndarray, torch.Tensor]:
-    """The mel filterbank's centre frequencies, in mel (numpy) and in Hz (torch)."""
-    mels = audio.mel(audio.LOW_FREQ) + (np.arange(bins) + 1) * (audio.mel(audio.SAMPLE_RATE / 2) - audio.mel(
-        audio.LOW_FREQ)) / (bins + 1)
-    return mels, torch.from_numpy(700.0 * np.expm1(mels / 1127.0))
+    """The mel filterbank's centre frequencies, in mel (numpy) and in Hz (torch); read-only, shared by every batch."""
+    mels = audio.mel_edges(bins)[1:-1]
+    return mels, torch.from_numpy(audio.mel_to_hz(mels))
 
 
 def narrowband(x: torch.Tensor, gen: torch.Generator, share: float) -> torch.Tensor:
@@ -251,7 +252,8 @@ def main() -> None:
         for i in range(0, len(order), a.batch):
             b = order[i:i + a.batch]
             batch = ex[b] if noise is None else noise(ex[b], a.feature_noise, gen)
-            logits = model.forward_frames(spec_augment(vtlp(narrowband(batch, gen, a.narrowband), gen, a.vtlp), gen))["logits"].mean(1)
+            batch = spec_augment(vtlp(narrowband(batch, gen, a.narrowband), gen, a.vtlp), gen)
+            logits = model.forward_frames(batch)["logits"].mean(1)
             loss = F.cross_entropy(logits, ey[b], label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()
@@ -292,7 +294,8 @@ def save(model: LMUFormer, a: argparse.Namespace, history: list[dict], best: flo
               "stream_minutes": a.stream_minutes, "stream_windows_per_epoch": a.stream_windows,
               "stream_snr_db": list(a.stream_snr), "augmentation": "clips: make_dataset.py; features: "
               + (f"noise ({', '.join(a.feature_noise_kinds)}) on {a.feature_noise:.0%} at {a.feature_noise_snr[0]:g}-"
-                 f"{a.feature_noise_snr[1]:g} dB, " if a.feature_noise else "") + f"8 kHz band on {a.narrowband:.0%}, VTLP +-{a.vtlp:.0%}, SpecAugment",
+                 f"{a.feature_noise_snr[1]:g} dB, " if a.feature_noise else "")
+              + f"8 kHz band on {a.narrowband:.0%}, VTLP +-{a.vtlp:.0%}, SpecAugment",
               "accuracy": {"validation_clips_and_windows": round(best, 4)},
               "train_seconds": round(seconds, 1), "threads": a.threads, "history": history}
     a.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

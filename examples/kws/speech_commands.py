@@ -26,8 +26,14 @@ class Split:
     names: list[str]  # relative paths, or "_silence_/<noise>@<offset>"
 
     def features(self) -> np.ndarray:
-        """Normalised model inputs [N, 98, 128]."""
-        return np.stack([features(w) for w in self.waves])
+        """Normalised model inputs [N, 98, 128], written in place (a list then a stack would need twice the memory
+        of a 50k-clip set)."""
+        first = features(self.waves[0])
+        out = np.empty((len(self.waves), *first.shape), first.dtype)
+        out[0] = first
+        for i in range(1, len(self.waves)):
+            out[i] = features(self.waves[i])
+        return out
 
 
 def split_names(root: Path) -> dict[str, list[str]]:
@@ -49,15 +55,17 @@ def load_split(root: Path, split: str, seed: int = 0, labels: list[str] = LABELS
     names = split_names(root)[split]
     index = {w: i for i, w in enumerate(labels)}
     ys = [index.get(n.split("/")[0], index[UNKNOWN]) for n in names]
-    waves = [fit(read_wav(root / n)) for n in names]
     kw = [y for y in ys if labels[y] not in (SILENCE, UNKNOWN)]
     n_silence = len(kw) // max(1, len(labels) - 2)
+    waves = np.empty((len(names) + n_silence, SAMPLE_RATE), np.float32)
+    for i, n in enumerate(names):
+        waves[i] = fit(read_wav(root / n))
     noises = {p.stem: read_wav(p) for p in sorted((root / NOISE_DIR).glob("*.wav"))}
     rng = np.random.default_rng([seed, ["training", "validation", "testing"].index(split)])
-    for _ in range(n_silence):
+    for i in range(len(names), len(waves)):
         kind = sorted(noises)[rng.integers(len(noises))]
         at = int(rng.integers(0, len(noises[kind]) - SAMPLE_RATE))
-        waves.append(noises[kind][at:at + SAMPLE_RATE] * rng.uniform(0.0, 1.0) ** 2)
+        waves[i] = noises[kind][at:at + SAMPLE_RATE] * rng.uniform(0.0, 1.0) ** 2
         ys.append(index[SILENCE])
         names.append(f"{SILENCE}/{kind}@{at}")
-    return Split(np.stack(waves).astype(np.float32), np.array(ys, dtype=np.int64), names)
+    return Split(waves, np.array(ys, dtype=np.int64), names)

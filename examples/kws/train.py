@@ -222,6 +222,7 @@ def main() -> None:
         data["training"] = spoken_by(data["training"], a.data, a.engines)
     x = {s: torch.from_numpy(d.features()) for s, d in data.items()}
     y = {s: torch.from_numpy(d.labels) for s, d in data.items()}
+    del data  # the waves: 3 GB that training no longer needs
     frames = x["training"].shape[1]
     voices = {"training": training_speakers(engines=a.engines),
               "validation": [v for v in speakers() if split_of(v) == "validation"]}
@@ -237,14 +238,14 @@ def main() -> None:
     if a.init:
         model.load_state_dict(torch.load(a.init, map_location="cpu", weights_only=True))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
-    per_epoch = len(epoch_indices(data["training"].labels, a.unknown_ratio, np.random.default_rng())) + a.stream_windows
+    per_epoch = len(epoch_indices(y["training"].numpy(), a.unknown_ratio, np.random.default_rng())) + a.stream_windows
     steps = a.epochs * -(-per_epoch // a.batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=steps, pct_start=0.1)
     best, history = -1.0, []
     t1 = time.perf_counter()
     for epoch in range(a.epochs):
         model.train()
-        idx = torch.from_numpy(epoch_indices(data["training"].labels, a.unknown_ratio, rng))
+        idx = torch.from_numpy(epoch_indices(y["training"].numpy(), a.unknown_ratio, rng))
         wx, wy = streams["training"].sample(a.stream_windows, rng)
         ex, ey = torch.cat([x["training"][idx], wx]), torch.cat([y["training"][idx], wy])
         order = torch.randperm(len(ey), generator=gen)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.audio import SAMPLE_RATE, features, read_wav
+from edgekit.audio import NUM_MEL_BINS, SAMPLE_RATE, features, frame_count, read_wav
 
 KEYWORDS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
 SILENCE, UNKNOWN = "_silence_", "_unknown_"
@@ -28,11 +28,9 @@ class Split:
     def features(self) -> np.ndarray:
         """Normalised model inputs [N, 98, 128], written in place (a list then a stack would need twice the memory
         of a 50k-clip set)."""
-        first = features(self.waves[0])
-        out = np.empty((len(self.waves), *first.shape), first.dtype)
-        out[0] = first
-        for i in range(1, len(self.waves)):
-            out[i] = features(self.waves[i])
+        out = np.empty((len(self.waves), frame_count(self.waves.shape[1]), NUM_MEL_BINS), np.float32)
+        for i, w in enumerate(self.waves):
+            out[i] = features(w)
         return out
 
 

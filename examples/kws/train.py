@@ -33,7 +33,7 @@ from make_dataset import (AFFIX_WORDS, EXTRA_WORDS, SCV2_WORDS, common_words, ma
                           split_of, training_speakers)
 from speech_commands import KEYWORDS, LABELS, SILENCE, UNKNOWN, Split, load_split  # noqa: E402
 
-SILENCE_LEVEL = float((np.log(audio.EPSILON) - audio.NORM_MEAN) / (2 * audio.NORM_STD))  # a band with no energy
+SILENCE_LEVEL = float(audio.normalise(np.log(audio.EPSILON)))  # a band with no energy
 
 WHOLE, CUT = 0.03, 0.3  # s of a keyword outside the window still counted whole; fraction outside that makes it cut
 

@@ -241,11 +241,13 @@ def load(path: Path, check_machine: bool = True, verify: bool = True) -> Bundle:
     path = Path(path)
     mf = path / MANIFEST
     if not mf.is_file() or mf.is_symlink():
-        raise BundleError(f"{path} is not an edgekit bundle (no {MANIFEST})", "pass a directory made by `edgekit compile`")
+        raise BundleError(f"{path} is not an edgekit bundle (no {MANIFEST})",
+                          "pass a directory made by `edgekit compile`")
     try:
         manifest = json.loads(mf.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mf} is not valid JSON ({e})", "recompile the bundle; do not edit files inside it") from None
+        raise BundleError(f"{mf} is not valid JSON ({e})",
+                          "recompile the bundle; do not edit files inside it") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         schema = manifest.get("schema") if isinstance(manifest, dict) else None
         raise BundleError(f"{path} has manifest schema {schema}, this edgekit reads {SCHEMA}",

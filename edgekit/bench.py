@@ -43,7 +43,8 @@ def bench(bundle_path: Path | Sequence[Path], options: BenchOptions | None = Non
     with torch_flushes_denormals():
         for r in range(rounds):
             for b in bundles:
-                say = progress if rounds == 1 else lambda msg, b=b: progress(f"round {r + 1}/{rounds}, {b.path.name}: {msg}")
+                say = (progress if rounds == 1
+                       else lambda msg, b=b: progress(f"round {r + 1}/{rounds}, {b.path.name}: {msg}"))
                 timed[b.path].append(_time(b, each, say))
     first, m = bundles[0], bundles[0].manifest
     report = {**{k: v for k, v in timed[first.path][0].items() if k != "results"},
@@ -87,6 +88,7 @@ def _ratios(rounds: list[dict], baseline: list[dict]) -> list[dict]:
             continue
         by_round = [row["p50_us"] / b["p50_us"] for row, b in zip(rows, base)]
         out.append({"engine": rows[0]["engine"], "bundle": rows[0]["bundle"], "precision": rows[0]["precision"],
-                    "baseline": base[0]["bundle"], "per_call": {k: v for k, v in rows[0].items() if k.endswith("_per_call")},
+                    "baseline": base[0]["bundle"],
+                    "per_call": {k: v for k, v in rows[0].items() if k.endswith("_per_call")},
                     "p50_ratio": float(np.median(by_round)), "p50_ratio_by_round": by_round})
     return out

@@ -22,7 +22,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types here: unpickling, zip, EOF
         first = (str(e).splitlines() or ["(no message)"])[0]
-        raise CheckpointError(f"cannot read checkpoint {path} ({path.stat().st_size} bytes): {type(e).__name__}: {first}",
+        raise CheckpointError(f"cannot read checkpoint {path} ({path.stat().st_size} bytes): "
+                              f"{type(e).__name__}: {first}",
                               "pass a file written by torch.save(model.state_dict(), ...)") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

@@ -128,7 +128,8 @@ def models() -> None:
     for col in ("family", "unit", "configs", "description"):
         table.add_column(col)
     for f in FAMILIES.values():
-        configs = "\n".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items()) for name, cfg in f.configs.items())
+        configs = "\n".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
+                            for name, cfg in f.configs.items())
         table.add_row(f.name, f.unit, configs, f.summary)
     console.print(table)
 
@@ -156,7 +157,8 @@ def emulator() -> None:
 
 
 @emulator.command()
-@click.option("--cache", type=click.Path(path_type=Path), help="cache directory (default $EDGEKIT_CACHE or ~/.cache/edgekit)")
+@click.option("--cache", type=click.Path(path_type=Path),
+              help="cache directory (default $EDGEKIT_CACHE or ~/.cache/edgekit)")
 def setup(cache: Path | None) -> None:
     """Prepare the emulation root once: arm64 Python 3.11, numpy and the TVM runtime (no compiler).
 
@@ -214,14 +216,16 @@ def compile_cmd(model: str, checkpoint: Path | None, config: str | None, target:
     size = sum((bundle.path / f).stat().st_size for f in m["files"])
     console.print(f"[green]built[/] {bundle.path}: {m['model']['family']} for {m['target']['name']} in "
                   f"{m['compile_seconds']:.1f} s, {size / 2**20:.1f} MiB, {m['precision']}"
-                  + (f" ({m['quantization']['isa']})" if m["quantization"] else "") + f", state {m['state_bytes']} bytes, "
+                  + (f" ({m['quantization']['isa']})" if m["quantization"] else "")
+                  + f", state {m['state_bytes']} bytes, "
                   f"{units.of(bundle).describe(m)}, entries {', '.join(m['entries'])}", highlight=False)
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--frames", "-n", type=int, help=f"frame models: stream length in frames  [default: {FRAME.frames}]")
-@click.option("--chunk", type=int, help=f"frame models: frames per call (a size the bundle was built for)  [default: {FRAME.chunk}]")
+@click.option("--chunk", type=int,
+              help=f"frame models: frames per call (a size the bundle was built for)  [default: {FRAME.chunk}]")
 @click.option("--utterance", type=int, help="frame models: split the stream into independent utterances of N frames")
 @click.option("--spike-agreement", type=float,
               help=f"spiking models: minimum fraction of agreeing spikes per layer  [default: {FRAME.spike_agreement}]")
@@ -286,8 +290,8 @@ def validate(bundle: Path, as_json: bool, report_path: Path | None, runner: str,
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object instead of a table")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
               help="write the report here  [default: BUNDLE/bench.json]")
-def bench(bundles: tuple[Path, ...], calls: int, warmup: int, engines: tuple[str, ...], threads: int | None, as_json: bool,
-          report_path: Path | None) -> None:
+def bench(bundles: tuple[Path, ...], calls: int, warmup: int, engines: tuple[str, ...], threads: int | None,
+          as_json: bool, report_path: Path | None) -> None:
     """Latency of BUNDLES in PyTorch, ONNX Runtime and TVM, same inputs, after warm-up.
 
     Several bundles (`edgekit bench out/lmu out/lmu-int8`) are timed in interleaved rounds, so that an fp32 and
@@ -297,7 +301,8 @@ def bench(bundles: tuple[Path, ...], calls: int, warmup: int, engines: tuple[str
     A frame model is timed per frame for each chunk size; `tvm-compute` times the compiled entry alone, taking
     turns with the `tvm` session's step over one carried state, and the session's row states what the session
     adds per call (`session_overhead_us`, the p50 of their paired difference). A segment-level LM (HMT) is timed
-    per byte: its segment step (scoring), its decode step, and generation (their mix). Saved as bench.json in the bundle.
+    per byte: its segment step (scoring), its decode step, and generation (their mix). Saved as bench.json in the
+    bundle.
     """
     from edgekit import units
     from edgekit.bench import bench as run
@@ -359,7 +364,8 @@ def report(bundle: Path, out: Path, engines: tuple[str, ...], calls: int, warmup
 
 @main.command()
 @click.option("--port", type=click.IntRange(1, 65535), required=True, help="TCP port to listen on (exactly this one)")
-@click.option("--host", default="0.0.0.0", show_default=True, help="address to listen on (127.0.0.1: this machine only)")
+@click.option("--host", default="0.0.0.0", show_default=True,
+              help="address to listen on (127.0.0.1: this machine only)")
 def serve(port: int, host: str) -> None:
     """Serve TVM RPC on this board, so that `edgekit report BUNDLE --rpc THIS-HOST:PORT` on the build machine can
     time bundles here. Needs only the runtime install. Prints `ready on HOST:PORT` once it accepts connections;
@@ -404,7 +410,8 @@ def runner(bundle: Path) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print the whole manifest as one JSON object")
-@click.option("--device-files", is_flag=True, help="print the paths (relative to BUNDLE) of what a board needs, one per line")
+@click.option("--device-files", is_flag=True,
+              help="print the paths (relative to BUNDLE) of what a board needs, one per line")
 def info(bundle: Path, as_json: bool, device_files: bool) -> None:
     """Verify BUNDLE's checksums and describe it (model, target, interface, files, the size of what a board needs).
 
@@ -446,7 +453,8 @@ def info(bundle: Path, as_json: bool, device_files: bool) -> None:
 @click.option("--wav", type=click.Path(path_type=Path),
               help="sound file to stream: WAV at any rate and channel count, 8/16/24/32-bit or float (also FLAC, OGG)")
 @click.option("--mic", is_flag=True, help="stream a microphone instead (needs the sounddevice package and PortAudio)")
-@click.option("--device", help="with --mic: input device name (or part of it) or index; `python -m sounddevice` lists them")
+@click.option("--device",
+              help="with --mic: input device name (or part of it) or index; `python -m sounddevice` lists them")
 @click.option("--bundle", type=click.Path(path_type=Path), help="a compiled LMUFormer bundle (default: the demo model)")
 @click.option("--checkpoint", type=click.Path(path_type=Path),
               help="an LMUFormer checkpoint (e.g. a public SCv2 one), compiled for this host on first use")
@@ -456,7 +464,8 @@ def info(bundle: Path, as_json: bool, device_files: bool) -> None:
               help="smoothed keyword probability to detect (chosen on the demo's validation streams)")
 @click.option("--smooth", type=click.IntRange(min=1), default=3, show_default=True,
               help="windows the probabilities are averaged over before peak picking")
-@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True, help="play the WAV this many times (a long stream)")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+              help="play the WAV this many times (a long stream)")
 @click.option("--json", "as_json", is_flag=True,
               help="JSON Lines on stdout: one object per detection, then one {\"summary\": ...}")
 def stream(wav: Path | None, mic: bool, device: str | None, bundle: Path | None, checkpoint: Path | None,

@@ -7,6 +7,7 @@ edgekit/tvm_runtime.py (a full `import tvm` would load the compiler: 5-10 s). Bu
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -47,12 +48,23 @@ Progress = Callable[[str], None]
 def prepare(cache_dir: Path | None = None, progress: Progress | None = None) -> Path:
     """Returns the emulation root `<cache_dir>/aarch64-root`, building it first if it is missing or was
     built from other package lists. It is built in a temporary folder and renamed into place, so an
-    interrupted set-up leaves nothing half-done. Needs apt (Debian 12 arm64 packages), pip and network."""
+    interrupted set-up leaves nothing half-done; processes that need it at once (parallel test workers) wait
+    for the one building it. Needs apt (Debian 12 arm64 packages), pip and network."""
     say = progress or (lambda _msg: None)
     cache = Path(cache_dir) if cache_dir else artifact.cache_dir()
     root = cache / "aarch64-root"
     if _ready(root):
         return root
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".aarch64-root.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _ready(root):  # else another process built it while this one waited
+            _build(root, say)
+    say(f"aarch64 root ready: {root}")
+    return root
+
+
+def _build(root: Path, say: Progress) -> None:
     _qemu()
     for tool, package in (("dpkg", "dpkg"), ("apt-get", "apt")):
         if not shutil.which(tool):
@@ -62,8 +74,7 @@ def prepare(cache_dir: Path | None = None, progress: Progress | None = None) -> 
          "apt-get install python3-pip, or python -m ensurepip")
     _enable_arm64(DEBS, say)
 
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".aarch64-root-") as tmp:
+    with tempfile.TemporaryDirectory(dir=root.parent, prefix=".aarch64-root-") as tmp:
         work = Path(tmp)
         new, debs, wheels = work / "root", work / "debs", work / "wheels"
         for d in (new, debs, wheels):
@@ -91,12 +102,9 @@ def prepare(cache_dir: Path | None = None, progress: Progress | None = None) -> 
         _run([*python_command(new), "-m", "compileall", "-q", "-j0", str(new / "usr/lib/python3.11"),
               str(new / _SITE)], "the emulated Python does not run")
         (new / _MARKER).write_text(json.dumps({"spec": _SPEC, "installed": installed}, indent=1))
-        if not _ready(root):  # else another process finished first: keep its root
-            if root.exists():
-                root.rename(work / "stale")
-            new.rename(root)
-    say(f"aarch64 root ready: {root}")
-    return root
+        if root.exists():  # built from other package lists
+            root.rename(work / "stale")
+        new.rename(root)
 
 
 def command(root: Path, cpu: str = "max") -> list[str]:

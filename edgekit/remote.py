@@ -77,7 +77,8 @@ def machine(threads: int | None = None) -> dict:
     return {"cpu": model, "arch": arch, "emulated": foreign, "logical_cpus": os.cpu_count(),
             "pinned_to_cpus": sorted(os.sched_getaffinity(0)),
             "governor": read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
-            "max_mhz": (int(f) // 1000 if (f := read("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")) else None),
+            "max_mhz": (int(f) // 1000 if (f := read("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq"))
+                        else None),
             "tvm_threads": threads or "TVM's default (one per physical core)", "kernel": platform.release(),
             "python": platform.python_version()}
 

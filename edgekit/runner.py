@@ -39,7 +39,8 @@ def add_runner(path: Path, progress: Progress = lambda msg: None) -> Bundle:
     bundle = load(path, check_machine=False)
     check_unit(bundle)
     if missing := sorted(rel for rel in provenance_files(bundle.manifest) if not (bundle.path / rel).is_file()):
-        raise BundleError(f"{bundle.path} is a device copy ({', '.join(missing[:2])}{' ...' if len(missing) > 2 else ''} "
+        raise BundleError(f"{bundle.path} is a device copy ({', '.join(missing[:2])}"
+                          f"{' ...' if len(missing) > 2 else ''} "
                           "not here): adding the runner republishes the whole bundle",
                           "add the runner where the bundle was built, then copy its device files again")
     stage = staging_dir(bundle.path)

@@ -73,7 +73,8 @@ class StreamingModel(nn.Module):
         """The family's state plus the frame counter and, per running mean, a compensated (Kahan) sum and
         count: a plain float32 mean drifts by about eps * sqrt(frames), and a float32 count stops at 2^24."""
         sizes = {name: self.output_sizes[src] for name, src in self.running_means.items()}
-        sums = {f"{part}.{name}": (size, "float32") for name, size in {**sizes, **({"count": (1,)} if sizes else {})}.items()
+        sums = {f"{part}.{name}": (size, "float32")
+                for name, size in {**sizes, **({"count": (1,)} if sizes else {})}.items()
                 for part in ("sum", "carry")}
         return {"frames": ((1,), "float32"), **self.frame_state_shapes(), **sums}
 

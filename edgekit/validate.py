@@ -46,7 +46,7 @@ def validate(bundle_path: Path, options=None, progress: Callable[[int, int], Non
     report = unit.validate(bundle, session, net, options, progress)
     report["execution"], report["runner"] = session.execution, runner
     if net is None:
-        report["reference"] += ", read from the bundle's golden record (computed at compile time; this machine has no " \
-                               "PyTorch or the bundle no source weights)"
+        report["reference"] += ", read from the bundle's golden record (computed at compile time; this machine has " \
+                               "no PyTorch or the bundle no source weights)"
     report["runtime_startup_seconds"] = round(session.startup_seconds, 2)
     return bundle.save_report("validation.json", report, report_path)

@@ -52,7 +52,8 @@ class Worker(ChildProcess):
         except (BrokenPipeError, EOFError):
             err = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.poll() is not None else ""
             raise BundleError(f"the runtime process for {self.bundle.path} stopped:\n{err}",
-                              "check the bundle with `edgekit info`; for ARM bundles, `edgekit emulator setup`") from None
+                              "check the bundle with `edgekit info`; for ARM bundles, "
+                              "`edgekit emulator setup`") from None
         if "error" in reply:
             raise EdgekitError(str(reply["error"]))
         return reply

@@ -268,7 +268,8 @@ class HMT(ByteBackbone, SegmentModel):
                 "slot": ((), "int64")}
 
     def output_spec(self, batch: int = 1) -> list[TensorSpec]:
-        return [TensorSpec("logits", (batch, self.L, self._config["vocab"])), TensorSpec("memory_embedding", (batch, self.d))]
+        return [TensorSpec("logits", (batch, self.L, self._config["vocab"])),
+                TensorSpec("memory_embedding", (batch, self.d))]
 
     def kv_spec(self, batch: int = 1) -> list[TensorSpec]:
         return [TensorSpec(n, (s[0], s[1], batch, *s[2:]) if n == "kv" else (batch, *s), t)

@@ -121,7 +121,8 @@ def test_reports_replace_a_symlink_instead_of_following_it(tiny_bundle, tmp_path
     os.symlink(victim, b / "validation.json")
     report = validate(b, frames=50)
     assert victim.read_text() == "precious" and not (b / "validation.json").is_symlink()
-    assert json.loads((b / "validation.json").read_text())["frames"] == 50 and report["report"] == str(b / "validation.json")
+    assert (json.loads((b / "validation.json").read_text())["frames"] == 50
+            and report["report"] == str(b / "validation.json"))
 
 
 def test_a_read_only_bundle_keeps_its_results(tiny_bundle, tmp_path, monkeypatch):
@@ -255,7 +256,8 @@ def test_disk_full_during_compile_leaves_nothing(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", full)
-    r = CliRunner().invoke(main, ["compile", "lmuformer", "--config", "tiny", "--chunk", "1", "-o", str(tmp_path / "b")])
+    r = CliRunner().invoke(main, ["compile", "lmuformer", "--config", "tiny", "--chunk", "1", "-o",
+                                  str(tmp_path / "b")])
     assert r.exit_code == 2 and "No space left on device" in r.output and "nothing was written" in r.output, r.output
     assert list(tmp_path.iterdir()) == []
 

@@ -1,7 +1,10 @@
 """The runtime-only loader on the host, and aarch64 artifacts run under qemu against the same host build."""
 
+import json
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -85,6 +88,22 @@ def test_missing_qemu_names_the_package(monkeypatch, tmp_path):
         emulator.prepare(tmp_path)
     assert "qemu-aarch64" in str(err.value) and "qemu-user" in err.value.hint
     assert not (tmp_path / "aarch64-root").exists()
+
+
+def test_processes_that_need_the_root_at_once_build_it_once(monkeypatch, tmp_path):
+    """Parallel test workers (or two edgekit commands) on a fresh machine: one builds, the other waits for it."""
+    builds = []
+
+    def build(root, _say):
+        builds.append(root)
+        time.sleep(0.5)  # long enough for the other caller to find no root
+        root.mkdir()
+        (root / emulator._MARKER).write_text(json.dumps({"spec": emulator._SPEC}))
+
+    monkeypatch.setattr(emulator, "_build", build)
+    with ThreadPoolExecutor(2) as pool:  # flock holds between open file descriptions, so threads show it too
+        roots = list(pool.map(lambda _: emulator.prepare(tmp_path), range(2)))
+    assert builds == [tmp_path / "aarch64-root"] and roots == builds * 2
 
 
 @pytest.mark.slow

@@ -88,8 +88,8 @@ def test_any_checkpoint_bytes_give_a_clear_error(tmp_path, data):
        cut=st.integers(0, 300))
 def test_any_wav_header_gives_a_clear_error_or_samples(tmp_path, channels, rate, width, fmt, body, cut):
     header = (b"RIFF" + struct.pack("<I", 36 + len(body)) + b"WAVEfmt " +
-              struct.pack("<IHHIIHH", 16, fmt, channels, rate, rate * channels * width % 2**32, channels * width % 2**16,
-                          8 * width % 2**16) + b"data" + struct.pack("<I", len(body)))
+              struct.pack("<IHHIIHH", 16, fmt, channels, rate, rate * channels * width % 2**32,
+                          channels * width % 2**16, 8 * width % 2**16) + b"data" + struct.pack("<I", len(body)))
     path = tmp_path / "a.wav"
     path.write_bytes((header + body)[:len(header) + len(body) - cut] if cut else header + body)
     try:

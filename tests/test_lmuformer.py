@@ -48,7 +48,8 @@ def public_forward(sd: dict, x: torch.Tensor) -> torch.Tensor:
     for t in range(seq.shape[1]):
         m = m @ sd[f"{p}.lmu.A"].T + u[:, t] @ sd[f"{p}.lmu.B"].T
         mem.append(m)
-    hid = F.relu(F.linear(torch.cat([torch.stack(mem, 1), seq], -1), sd[f"{p}.lmu.W_h.weight"], sd[f"{p}.lmu.W_h.bias"]))
+    hid = F.relu(F.linear(torch.cat([torch.stack(mem, 1), seq], -1), sd[f"{p}.lmu.W_h.weight"],
+                          sd[f"{p}.lmu.W_h.bias"]))
     h = h + bn(F.conv1d(hid.transpose(1, 2), sd[f"{p}.proj_conv.weight"], sd[f"{p}.proj_conv.bias"]), f"{p}.proj_bn")
     q = "block.0.mlp"
     f1 = F.gelu(bn(F.conv1d(h, sd[f"{q}.fc1_conv.weight"], sd[f"{q}.fc1_conv.bias"]), f"{q}.fc1_bn"))

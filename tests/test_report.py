@@ -103,7 +103,8 @@ def test_report_times_a_segment_bundle_per_segment_and_per_token(tiny_segment_bu
         [("python", "segment", "segment", L), ("python", "feed", "token", 1),
          ("native", "segment", "segment", L), ("native", "feed", "token", 1)]
     for r in result["runs"]:
-        assert r["calls"] == 12 and len(r["call_us"]) == 14 and 0 < r["min_us"] <= r["p50_us"] <= r["p99_us"] <= r["max_us"]
+        assert (r["calls"] == 12 and len(r["call_us"]) == 14
+                and 0 < r["min_us"] <= r["p50_us"] <= r["p99_us"] <= r["max_us"])
         assert r["peak_rss_bytes"] > 4 * 2**20 and r["rss_bytes"] and "real_time_factor" not in r
     assert all(r["profile"] for r in result["runs"][:2])  # the Python engine's per-kernel profile, both calls
     page = (tmp_path / "rep/report.md").read_text()

@@ -61,7 +61,8 @@ def test_a_family_outside_models_goes_through_every_stage(tmp_path, monkeypatch)
     assert bundle.manifest["unit"] == "frame" and set(bundle.manifest["entries"]) == {"step", "chunk4"}
     report = validate(bundle.path, frames=600, chunk=4)
     assert report["passed"] and {"logits_error", "mean_logits_error", "constant_memory"} <= set(report["checks"])
-    assert report["outputs"]["logits"]["max_abs_error"] < 1e-5 and report["outputs"]["logits"]["reference_max_abs"] > 0.1
+    assert (report["outputs"]["logits"]["max_abs_error"] < 1e-5
+            and report["outputs"]["logits"]["reference_max_abs"] > 0.1)
     timed = bench(bundle.path, calls=20, warmup=2, threads=1)
     assert {r["engine"] for r in timed["results"]} == {"pytorch", "onnxruntime", "tvm", "tvm-compute"}
 
@@ -180,8 +181,8 @@ def test_a_board_without_torch_validates_benches_and_describes_bundles_of_every_
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(BOARD)
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")}
-    run = lambda *args: subprocess.run([sys.executable, "-m", "edgekit", *args], capture_output=True, text=True,  # noqa: E731
-                                       env=env)
+    run = lambda *args: subprocess.run([sys.executable, "-m", "edgekit", *args], capture_output=True,  # noqa: E731
+                                       text=True, env=env)
     probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env)
     assert probe.returncode != 0 and "runtime install only" in probe.stderr
     for bundle in (tiny_bundle.path, segment.path):

@@ -446,8 +446,8 @@ def agreement(net, tokens: int = 10_000, seed: int = 0, chunk: int = 16) -> dict
     names = list(forms)
     pairs = {f"{a} vs {b}": float((forms[a] - forms[b]).abs().max())
              for i, a in enumerate(names) for b in names[i + 1:]}
-    return {"tokens": tokens, "dtype": "float64", "output": "logits", "reference_max_abs": float(forms["scan"].abs().max()),
-            "max_abs_error": pairs}
+    return {"tokens": tokens, "dtype": "float64", "output": "logits",
+            "reference_max_abs": float(forms["scan"].abs().max()), "max_abs_error": pairs}
 
 
 # ------------------------------------------------------------------------------------------------------ report

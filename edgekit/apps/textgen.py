@@ -25,7 +25,8 @@ def load_engine(bundle_dir: str | Path) -> TVMEngine:
     unit = units.of(bundle)
     if not isinstance(unit, Segment):
         raise BundleError(f"{bundle.path} holds a {bundle.manifest['model']['family']!r} model that streams "
-                          f"{bundle.manifest['unit']}s, not a segment-level LM", "pass a bundle made by `edgekit compile hmt ...`")
+                          f"{bundle.manifest['unit']}s, not a segment-level LM",
+                          "pass a bundle made by `edgekit compile hmt ...`")
     return unit.session(bundle).engine
 
 

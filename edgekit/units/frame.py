@@ -52,7 +52,8 @@ def entry_frames(entry: str) -> int:
 def entry_for(bundle: Bundle, frames: int) -> str:
     """The bundle's entry that takes `frames` frames per call."""
     if frames < 1:
-        raise InputShapeError(f"a call takes at least one frame, got {frames}", f"chunk sizes built: {chunk_sizes(bundle)}")
+        raise InputShapeError(f"a call takes at least one frame, got {frames}",
+                              f"chunk sizes built: {chunk_sizes(bundle)}")
     for name, entry in bundle.manifest["entries"].items():
         if entry["frames"] == frames:
             return name
@@ -82,8 +83,8 @@ class ExportOptions:
 @dataclass(frozen=True)
 class ValidateOptions:
     """utterance=N splits the stream into independent utterances of N frames, each from a fresh state and
-    flushed (as a classifier of short clips sees them). Pass criteria: real-valued outputs within atol or within rtol of the
-    reference's magnitude (for spiking models, where one flipped spike moves the logits, the prediction criterion
+    flushed (as a classifier of short clips sees them). Pass criteria: real-valued outputs within atol or within rtol
+    of the reference's magnitude (for spiking models, where one flipped spike moves the logits, the prediction criterion
     replaces this); each spike layer's agreement >= spike_agreement; the running-mean predictions' agreement >=
     prediction_agreement; resident memory at T within 5 MiB of T/10. A quantized bundle is judged against the
     quantized reference in its own steps instead of atol/rtol: outputs within max_steps quantization steps, at most
@@ -461,7 +462,8 @@ def skippable_macs(net, spikes: dict[str, dict]) -> dict:
     fanout, total = net.spike_fanout(), net.macs_per_frame()
     skip = {layer: fanout[layer] * s["sparsity_artifact"] for layer, s in spikes.items()}
     return {"per_frame": total, "fed_by_spikes": sum(fanout.values()), "skippable": round(sum(skip.values())),
-            "skippable_fraction": sum(skip.values()) / total, "skippable_by_layer": {k: round(v) for k, v in skip.items()}}
+            "skippable_fraction": sum(skip.values()) / total,
+            "skippable_by_layer": {k: round(v) for k, v in skip.items()}}
 
 
 # ---- bench engines: each a callable on one chunk of frames, state carried ---------------------------------------
@@ -678,9 +680,9 @@ class Frame(Unit):
                                                                       frames, hop=HOP_SECONDS)})
         return {"hop_ms": HOP_SECONDS * 1e3, "batch": m["batch"], "results": results,
                 "input": f"standard normal frames and silence (zeros), alternating every {SILENCE_CALLS} calls, the "
-                         "state carried; tvm-compute: the compiled entry alone (through tvm-ffi on the session's preallocated "
-                         "tensors), taking turns with the tvm session's step on every input, one state carried through "
-                         "both; session_overhead_us: their paired difference per call (p50)",
+                         "state carried; tvm-compute: the compiled entry alone (through tvm-ffi on the session's "
+                         "preallocated tensors), taking turns with the tvm session's step on every input, one state "
+                         "carried through both; session_overhead_us: their paired difference per call (p50)",
                 "note": "per-frame latency = call latency / frames per call; real-time factor = p50 per frame / hop"}
 
     def render_validation(self, report: dict) -> list:
@@ -711,13 +713,16 @@ class Frame(Unit):
         rows = []
         for r in report["results"]:
             fmt = lambda k: f"{r[k]:.1f}" if k in r else "-"  # noqa: E731
-            engine = r["engine"] if "bundles" not in report else f"{r['engine']} {r['precision']} {Path(r['bundle']).name}"
-            rows.append([engine, str(r["frames_per_call"]), fmt("p50_us"), fmt("p90_us"), fmt("p99_us"), fmt("max_us"), f"{r['frames_per_second']:.0f}",
-                         f"{r['real_time_factor']:.4f}"])
-        return [render.table(f"{report['model']} on {report['target']}: latency per frame (hop {report['hop_ms']:g} ms)",
+            engine = (r["engine"] if "bundles" not in report
+                      else f"{r['engine']} {r['precision']} {Path(r['bundle']).name}")
+            rows.append([engine, str(r["frames_per_call"]), fmt("p50_us"), fmt("p90_us"), fmt("p99_us"), fmt("max_us"),
+                         f"{r['frames_per_second']:.0f}", f"{r['real_time_factor']:.4f}"])
+        return [render.table(f"{report['model']} on {report['target']}: latency per frame "
+                             f"(hop {report['hop_ms']:g} ms)",
                              ["engine", "chunk", "p50 us", "p90 us", "p99 us", "max us", "frames/s", "RTF"], rows),
                 *[f"the Python session adds {r['session_overhead_us']:.1f} us per call at chunk {r['frames_per_call']} "
-                  f"(p50 of step minus the entry alone, call by call){'' if 'bundles' not in report else ' in ' + Path(r['bundle']).name}"
+                  "(p50 of step minus the entry alone, call by call)"
+                  f"{'' if 'bundles' not in report else ' in ' + Path(r['bundle']).name}"
                   for r in report["results"] if "session_overhead_us" in r],
                 *render.bench_footer(report)]
 
@@ -760,9 +765,10 @@ def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, o: V
         "seed": o.seed, "utterance": o.utterance,
         "input": "standard normal frames, numpy default_rng([seed, block]) per 4096-frame block",
         "reference": "PyTorch in float64: the parallel forward (windowed over the model's horizon where it has one; "
-                     "for a causal model without a horizon, its parallel chunk form carrying the state)" if not quantized
-                     else f"PyTorch with the bundle's {scheme_of(bundle.manifest)} products (edgekit.quantize): the model's step "
-                          "in fp32 carrying its state, products exact in int32",
+                     "for a causal model without a horizon, its parallel chunk form carrying the state)"
+                     if not quantized
+                     else f"PyTorch with the bundle's {scheme_of(bundle.manifest)} products (edgekit.quantize): "
+                          "the model's step in fp32 carrying its state, products exact in int32",
         "criteria": {**({"max_steps": o.max_steps, "max_codes_differing": o.max_codes_differing} if quantized else
                         {"atol": o.atol, "rtol": o.rtol}), "real_valued_outputs_judged": not spiking or quantized,
                      "spike_agreement_min": o.spike_agreement, "prediction_agreement_min": o.prediction_agreement,
@@ -772,7 +778,8 @@ def _report(bundle: Bundle, tally: Tally, rss: dict[int, int], frames: int, o: V
         "seconds": round(seconds, 2), "checks": checks, "passed": all(checks.values()),
         **({"kernel_check": {"items": kernel[1], "unit": "frames", "outputs": judged,
                              "how": f"call by call in {KERNEL_CHECK_WINDOWS} windows over the stream, the quantized "
-                                    "reference restarted from the artifact's state before every call"}} if kernel else {}),
+                                    "reference restarted from the artifact's state before every call"}}
+            if kernel else {}),
     }
 
 

@@ -136,7 +136,8 @@ class ORTEngine(Layout):
     def __init__(self, bundle: Bundle, threads: int | None):
         super().__init__(bundle.manifest)
         self.bundle, self.fetched = bundle, {}
-        self.seg_run, self.dec_run = ort_session(bundle, "segment", threads).run, ort_session(bundle, "decode", threads).run
+        self.seg_run, self.dec_run = (ort_session(bundle, "segment", threads).run,
+                                      ort_session(bundle, "decode", threads).run)
 
     def init_state(self) -> list[np.ndarray]:
         return self.bundle.zero_state()

@@ -57,7 +57,8 @@ def summarize_state(state: dict[str, np.ndarray], tokens: int) -> dict:
         m, c, a = state[f"m{j}"], _pair(state, f"c{j}"), _pair(state, f"a{j}")
         out["layers"][j] = {"m": [float(m.min()), float(m.max())], "c": [float(c.min()), float(c.max())],
                             "c_per_token": [float(c.min()) / tokens, float(c.max()) / tokens],
-                            "max_abs_a": float(np.abs(a).max()), "max_abs_a_over_c": float(np.abs(a / c[..., None]).max())}
+                            "max_abs_a": float(np.abs(a).max()),
+                            "max_abs_a_over_c": float(np.abs(a / c[..., None]).max())}
     if "sum.count" in state:
         out["count"] = float(_pair(state, "count").reshape(-1)[0])
     return out

@@ -23,7 +23,7 @@ from edgekit.models import build  # noqa: E402
 from edgekit.runtime import Session  # noqa: E402
 from edgekit import units  # noqa: E402
 from edgekit.apps import cache  # noqa: E402
-from edgekit.apps.kws import host_bundle  # noqa: E402
+from edgekit.apps.kws import ClipSpec, host_bundle  # noqa: E402
 from speech_commands import load_split  # noqa: E402
 
 
@@ -37,8 +37,8 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     split = load_split(a.data, a.split)
-    x = split.features()
     model = build("lmuformer", checkpoint=a.checkpoint)
+    x = split.features(ClipSpec.for_model(model.head.out_features, a.checkpoint).front_end)
     reference = units.get("frame").reference(model, a.quantize)
 
     def final_logits(forward_frames) -> np.ndarray:
@@ -62,7 +62,8 @@ def main() -> None:
     print(json.dumps(result))
     record_path = a.checkpoint.with_suffix(".json")
     record = json.loads(record_path.read_text())
-    record.setdefault("evaluation", {})[f"{a.split}_clips" + ("" if a.quantize == "none" else f"_{a.quantize}")] = result
+    key = f"{a.split}_clips" + ("" if a.quantize == "none" else f"_{a.quantize}")
+    record.setdefault("evaluation", {})[key] = result
     record_path.write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edgekit import audio  # noqa: E402
-from edgekit.apps.kws import DEMO_CHECKPOINT, Detector, Window, _softmax, detect, open_model  # noqa: E402
+from edgekit.apps.kws import DEMO_CHECKPOINT, ClipSpec, Detector, Window, _softmax, detect, open_model  # noqa: E402
 from edgekit.models import build  # noqa: E402
 from long_stream import OTHERS, score  # noqa: E402
 from make_dataset import PREFIX_WORDS, make_stream, speakers, split_of  # noqa: E402
@@ -65,10 +65,11 @@ def repeat_shift(detections_of: Callable[[np.ndarray], list], x: np.ndarray, hop
             "moved": len(first) + len(second) - 2 * same}
 
 
-def pytorch_windows(checkpoint: Path, x: np.ndarray, hop: int, clip_frames: int) -> list[Window]:
+def pytorch_windows(checkpoint: Path, x: np.ndarray, hop: int, spec: ClipSpec) -> list[Window]:
     """The windows `detect` classifies (the stream, then one clip of silence), classified by PyTorch."""
+    clip_frames = spec.clip_frames
     tail = np.zeros(clip_frames * audio.FRAME_SHIFT + audio.FRAME_LENGTH, np.float32)
-    feats = audio.FrontEnd().push(np.concatenate([x, tail]))
+    feats = audio.FrontEnd(spec.front_end).push(np.concatenate([x, tail]))
     feats = feats[:len(feats) // hop * hop]
     starts = list(range(0, len(feats) - clip_frames + 1, hop))
     model = build("lmuformer", checkpoint=checkpoint).eval()
@@ -107,7 +108,7 @@ def main() -> None:
             s = score(found, truth)
             false, prefixes = prefix_false(found, s.pop("marks"), truth)
             reference = Detector(spec, a.threshold, a.hop, a.smooth)
-            torch_found = [d for w in pytorch_windows(a.checkpoint, x, a.hop, spec.clip_frames)
+            torch_found = [d for w in pytorch_windows(a.checkpoint, x, a.hop, spec)
                            for d in reference.push(w)] + reference.close()
             same = [(d.label, d.start, d.end) for d in found] == [(d.label, d.start, d.end) for d in torch_found]
             shift = repeat_shift(lambda y: _detections(bundle, spec, y, a), x, a.hop) if snr == 20.0 else None
@@ -129,7 +130,7 @@ def pooled(rows: list[dict]) -> dict:
         tp, det, kw = (sum(r[k] for r in rs) for k in ("true_positives", "detections", "keywords"))
         p, r = tp / max(det, 1), tp / max(kw, 1)
         out[snr] = {"precision": round(p, 4), "recall": round(r, 4), "f1": round(2 * p * r / max(p + r, 1e-9), 4),
-                    "prefix_false": sum(r["prefix_false"] for r in rs), "prefix_words": sum(r["prefix_words"] for r in rs)}
+                    **{k: sum(r[k] for r in rs) for k in ("prefix_false", "prefix_words")}}
     shifts = [r["repeat_shift"] for r in rows if r["repeat_shift"]]
     out["repeat_shift"] = {k: sum(s[k] for s in shifts) for k in ("first", "second", "same", "moved")}
     return out

@@ -59,7 +59,7 @@ def single_session_baseline(bundle, spec, x: np.ndarray, threshold: float, hop: 
     from edgekit.apps.kws import _softmax
 
     session = Session(bundle)
-    logits = session.feed(audio.features(x)[None], 1)["logits"][0, session.delay:]
+    logits = session.feed(audio.features(x, front_end=spec.front_end)[None], 1)["logits"][0, session.delay:]
     merge, out, w = Detector(spec, threshold, hop), [], spec.clip_frames
     for start in range(0, len(logits) - w + 1, hop):
         out += merge.push(Window(start, _softmax(logits[start:start + w].mean(0))))
@@ -123,7 +123,8 @@ def main() -> None:
     x = audio.read_wav(wav)
     (a.out / "truth.json").write_text(json.dumps(truth, indent=1) + "\n")
     bundle, spec = open_model(a.bundle, None if a.bundle else a.checkpoint, None, print)
-    results = {"bundle": str(bundle.path), "stream": {"seconds": round(len(x) / audio.SAMPLE_RATE, 1), "split": a.split, "seed": a.seed,
+    results = {"bundle": str(bundle.path),
+               "stream": {"seconds": round(len(x) / audio.SAMPLE_RATE, 1), "split": a.split, "seed": a.seed,
                           "items": {k: sum(u["kind"] == k for u in truth) for k in ("keyword", "other", "noise")}},
                "runs": []}
     first = None
@@ -135,7 +136,8 @@ def main() -> None:
             s = score(dets, truth)
             results["runs"].append({"design": "staggered", "hop": hop, "sessions": spec.clip_frames // hop,
                                     "threshold": th, "smooth": smooth, "rtf": round(report.rtf, 4),
-                                    "cpu_rtf": round(report.cpu_rtf, 4), **{k: v for k, v in s.items() if k != "marks"}})
+                                    "cpu_rtf": round(report.cpu_rtf, 4),
+                                    **{k: v for k, v in s.items() if k != "marks"}})
             print(json.dumps(results["runs"][-1]), flush=True)
             first = first or (dets, s["marks"])
         if a.baseline:

@@ -73,46 +73,14 @@ def hann(length: int = FRAME_LENGTH) -> np.ndarray:
     return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(length) / (length - 1))
 
 
-def mel_energy(frames: np.ndarray) -> np.ndarray:
-    """Kaldi mel filterbank energies [m, 128] (float64, floored at EPSILON) of frames [m, 400] of samples."""
+def log_mel(frames: np.ndarray) -> np.ndarray:
+    """Kaldi log-mel energies [m, 128] (not normalised) of frames [m, 400] of samples."""
     x = np.asarray(frames, dtype=np.float64)
     x = x - x.mean(axis=1, keepdims=True)
     x = x - PREEMPHASIS * np.concatenate([x[:, :1], x[:, :-1]], axis=1)  # the first sample is its own predecessor
     spectrum = np.fft.rfft(x * hann(x.shape[1]), n=FFT_SIZE)
     power = spectrum.real ** 2 + spectrum.imag ** 2
-    return np.maximum(power @ mel_banks(), EPSILON)
-
-
-def log_mel(frames: np.ndarray) -> np.ndarray:
-    """Kaldi log-mel energies [m, 128] (not normalised) of frames [m, 400] of samples."""
-    return np.log(mel_energy(frames)).astype(np.float32)
-
-
-class Pcen:
-    """Per-channel energy normalisation (Wang et al., "Trainable frontend for robust and far-field keyword
-    spotting", 2017) of mel energies, frame by frame: each band divided by its own running mean (time constant
-    ~0.4 s), so a steady background of any level and colour becomes the same floor and speech is measured
-    against it (the mean is updated before it divides, so even a word after digital silence stays below ~40x);
-    then root-compressed and normalised. Stateful: a stream is one call or many, with identical frames."""
-
-    WEIGHT = 0.025  # the running mean's weight of each new frame: a time constant of 40 frames
-    GAIN, BIAS, POWER, EPS = 0.98, 2.0, 0.5, 1e-6  # the paper's fixed-parameter setting
-    SCALE = 32768.0 ** 2  # energies in 16-bit sample units, the scale those constants were chosen for
-    MEAN, STD = 0.549, 0.910  # over the demo data set's clips: inputs centred, unit spread
-
-    def __init__(self) -> None:
-        self.smooth: np.ndarray | None = None  # the running mean, started at the first frame's energies
-
-    def __call__(self, energy: np.ndarray) -> np.ndarray:
-        e = energy * self.SCALE
-        out = np.empty_like(e)
-        m = self.smooth if self.smooth is not None or not len(e) else e[0]
-        for t, row in enumerate(e):
-            m = (1 - self.WEIGHT) * m + self.WEIGHT * row
-            out[t] = row / (self.EPS + m) ** self.GAIN
-        self.smooth = m
-        pcen = (out + self.BIAS) ** self.POWER - self.BIAS ** self.POWER
-        return ((pcen - self.MEAN) / self.STD).astype(np.float32)
+    return np.log(np.maximum(power @ mel_banks(), EPSILON)).astype(np.float32)
 
 
 def normalise(fbank: np.ndarray) -> np.ndarray:
@@ -142,13 +110,9 @@ def fbank(waveform: np.ndarray, remove_mean: bool = True) -> np.ndarray:
     return np.concatenate([log_mel(frames[i:i + BLOCK]) for i in range(0, max(1, len(frames)), BLOCK)])
 
 
-def features(waveform: np.ndarray, pad_to: int | None = None, front_end: str = "kaldi") -> np.ndarray:
+def features(waveform: np.ndarray, pad_to: int | None = None) -> np.ndarray:
     """Normalised model input [frames, 128] of one clip. `pad_to` zero-pads (or cuts) the filterbank to that
-    many frames BEFORE normalising, as the public SCv2 pipeline does with 128 frames (padding becomes ~0.615).
-    `front_end` "pcen": per-channel energy normalisation instead of the published log and normalisation."""
-    if front_end == "pcen":
-        frames = _frames(np.asarray(waveform, dtype=np.float64))
-        return Pcen()(np.concatenate([mel_energy(frames[i:i + BLOCK]) for i in range(0, max(1, len(frames)), BLOCK)]))
+    many frames BEFORE normalising, as the public SCv2 pipeline does with 128 frames (padding becomes ~0.615)."""
     fb = fbank(waveform)
     if pad_to is not None:
         fb = np.concatenate([fb[:pad_to], np.zeros((max(0, pad_to - len(fb)), fb.shape[1]), fb.dtype)])
@@ -162,24 +126,17 @@ class FrontEnd:
     and frame t equals `features(whole_stream)[t]` as soon as its last sample has arrived.
     """
 
-    def __init__(self, front_end: str = "kaldi") -> None:
-        self.front_end = front_end
+    def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.pending = np.zeros(0, np.float64)
         self.frames_out = 0
-        self.pcen = Pcen() if self.front_end == "pcen" else None
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         buf = np.concatenate([self.pending, np.asarray(samples, dtype=np.float64).ravel()])
         n = frame_count(len(buf))
-        if not n:
-            out = np.zeros((0, NUM_MEL_BINS), np.float32)
-        elif self.pcen is not None:
-            out = self.pcen(mel_energy(_frames(buf)))
-        else:
-            out = normalise(log_mel(_frames(buf)))
+        out = normalise(log_mel(_frames(buf))) if n else np.zeros((0, NUM_MEL_BINS), np.float32)
         self.pending = buf[n * FRAME_SHIFT:]
         self.frames_out += n
         return out

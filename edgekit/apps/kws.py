@@ -39,13 +39,12 @@ SUPPRESS_FRAMES = 70  # detections closer than 0.7 s are one utterance (tuned on
 
 @dataclass(frozen=True)
 class ClipSpec:
-    """How the classifier was trained: class names, frames per clip, whether the public pipeline's padding of
-    the filterbank to `pad_to` frames (normalised zeros) follows the audio, and its front end (edgekit.audio)."""
+    """How the classifier was trained: class names, frames per clip, and whether the public pipeline's
+    padding of the filterbank to `pad_to` frames (normalised zeros) follows the audio."""
 
     labels: list[str]
     clip_frames: int = 98
     pad_to: int | None = None
-    front_end: str = "kaldi"
 
     @classmethod
     def for_model(cls, num_classes: int, checkpoint: Path | None, labels: list[str] | None = None) -> "ClipSpec":
@@ -53,7 +52,7 @@ class ClipSpec:
         record = checkpoint.with_suffix(".json") if checkpoint else None
         if record is not None and record.is_file():
             r = json.loads(record.read_text())
-            spec = cls(labels or r["labels"], r["clip_frames"], r.get("pad_to"), r.get("front_end", "kaldi"))
+            spec = cls(labels or r["labels"], r["clip_frames"], r.get("pad_to"))
         elif num_classes == len(SCV2_LABELS):
             spec = cls(labels or SCV2_LABELS, 98, 128)
         elif labels:
@@ -230,7 +229,7 @@ def detect(bundle: Bundle, spec: ClipSpec, blocks: Iterable[np.ndarray], hop: in
     silence after the end completes the windows still open. Ctrl-C ends the stream like its end (the report
     says so), so a live stream still gets its summary. `windows`, when given, collects every window's
     probabilities (for plots and threshold studies)."""
-    front, clf = audio.FrontEnd(spec.front_end), StaggeredClassifier(bundle, spec, hop)
+    front, clf = audio.FrontEnd(), StaggeredClassifier(bundle, spec, hop)
     detector = Detector(spec, threshold, hop, smooth)
     report, pending = StreamReport(), np.zeros((0, audio.NUM_MEL_BINS), np.float32)
     tail = np.zeros(spec.clip_frames * audio.FRAME_SHIFT + audio.FRAME_LENGTH, np.float32)

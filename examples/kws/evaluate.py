@@ -23,7 +23,7 @@ from edgekit.models import build  # noqa: E402
 from edgekit.runtime import Session  # noqa: E402
 from edgekit import units  # noqa: E402
 from edgekit.apps import cache  # noqa: E402
-from edgekit.apps.kws import ClipSpec, host_bundle  # noqa: E402
+from edgekit.apps.kws import host_bundle  # noqa: E402
 from speech_commands import load_split  # noqa: E402
 
 
@@ -37,8 +37,8 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)
     split = load_split(a.data, a.split)
+    x = split.features()
     model = build("lmuformer", checkpoint=a.checkpoint)
-    x = split.features(ClipSpec.for_model(model.head.out_features, a.checkpoint).front_end)
     reference = units.get("frame").reference(model, a.quantize)
 
     def final_logits(forward_frames) -> np.ndarray:

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edgekit import audio  # noqa: E402
-from edgekit.apps.kws import DEMO_CHECKPOINT, ClipSpec, Detector, Window, _softmax, detect, open_model  # noqa: E402
+from edgekit.apps.kws import DEMO_CHECKPOINT, Detector, Window, _softmax, detect, open_model  # noqa: E402
 from edgekit.models import build  # noqa: E402
 from long_stream import OTHERS, score  # noqa: E402
 from make_dataset import PREFIX_WORDS, make_stream, speakers, split_of  # noqa: E402
@@ -65,11 +65,10 @@ def repeat_shift(detections_of: Callable[[np.ndarray], list], x: np.ndarray, hop
             "moved": len(first) + len(second) - 2 * same}
 
 
-def pytorch_windows(checkpoint: Path, x: np.ndarray, hop: int, spec: ClipSpec) -> list[Window]:
+def pytorch_windows(checkpoint: Path, x: np.ndarray, hop: int, clip_frames: int) -> list[Window]:
     """The windows `detect` classifies (the stream, then one clip of silence), classified by PyTorch."""
-    clip_frames = spec.clip_frames
     tail = np.zeros(clip_frames * audio.FRAME_SHIFT + audio.FRAME_LENGTH, np.float32)
-    feats = audio.FrontEnd(spec.front_end).push(np.concatenate([x, tail]))
+    feats = audio.FrontEnd().push(np.concatenate([x, tail]))
     feats = feats[:len(feats) // hop * hop]
     starts = list(range(0, len(feats) - clip_frames + 1, hop))
     model = build("lmuformer", checkpoint=checkpoint).eval()
@@ -108,7 +107,7 @@ def main() -> None:
             s = score(found, truth)
             false, prefixes = prefix_false(found, s.pop("marks"), truth)
             reference = Detector(spec, a.threshold, a.hop, a.smooth)
-            torch_found = [d for w in pytorch_windows(a.checkpoint, x, a.hop, spec)
+            torch_found = [d for w in pytorch_windows(a.checkpoint, x, a.hop, spec.clip_frames)
                            for d in reference.push(w)] + reference.close()
             same = [(d.label, d.start, d.end) for d in found] == [(d.label, d.start, d.end) for d in torch_found]
             shift = repeat_shift(lambda y: _detections(bundle, spec, y, a), x, a.hop) if snr == 20.0 else None

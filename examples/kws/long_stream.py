@@ -59,7 +59,7 @@ def single_session_baseline(bundle, spec, x: np.ndarray, threshold: float, hop: 
     from edgekit.apps.kws import _softmax
 
     session = Session(bundle)
-    logits = session.feed(audio.features(x, front_end=spec.front_end)[None], 1)["logits"][0, session.delay:]
+    logits = session.feed(audio.features(x)[None], 1)["logits"][0, session.delay:]
     merge, out, w = Detector(spec, threshold, hop), [], spec.clip_frames
     for start in range(0, len(logits) - w + 1, hop):
         out += merge.push(Window(start, _softmax(logits[start:start + w].mean(0))))

@@ -25,12 +25,12 @@ class Split:
     labels: np.ndarray  # [N] int64, indices into LABELS
     names: list[str]  # relative paths, or "_silence_/<noise>@<offset>"
 
-    def features(self, front_end: str = "kaldi") -> np.ndarray:
+    def features(self) -> np.ndarray:
         """Normalised model inputs [N, 98, 128], written in place (a list then a stack would need twice the memory
         of a 50k-clip set)."""
         out = np.empty((len(self.waves), frame_count(self.waves.shape[1]), NUM_MEL_BINS), np.float32)
         for i, w in enumerate(self.waves):
-            out[i] = features(w, front_end=front_end)
+            out[i] = features(w)
         return out
 
 

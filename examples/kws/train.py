@@ -33,17 +33,12 @@ from make_dataset import (AFFIX_WORDS, EXTRA_WORDS, SCV2_WORDS, common_words, ma
                           split_of, training_speakers)
 from speech_commands import KEYWORDS, LABELS, SILENCE, UNKNOWN, Split, load_split  # noqa: E402
 
-
-def silence_level(front_end: str) -> float:
-    """The features of a band with no energy: what masks and missing bands are filled with."""
-    return float(audio.features(np.zeros(audio.SAMPLE_RATE, np.float32), front_end=front_end)[-1, 0])
-
+SILENCE_LEVEL = float(audio.normalise(np.log(audio.EPSILON)))  # a band with no energy
 
 WHOLE, CUT = 0.03, 0.3  # s of a keyword outside the window still counted whole; fraction outside that makes it cut
 
 
-def spec_augment(x: torch.Tensor, gen: torch.Generator, silence: float, freq: int = 16,
-                 time_: int = 12) -> torch.Tensor:
+def spec_augment(x: torch.Tensor, gen: torch.Generator, freq: int = 16, time_: int = 12) -> torch.Tensor:
     """One frequency and one time mask per clip, filled with the silence level."""
     b, t, f = x.shape
     f0 = torch.randint(0, f - freq, (b, 1), generator=gen)
@@ -52,7 +47,7 @@ def spec_augment(x: torch.Tensor, gen: torch.Generator, silence: float, freq: in
     tw = torch.randint(0, time_ + 1, (b, 1), generator=gen)
     fm = (torch.arange(f) >= f0) & (torch.arange(f) < f0 + fw)
     tm = (torch.arange(t) >= t0) & (torch.arange(t) < t0 + tw)
-    return x.masked_fill(fm[:, None, :] | tm[:, :, None], silence)
+    return x.masked_fill(fm[:, None, :] | tm[:, :, None], SILENCE_LEVEL)
 
 
 @cache
@@ -62,14 +57,14 @@ def bin_centres(bins: int) -> tuple[np.ndarray, torch.Tensor]:
     return mels, torch.from_numpy(audio.mel_to_hz(mels))
 
 
-def narrowband(x: torch.Tensor, gen: torch.Generator, share: float, silence: float) -> torch.Tensor:
+def narrowband(x: torch.Tensor, gen: torch.Generator, share: float) -> torch.Tensor:
     """A recording made at 8 kHz (a telephone line, a cheap microphone), then resampled: nothing above its 3.4-4 kHz
     cutoff, background noise included; `share` of the items get the silence level in every band above a random
     cutoff. (make_dataset.py's telephone band limits the speech only, before its noise is mixed in.)"""
     b, _, f = x.shape
     cutoff = 3400.0 + 600.0 * torch.rand(b, 1, generator=gen, dtype=torch.float64)
     mute = (bin_centres(f)[1][None, :] > cutoff) & (torch.rand(b, 1, generator=gen) < share)
-    return x.masked_fill(mute[:, None, :], silence)
+    return x.masked_fill(mute[:, None, :], SILENCE_LEVEL)
 
 
 def vtlp(x: torch.Tensor, gen: torch.Generator, warp: float) -> torch.Tensor:
@@ -132,11 +127,10 @@ class StreamWindows:
     """Labelled clip-length windows of a synthetic stream; features are per frame, so a window of the stream's
     features is exactly what a staggered session sees."""
 
-    def __init__(self, minutes: float, voices: list[str], seed: int, frames: int, snr_db: tuple[float, float],
-                 front_end: str):
+    def __init__(self, minutes: float, voices: list[str], seed: int, frames: int, snr_db: tuple[float, float]):
         others = [w for w in SCV2_WORDS if w not in KEYWORDS] + EXTRA_WORDS + AFFIX_WORDS + common_words()[0]
         x, self.truth = make_stream(minutes, voices, KEYWORDS, others, seed, snr_db)
-        self.features = torch.from_numpy(audio.features(x, front_end=front_end))
+        self.features = torch.from_numpy(audio.features(x))
         self.frames = frames
         self.starts = np.array([u["start"] for u in self.truth])
 
@@ -212,8 +206,6 @@ def main() -> None:
                    "factors in [1 - VTLP, 1 + VTLP] (a female voice's formants lie ~15-20 %% above a male one's)")
     p.add_argument("--narrowband", type=float, default=0.15, help="share of training items made 8 kHz recordings "
                    "(nothing above 3.4-4 kHz, noise included)")
-    p.add_argument("--front-end", choices=["kaldi", "pcen"], default="kaldi", help="kaldi: the published log-mel "
-                   "front end; pcen: per-channel energy normalisation of the same mel energies (edgekit.audio.Pcen)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--init", type=Path, help="start from this checkpoint (same configuration) instead of at random")
@@ -221,8 +213,6 @@ def main() -> None:
     p.add_argument("--engines", nargs="+", help="train on these synthesizers' speakers only (clips and stream): a "
                    "leave-one-synthesizer-out model; validation stays on the data set's validation voices")
     a = p.parse_args()
-    if a.feature_noise and a.front_end != "kaldi":
-        p.error("--feature-noise mixes log-mel energies: it needs --front-end kaldi")
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     rng, gen = np.random.default_rng(a.seed), torch.Generator().manual_seed(a.seed)
@@ -230,13 +220,13 @@ def main() -> None:
     data = {s: load_split(a.data, s, seed=a.seed) for s in ("training", "validation", "testing")}
     if a.engines:
         data["training"] = spoken_by(data["training"], a.data, a.engines)
-    x = {s: torch.from_numpy(d.features(a.front_end)) for s, d in data.items()}
+    x = {s: torch.from_numpy(d.features()) for s, d in data.items()}
     y = {s: torch.from_numpy(d.labels) for s, d in data.items()}
     del data  # the waves: 3 GB that training no longer needs
     frames = x["training"].shape[1]
     voices = {"training": training_speakers(engines=a.engines),
               "validation": [v for v in speakers() if split_of(v) == "validation"]}
-    streams = {s: StreamWindows(m, voices[s], a.seed + i, frames, tuple(a.stream_snr), a.front_end) for i, (s, m) in
+    streams = {s: StreamWindows(m, voices[s], a.seed + i, frames, tuple(a.stream_snr)) for i, (s, m) in
                enumerate([("training", a.stream_minutes), ("validation", a.stream_minutes / 6)])}
     val_windows = streams["validation"].sample(2000, np.random.default_rng(a.seed))
     print(f"features in {time.perf_counter() - t0:.0f} s: " + ", ".join(f"{s} {len(v)}" for s, v in y.items()),
@@ -251,7 +241,7 @@ def main() -> None:
     per_epoch = len(epoch_indices(y["training"].numpy(), a.unknown_ratio, np.random.default_rng())) + a.stream_windows
     steps = a.epochs * -(-per_epoch // a.batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=steps, pct_start=0.1)
-    best, history, silence = -1.0, [], silence_level(a.front_end)
+    best, history = -1.0, []
     t1 = time.perf_counter()
     for epoch in range(a.epochs):
         model.train()
@@ -263,7 +253,7 @@ def main() -> None:
         for i in range(0, len(order), a.batch):
             b = order[i:i + a.batch]
             batch = ex[b] if noise is None else noise(ex[b], a.feature_noise, gen)
-            batch = spec_augment(vtlp(narrowband(batch, gen, a.narrowband, silence), gen, a.vtlp), gen, silence)
+            batch = spec_augment(vtlp(narrowband(batch, gen, a.narrowband), gen, a.vtlp), gen)
             logits = model.forward_frames(batch)["logits"].mean(1)
             loss = F.cross_entropy(logits, ey[b], label_smoothing=0.1)
             opt.zero_grad()
@@ -297,7 +287,7 @@ def save(model: LMUFormer, a: argparse.Namespace, history: list[dict], best: flo
     a.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), a.out)
     record = {"command": "python " + shlex.join(sys.argv), "seed": a.seed, "labels": LABELS,
-              "clip_frames": frames, "pad_to": None, "front_end": a.front_end, "config": model.config(),
+              "clip_frames": frames, "pad_to": None, "config": model.config(),
               "parameters": sum(p.numel() for p in model.parameters()), "init": a.init and str(a.init),
               "data": {"root": str(a.data), **counts}, "speakers": {
                   "training": sorted(set(training_speakers(engines=a.engines))),

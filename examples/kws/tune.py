@@ -74,7 +74,7 @@ def main() -> None:
     streams = validation_streams(a.streams or a.out / "streams", a.minutes, a.seed)
     runs = []
     for hop in a.hop:
-        windows = [pytorch_windows(a.checkpoint, x, hop, spec) for x, _ in streams]
+        windows = [pytorch_windows(a.checkpoint, x, hop, spec.clip_frames) for x, _ in streams]
         for smooth, threshold in itertools.product(a.smooth, a.threshold):
             scores = [score(_redetect(spec, w, threshold, hop, smooth), truth)
                       for w, (_, truth) in zip(windows, streams)]

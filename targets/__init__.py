@@ -4,9 +4,7 @@ Adding a board means adding one file here; `targets()` discovers every module in
 """
 from __future__ import annotations
 
-import importlib
 import os
-import pkgutil
 import platform
 import shutil
 from dataclasses import dataclass, field
@@ -15,6 +13,7 @@ from pathlib import Path
 
 from edgekit.artifact import nvidia_driver
 from edgekit.errors import CompileError, UnknownNameError
+from edgekit.plugins import discover
 
 AARCH64_CC = "aarch64-linux-gnu-gcc"
 AARCH64_INSTALL = "apt-get install gcc-aarch64-linux-gnu (scripts/setup.sh installs it)"
@@ -86,11 +85,8 @@ def aarch64(name: str, summary: str, tvm: dict, aliases: tuple[str, ...] = ()) -
 
 @cache
 def targets() -> dict[str, Target]:
-    found = {}
-    for mod in pkgutil.iter_modules(__path__):
-        target = importlib.import_module(f"{__name__}.{mod.name}").TARGET
-        found[target.name] = target
-    return found
+    """Every target in this package, by name."""
+    return discover(__name__, __path__, "TARGET")
 
 
 def get(name: str) -> Target:

@@ -9,8 +9,6 @@ the CLI reach everything unit-specific through this contract, never by probing t
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Callable
 
 from edgekit.artifact import Bundle
 from edgekit.errors import EdgekitError, UnknownNameError
+from edgekit.plugins import discover
 
 ENGINES = ("pytorch", "onnxruntime", "tvm")
 Progress = Callable[[str], None]
@@ -125,11 +124,7 @@ class Unit:
 @cache
 def units() -> dict[str, Unit]:
     """Every unit in this package, by name."""
-    found = {}
-    for mod in pkgutil.iter_modules(__path__):
-        unit = importlib.import_module(f"{__name__}.{mod.name}").UNIT
-        found[unit.name] = unit
-    return found
+    return discover(__name__, __path__, "UNIT")
 
 
 def get(name: str) -> Unit:

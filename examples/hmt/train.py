@@ -48,11 +48,13 @@ def read_text(path: Path) -> bytes | None:
     return data if printable >= 0.97 * len(data) else None
 
 
-def corpus(roots: list[str] = ROOTS) -> tuple[bytes, bytes, dict]:
+def documents(roots: list[str] = ROOTS) -> tuple[list[bytes], list[bytes]]:
+    """Every distinct text under `roots` (training, validation): one in 20 goes to validation by its content hash,
+    and each side is ordered by that hash (a fixed shuffle: every stretch of the stream mixes packages and kinds
+    of text)."""
     seen, train, val = set(), [], []
-    files = sorted({p for r in roots if Path(r).is_dir() for pat in PATTERNS
-                    for p in Path(r).rglob(pat + ("" if pat.endswith("*") else "")) if p.is_file()}
-                   | {p for r in roots if Path(r).is_dir() for p in Path(r).rglob("*.gz") if p.is_file()})
+    files = sorted({p for r in roots if Path(r).is_dir() for pat in (*PATTERNS, "*.gz") for p in Path(r).rglob(pat)
+                    if p.is_file()})
     for p in files:
         data = read_text(p)
         if data is None:
@@ -62,8 +64,11 @@ def corpus(roots: list[str] = ROOTS) -> tuple[bytes, bytes, dict]:
             continue
         seen.add(h)
         (val if int.from_bytes(h[:4], "little") % 20 == 0 else train).append((h, data))
-    # Ordered by content hash (a fixed shuffle): every stretch of the stream mixes packages and kinds of text.
-    train, val = [d for _, d in sorted(train)], [d for _, d in sorted(val)]
+    return [d for _, d in sorted(train)], [d for _, d in sorted(val)]
+
+
+def corpus(roots: list[str] = ROOTS) -> tuple[bytes, bytes, dict]:
+    train, val = documents(roots)
     sep = b"\n\n"
     info = {"roots": roots, "files_train": len(train), "files_val": len(val)}
     return sep.join(train), sep.join(val), info

@@ -24,7 +24,6 @@ AdamW, warm-up then cosine decay per phase, one thread. Writes the state dict an
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -40,26 +39,15 @@ from edgekit.models.memlm import CONFIGS, MemLM
 from edgekit.units.memory import embed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "hmt"))
-from train import PATTERNS, ROOTS, read_text  # noqa: E402  (the HMT script's corpus)
+from train import documents as hmt_documents  # noqa: E402  (the HMT script's corpus)
 
 SYLLABLES = ["ka", "lo", "mi", "ren", "ta", "vo", "shi", "dun", "pe", "qua", "ber", "zo", "nix", "el", "or", "us"]
 
 
 def documents(cap: int) -> tuple[list[bytes], list[bytes]]:
-    files = sorted({p for r in ROOTS if Path(r).is_dir() for pat in PATTERNS for p in Path(r).rglob(pat)
-                    if p.is_file()} | {p for r in ROOTS if Path(r).is_dir() for p in Path(r).rglob("*.gz")
-                                       if p.is_file()})
-    seen, train, val = set(), [], []
-    for p in files:
-        data = read_text(p)
-        if data is None:
-            continue
-        h = hashlib.sha256(data).digest()
-        if h in seen:
-            continue
-        seen.add(h)
-        (val if int.from_bytes(h[:4], "little") % 20 == 0 else train).append((h, data[:cap]))
-    return [d for _, d in sorted(train)], [d for _, d in sorted(val)]
+    """The HMT script's documents (training, validation), each cut to its first `cap` bytes."""
+    train, val = hmt_documents()
+    return [d[:cap] for d in train], [d[:cap] for d in val]
 
 
 def tokens(data: bytes) -> np.ndarray:

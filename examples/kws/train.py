@@ -82,6 +82,11 @@ def vtlp(x: torch.Tensor, gen: torch.Generator, warp: float) -> torch.Tensor:
     return take(lo) * (1 - w) + take(hi) * w
 
 
+def log_energy(features: torch.Tensor) -> torch.Tensor:
+    """The log-mel energies that `audio.normalise` made these features of."""
+    return features * (2 * audio.NORM_STD) + audio.NORM_MEAN
+
+
 class FeatureNoise:
     """Noise mixed into normalised log-mel features at a random SNR: filterbank energies add (the speech-noise
     cross term averages out over a band), so mixing costs one logaddexp instead of a new front-end pass. The
@@ -97,7 +102,6 @@ class FeatureNoise:
         mix = torch.rand(b, generator=gen) < share
         if not mix.any():
             return x
-        log_energy = lambda f: f * (2 * audio.NORM_STD) + audio.NORM_MEAN  # noqa: E731
         speech = log_energy(x[mix])
         noise = torch.stack([self._stretch(t, gen) for _ in range(int(mix.sum()))])
         frame = speech.exp().sum(2)
@@ -106,13 +110,13 @@ class FeatureNoise:
         snr = torch.empty(len(speech)).uniform_(*self.snr_db, generator=gen)
         gain = level.log() - noise.exp().sum(2).mean(1).log() - snr * np.log(10) / 10
         out = x.clone()
-        out[mix] = ((torch.logaddexp(speech, noise + gain[:, None, None]) - audio.NORM_MEAN) / (2 * audio.NORM_STD))
+        out[mix] = (torch.logaddexp(speech, noise + gain[:, None, None]) - audio.NORM_MEAN) / (2 * audio.NORM_STD)
         return out
 
     def _stretch(self, frames: int, gen: torch.Generator) -> torch.Tensor:
         noise = self.noises[int(torch.randint(len(self.noises), (1,), generator=gen))]
         at = int(torch.randint(len(noise) - frames, (1,), generator=gen))
-        return noise[at:at + frames] * (2 * audio.NORM_STD) + audio.NORM_MEAN
+        return log_energy(noise[at:at + frames])
 
 
 @torch.no_grad()

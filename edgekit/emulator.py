@@ -65,6 +65,7 @@ def prepare(cache_dir: Path | None = None, progress: Progress | None = None) -> 
 
 
 def _build(root: Path, say: Progress) -> None:
+    """Downloads, unpacks and precompiles the root in a temporary folder beside `root`, then renames it there."""
     _qemu()
     for tool, package in (("dpkg", "dpkg"), ("apt-get", "apt")):
         if not shutil.which(tool):

@@ -84,7 +84,13 @@ def log_mel(frames: np.ndarray) -> np.ndarray:
 
 
 def normalise(fbank: np.ndarray) -> np.ndarray:
-    return ((fbank - NORM_MEAN) / (2 * NORM_STD)).astype(np.float32)
+    """The published normalisation of log-mel energies (numpy or torch, float32 stays float32)."""
+    return (fbank - NORM_MEAN) / (2 * NORM_STD)
+
+
+def denormalise(features: np.ndarray) -> np.ndarray:
+    """The log-mel energies that `normalise` made these features of."""
+    return features * (2 * NORM_STD) + NORM_MEAN
 
 
 def frame_count(samples: int) -> int:

@@ -33,7 +33,7 @@ from make_dataset import (AFFIX_WORDS, EXTRA_WORDS, SCV2_WORDS, common_words, ma
                           split_of, training_speakers)
 from speech_commands import KEYWORDS, LABELS, SILENCE, UNKNOWN, Split, load_split  # noqa: E402
 
-SILENCE_LEVEL = float(audio.normalise(np.log(audio.EPSILON)))  # a band with no energy
+SILENCE_LEVEL = float(np.float32(audio.normalise(np.log(audio.EPSILON))))  # a band with no energy
 
 WHOLE, CUT = 0.03, 0.3  # s of a keyword outside the window still counted whole; fraction outside that makes it cut
 
@@ -82,11 +82,6 @@ def vtlp(x: torch.Tensor, gen: torch.Generator, warp: float) -> torch.Tensor:
     return take(lo) * (1 - w) + take(hi) * w
 
 
-def log_energy(features: torch.Tensor) -> torch.Tensor:
-    """The log-mel energies that `audio.normalise` made these features of."""
-    return features * (2 * audio.NORM_STD) + audio.NORM_MEAN
-
-
 class FeatureNoise:
     """Noise mixed into normalised log-mel features at a random SNR: filterbank energies add (the speech-noise
     cross term averages out over a band), so mixing costs one logaddexp instead of a new front-end pass. The
@@ -102,7 +97,7 @@ class FeatureNoise:
         mix = torch.rand(b, generator=gen) < share
         if not mix.any():
             return x
-        speech = log_energy(x[mix])
+        speech = audio.denormalise(x[mix])
         noise = torch.stack([self._stretch(t, gen) for _ in range(int(mix.sum()))])
         frame = speech.exp().sum(2)
         active = frame > 1e-4 * frame.amax(1, keepdim=True)  # samples above 1 % of the peak, as add_noise
@@ -110,13 +105,13 @@ class FeatureNoise:
         snr = torch.empty(len(speech)).uniform_(*self.snr_db, generator=gen)
         gain = level.log() - noise.exp().sum(2).mean(1).log() - snr * np.log(10) / 10
         out = x.clone()
-        out[mix] = (torch.logaddexp(speech, noise + gain[:, None, None]) - audio.NORM_MEAN) / (2 * audio.NORM_STD)
+        out[mix] = audio.normalise(torch.logaddexp(speech, noise + gain[:, None, None]))
         return out
 
     def _stretch(self, frames: int, gen: torch.Generator) -> torch.Tensor:
         noise = self.noises[int(torch.randint(len(self.noises), (1,), generator=gen))]
         at = int(torch.randint(len(noise) - frames, (1,), generator=gen))
-        return log_energy(noise[at:at + frames])
+        return audio.denormalise(noise[at:at + frames])
 
 
 @torch.no_grad()

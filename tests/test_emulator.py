@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -92,17 +93,21 @@ def test_missing_qemu_names_the_package(monkeypatch, tmp_path):
 
 def test_processes_that_need_the_root_at_once_build_it_once(monkeypatch, tmp_path):
     """Parallel test workers (or two edgekit commands) on a fresh machine: one builds, the other waits for it."""
-    builds = []
+    builds, together = [], threading.Barrier(2)
 
     def build(root, _say):
         builds.append(root)
-        time.sleep(0.5)  # long enough for the other caller to find no root
+        time.sleep(0.5)  # the other caller, started at the same moment, finds no root meanwhile
         root.mkdir()
         (root / emulator._MARKER).write_text(json.dumps({"spec": emulator._SPEC}))
 
+    def prepare(_):
+        together.wait()
+        return emulator.prepare(tmp_path)
+
     monkeypatch.setattr(emulator, "_build", build)
     with ThreadPoolExecutor(2) as pool:  # flock holds between open file descriptions, so threads show it too
-        roots = list(pool.map(lambda _: emulator.prepare(tmp_path), range(2)))
+        roots = list(pool.map(prepare, range(2)))
     assert builds == [tmp_path / "aarch64-root"] and roots == builds * 2
 
 
